@@ -1,0 +1,262 @@
+"""Everything that differs between PostgreSQL, MariaDB/MySQL and SQLite.
+
+One :class:`QueueDialect` is chosen when the driver is built
+(:func:`dialect_for`).  The driver asks it for the database's clock, time
+arithmetic, and the atomic claim; it never tests the database's name itself.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy import event
+
+from .schema import PENDING, UTCDateTime
+
+#: Short driver-less URL schemes mapped to the drivers kronix-data installs.
+_DEFAULT_DRIVERS = {"postgresql": "postgresql+psycopg", "postgres": "postgresql+psycopg",
+                    "mysql": "mysql+pymysql", "mariadb": "mariadb+pymysql"}
+
+
+def make_engine(db: sa.Engine | str) -> sa.Engine:
+    """An engine for a URL (given drivers filled in), or the caller's own engine."""
+    if isinstance(db, sa.Engine):
+        return db
+    if not isinstance(db, (str, sa.URL)):
+        raise TypeError(f"db must be a SQLAlchemy Engine or a database URL, got {type(db).__name__}")
+    url = sa.make_url(db)
+    if url.drivername in _DEFAULT_DRIVERS:
+        url = url.set(drivername=_DEFAULT_DRIVERS[url.drivername])
+    return dialect_class(url.get_backend_name()).create_engine(url)
+
+
+def dialect_class(backend: str) -> type[QueueDialect]:
+    """The dialect for a SQLAlchemy backend name, or a ValueError naming it."""
+    for cls in (PostgresDialect, MySQLDialect, SQLiteDialect):
+        if backend in cls.backends:
+            return cls
+    raise ValueError(f"unsupported database {backend!r}: use PostgreSQL, MySQL/MariaDB or SQLite")
+
+
+def dialect_for(engine: sa.Engine) -> QueueDialect:
+    """Build the dialect for an engine and prepare the engine for it."""
+    dialect = dialect_class(engine.dialect.name)()
+    dialect.prepare_engine(engine)
+    return dialect
+
+
+class QueueDialect:
+    """The default behaviour; subclasses override what their database does differently."""
+
+    backends: tuple[str, ...] = ()
+    partial_indexes = False
+    #: SQL text of the current time, for the server default of ``created_at``.
+    now_default = "CURRENT_TIMESTAMP"
+
+    @classmethod
+    def create_engine(cls, url: sa.URL) -> sa.Engine:
+        return sa.create_engine(url, pool_pre_ping=True)
+
+    def prepare_engine(self, engine: sa.Engine) -> None:
+        """Hook for per-connection settings on an engine (URL-made or the caller's)."""
+
+    def writer(self, engine: sa.Engine) -> sa.Engine:
+        """The engine to run read-write transactions on."""
+        return engine
+
+    def reader(self, engine: sa.Engine) -> sa.Engine:
+        """The engine to run read-only queries on."""
+        return engine
+
+    def now(self) -> sa.ColumnElement:
+        """The database's current time (UTC, microseconds where it has them)."""
+        raise NotImplementedError
+
+    def now_plus(self, seconds: float) -> sa.ColumnElement:
+        """The database's current time shifted by ``seconds`` (may be negative)."""
+        raise NotImplementedError
+
+    def seconds_between(self, later: sa.ColumnElement, earlier: sa.ColumnElement) -> sa.ColumnElement:
+        """``later - earlier`` in seconds, as a float expression."""
+        raise NotImplementedError
+
+    def claim(self, conn: sa.Connection, table: sa.Table, queue: str, limit: int,
+              changes: dict[str, Any]) -> list[dict[str, Any]]:
+        """Atomically take up to ``limit`` due pending jobs of ``queue``, oldest first.
+
+        ``changes`` are the column values a claim sets (besides ``attempts + 1``
+        and the reservation times); the claimed rows come back as dicts.
+        """
+        raise NotImplementedError
+
+
+def _due_pending(table: sa.Table, queue: str, now: sa.ColumnElement, limit: int) -> sa.Select:
+    """The ids of due pending jobs of a queue, in claim order (matches the claim index)."""
+    c = table.c
+    return (
+        sa.select(c.id)
+        .where(c.queue == queue, c.status == PENDING, c.available_at <= now)
+        .order_by(c.available_at, c.id)
+        .limit(limit)
+    )
+
+
+def _claim_values(table: sa.Table, changes: dict[str, Any], now: Any) -> dict[str, Any]:
+    return {**changes, "attempts": table.c.attempts + 1, "reserved_at": now, "heartbeat_at": now}
+
+
+class PostgresDialect(QueueDialect):
+    """PostgreSQL: SKIP LOCKED claims in one statement, partial indexes."""
+
+    backends = ("postgresql",)
+    partial_indexes = True
+    now_default = "now()"
+
+    def now(self):
+        return sa.type_coerce(sa.func.now(), UTCDateTime())
+
+    def now_plus(self, seconds):
+        return sa.type_coerce(sa.func.now() + sa.literal(timedelta(seconds=seconds), sa.Interval), UTCDateTime())
+
+    def seconds_between(self, later, earlier):
+        return sa.cast(sa.extract("epoch", later - earlier), sa.Float)
+
+    def claim(self, conn, table, queue, limit, changes):
+        # Lock the candidates, skipping rows another worker holds, then update
+        # exactly those: one round trip, no waiting on other claimers.
+        candidates = _due_pending(table, queue, self.now(), limit).with_for_update(skip_locked=True).cte("candidates")
+        statement = (
+            table.update()
+            .where(table.c.id == candidates.c.id)
+            .values(_claim_values(table, changes, self.now()))
+            .returning(*table.c)
+        )
+        return [dict(row) for row in conn.execute(statement).mappings()]
+
+
+class MySQLDialect(QueueDialect):
+    """MariaDB >= 10.6 and MySQL >= 8: SKIP LOCKED, but no UPDATE ... RETURNING."""
+
+    backends = ("mysql", "mariadb")
+    now_default = "CURRENT_TIMESTAMP(6)"
+
+    @classmethod
+    def create_engine(cls, url):
+        return sa.create_engine(url, pool_pre_ping=True, connect_args={"charset": "utf8mb4"})
+
+    def prepare_engine(self, engine):
+        # InnoDB's default REPEATABLE READ takes gap locks that make concurrent
+        # claims deadlock; READ COMMITTED locks only the rows it takes.
+        self._engine = engine.execution_options(isolation_level="READ COMMITTED")
+
+    def writer(self, engine):
+        return self._engine
+
+    def reader(self, engine):
+        return self._engine
+
+    def now(self):
+        return sa.type_coerce(sa.literal_column("UTC_TIMESTAMP(6)"), UTCDateTime())
+
+    def now_plus(self, seconds):
+        microseconds = round(seconds * 1_000_000)
+        return sa.type_coerce(
+            sa.func.timestampadd(sa.literal_column("MICROSECOND"), microseconds, sa.literal_column("UTC_TIMESTAMP(6)")),
+            UTCDateTime(),
+        )
+
+    def seconds_between(self, later, earlier):
+        return sa.func.timestampdiff(sa.literal_column("MICROSECOND"), earlier, later) / 1_000_000.0
+
+    def claim(self, conn, table, queue, limit, changes):
+        # Lock and read the rows (with the server's clock), then mark them.
+        now = self.now().label("kronix_now")
+        select = (
+            sa.select(table, now)
+            .where(table.c.queue == queue, table.c.status == PENDING, table.c.available_at <= self.now())
+            .order_by(table.c.available_at, table.c.id)
+            .limit(limit)
+            .with_for_update(skip_locked=True)
+        )
+        rows = [dict(row) for row in conn.execute(select).mappings()]
+        if not rows:
+            return []
+        claimed_at = rows[0].pop("kronix_now")
+        for row in rows[1:]:
+            row.pop("kronix_now")
+        conn.execute(
+            table.update()
+            .where(table.c.id.in_([row["id"] for row in rows]))
+            .values(_claim_values(table, changes, claimed_at))
+        )
+        for row in rows:
+            row.update(changes, attempts=row["attempts"] + 1, reserved_at=claimed_at, heartbeat_at=claimed_at)
+        return rows
+
+
+class SQLiteDialect(QueueDialect):
+    """SQLite: WAL, durable commits, and claims inside ``BEGIN IMMEDIATE``.
+
+    The write lock is taken when the transaction begins, so two processes can
+    never read the same pending rows and both claim them; readers (``size``,
+    stats) use deferred transactions and are never blocked under WAL.
+    """
+
+    backends = ("sqlite",)
+    partial_indexes = True
+    #: The clock in the text format SQLAlchemy stores (microseconds; SQLite has milliseconds).
+    _now_sql = "strftime('%Y-%m-%d %H:%M:%f000', 'now')"
+    now_default = f"({_now_sql})"
+    busy_timeout_s = 30.0
+
+    @classmethod
+    def create_engine(cls, url):
+        return sa.create_engine(url, connect_args={"timeout": cls.busy_timeout_s})
+
+    def prepare_engine(self, engine):
+        if getattr(engine, "_kronix_sqlite_prepared", False):
+            return
+        event.listen(engine, "connect", _sqlite_on_connect)
+        event.listen(engine, "begin", _sqlite_on_begin)
+        engine._kronix_sqlite_prepared = True
+        engine.dispose()  # pooled connections made before the listeners lack the pragmas
+        self._reader = engine.execution_options(kronix_sqlite_begin="BEGIN DEFERRED")
+
+    def reader(self, engine):
+        return self._reader
+
+    def now(self):
+        return sa.type_coerce(sa.literal_column(self._now_sql), UTCDateTime())
+
+    def now_plus(self, seconds):
+        modifier = f"{seconds:+.6f} seconds"
+        return sa.type_coerce(sa.func.strftime("%Y-%m-%d %H:%M:%f000", "now", modifier), UTCDateTime())
+
+    def seconds_between(self, later, earlier):
+        return (sa.func.julianday(later) - sa.func.julianday(earlier)) * 86400.0
+
+    def claim(self, conn, table, queue, limit, changes):
+        now = self.now()
+        statement = (
+            table.update()
+            .where(table.c.id.in_(_due_pending(table, queue, now, limit).scalar_subquery()))
+            .values(_claim_values(table, changes, now))
+            .returning(*table.c)
+        )
+        return [dict(row) for row in conn.execute(statement).mappings()]
+
+
+def _sqlite_on_connect(dbapi_connection, _record) -> None:
+    # Let SQLAlchemy's "begin" event issue BEGIN itself (pysqlite's implicit
+    # BEGIN is deferred, which lets two writers read the same rows).
+    dbapi_connection.isolation_level = None
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=FULL")
+    cursor.close()
+
+
+def _sqlite_on_begin(conn: sa.Connection) -> None:
+    conn.exec_driver_sql(conn.get_execution_options().get("kronix_sqlite_begin", "BEGIN IMMEDIATE"))

@@ -1,0 +1,134 @@
+"""The job model: plain data that never touches the database.
+
+A :class:`Job` is what a caller pushes and what ``pop`` hands back.  Subclasses
+may define :meth:`Job.handle`; the driver rebuilds them from a stored row
+through a factory registered by name.
+"""
+
+from __future__ import annotations
+
+import enum
+import itertools
+import json
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+#: Longest accepted job name, queue name and job id (they are indexed columns).
+MAX_NAME_LENGTH = 255
+MAX_QUEUE_LENGTH = 128
+MAX_ID_LENGTH = 128
+
+
+class JobStatus(str, enum.Enum):
+    """Where a job is in its life; stored as this text in the ``status`` column."""
+
+    PENDING = "pending"
+    PROCESSING = "processing"
+    COMPLETED = "completed"
+    FAILED = "failed"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+@dataclass(eq=False)
+class Job:
+    """One unit of work: a registered ``name`` and a JSON ``payload``.
+
+    ``max_retries`` counts retries after the first run, so a job runs at most
+    ``max_retries + 1`` times.  The fields after ``id`` are filled in by the
+    driver from the stored row; callers normally leave them alone.
+    """
+
+    name: str
+    payload: Any = None
+    queue: str = field(default="default", kw_only=True)
+    max_retries: int = field(default=3, kw_only=True)
+    available_at: datetime | None = field(default=None, kw_only=True)
+    id: str | None = field(default=None, kw_only=True)
+    attempts: int = field(default=0, kw_only=True)
+    status: JobStatus = field(default=JobStatus.PENDING, kw_only=True)
+    last_error: str | None = field(default=None, kw_only=True)
+    result: Any = field(default=None, kw_only=True)
+    created_at: datetime | None = field(default=None, kw_only=True)
+    reserved_by: str | None = field(default=None, kw_only=True)
+    reserved_at: datetime | None = field(default=None, kw_only=True)
+    finished_at: datetime | None = field(default=None, kw_only=True)
+
+    def handle(self) -> Any:
+        """Do the work.  Plain jobs have nothing to do; subclasses override this."""
+        raise NotImplementedError(
+            f"job {self.name!r} has no handle(): register a job factory or task for it"
+        )
+
+
+_id_lock = threading.Lock()
+_id_counter = itertools.count()
+
+
+def new_job_id() -> str:
+    """A 32-character hex id that sorts by creation time (like UUIDv7).
+
+    48 bits of milliseconds, then a per-process counter and random bits, so ids
+    made in one batch keep their order and never collide across machines.
+    """
+    millis = time.time_ns() // 1_000_000
+    with _id_lock:
+        count = next(_id_counter) & 0xFFFFFF
+    return f"{millis:012x}{count:06x}{os.urandom(7).hex()}"
+
+
+def encode_payload(job: Job) -> str:
+    """Serialise a payload to strict JSON, naming the job when it cannot be."""
+    return _encode(job.payload, f"payload of job {job.name!r}")
+
+
+def encode_result(job: Job) -> str | None:
+    """Serialise a job's return value (``None`` stays SQL NULL)."""
+    return None if job.result is None else _encode(job.result, f"result of job {job.name!r}")
+
+
+def _encode(value: Any, what: str) -> str:
+    try:
+        return json.dumps(value, allow_nan=False, separators=(",", ":"))
+    except TypeError as error:
+        raise TypeError(f"{what} is not JSON-serialisable: {error}") from error
+    except ValueError as error:  # NaN/Infinity or a circular reference
+        raise ValueError(f"{what} is not valid JSON: {error}") from error
+    except RecursionError as error:
+        raise ValueError(f"{what} is nested too deeply to store as JSON") from error
+
+
+def decode_json(text: str | None) -> Any:
+    """Decode a stored JSON column (``None`` for SQL NULL)."""
+    return None if text is None else json.loads(text)
+
+
+def validate_job(job: Job, queue: str) -> None:
+    """Reject what the database would truncate or mangle, before any SQL runs."""
+    _check_text("job name", job.name, MAX_NAME_LENGTH)
+    _check_text("queue name", queue, MAX_QUEUE_LENGTH)
+    if job.id is not None:
+        _check_text("job id", job.id, MAX_ID_LENGTH)
+    if not isinstance(job.max_retries, int) or isinstance(job.max_retries, bool) or job.max_retries < 0:
+        raise ValueError(f"max_retries of job {job.name!r} must be an int >= 0, got {job.max_retries!r}")
+    if job.available_at is not None and (
+        not isinstance(job.available_at, datetime) or job.available_at.tzinfo is None
+    ):
+        raise ValueError(
+            f"available_at of job {job.name!r} must be a timezone-aware datetime, got {job.available_at!r}"
+        )
+
+
+def _check_text(what: str, value: Any, limit: int) -> None:
+    if not isinstance(value, str):
+        raise TypeError(f"{what} must be a str, got {type(value).__name__}")
+    if not value or len(value) > limit:
+        raise ValueError(f"{what} must have 1 to {limit} characters, got {len(value)}")
+    if "\x00" in value or not value.isprintable():
+        raise ValueError(f"{what} {value[:40]!r} contains control characters")
+

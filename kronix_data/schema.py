@@ -1,0 +1,163 @@
+"""The jobs table: its columns, indexes, and creating or upgrading it in place.
+
+The seed's twelve columns keep their names, types and meanings; the columns
+after them are kronix-data's own.  Only SQLAlchemy Core is used, and table
+names are validated identifiers that SQLAlchemy quotes, never user SQL.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime, timezone
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import mysql
+
+from .job import MAX_ID_LENGTH, MAX_NAME_LENGTH, MAX_QUEUE_LENGTH
+
+_IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,47}")
+
+#: Status literals are inlined (not bound) so the planner can match them to
+#: the partial indexes, which a bound parameter in a generic plan cannot.
+PENDING = sa.literal_column("'pending'")
+PROCESSING = sa.literal_column("'processing'")
+
+
+def parse_table_name(name: str) -> tuple[str | None, str]:
+    """Split ``[schema.]table`` and validate both parts as plain identifiers.
+
+    Raises ``ValueError`` before any SQL runs, so quotes, spaces, semicolons or
+    SQL in a table name never reach the database.
+    """
+    if not isinstance(name, str):
+        raise ValueError(f"table name must be a str, got {type(name).__name__}")
+    parts = name.split(".")
+    if len(parts) > 2 or not all(_IDENTIFIER.fullmatch(part) for part in parts):
+        raise ValueError(
+            f"invalid table name {name!r}: use letters, digits and underscores "
+            "(at most 48, not starting with a digit), optionally as schema.table"
+        )
+    return (parts[0], parts[1]) if len(parts) == 2 else (None, parts[0])
+
+
+class UTCDateTime(sa.types.TypeDecorator):
+    """Timestamps stored in UTC and always read back timezone-aware.
+
+    PostgreSQL keeps ``TIMESTAMPTZ``; MySQL/MariaDB ``DATETIME(6)`` and SQLite
+    text have no zone, so values are written as naive UTC there.
+    """
+
+    impl = sa.DateTime(timezone=True)
+    cache_ok = True
+
+    def load_dialect_impl(self, dialect):
+        if dialect.name in ("mysql", "mariadb"):
+            return dialect.type_descriptor(mysql.DATETIME(fsp=6))
+        return dialect.type_descriptor(sa.DateTime(timezone=True))
+
+    def process_bind_param(self, value, dialect):
+        if value is None or dialect.name == "postgresql":
+            return value
+        if value.tzinfo is not None:
+            value = value.astimezone(timezone.utc).replace(tzinfo=None)
+        return value
+
+    def process_result_value(self, value, dialect):
+        if isinstance(value, str):  # an expression SQLite returned untyped
+            value = datetime.fromisoformat(value)
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            return value.replace(tzinfo=timezone.utc)
+        return value.astimezone(timezone.utc)
+
+
+def _key_text(length: int) -> sa.types.TypeEngine:
+    """TEXT, except a bounded VARCHAR where MySQL must index it."""
+    return sa.Text().with_variant(sa.String(length), "mysql", "mariadb")
+
+
+def _long_text() -> sa.types.TypeEngine:
+    """TEXT, except LONGTEXT on MySQL, whose TEXT stops at 64 KiB."""
+    return sa.Text().with_variant(mysql.LONGTEXT(), "mysql", "mariadb")
+
+
+def build_table(name: str, *, partial_indexes: bool, now_default: str) -> sa.Table:
+    """The jobs table and its indexes for one dialect.
+
+    ``partial_indexes`` says whether the database has ``CREATE INDEX ... WHERE``;
+    ``now_default`` is the SQL of the server's current time, the default of
+    ``created_at`` (the driver always writes it explicitly anyway).
+    """
+    schema, table_name = parse_table_name(name)
+    metadata = sa.MetaData()
+    table = sa.Table(
+        table_name,
+        metadata,
+        # The seed's columns, in the seed's order.
+        sa.Column("id", _key_text(MAX_ID_LENGTH), primary_key=True),
+        sa.Column("name", _key_text(MAX_NAME_LENGTH), nullable=False),
+        sa.Column("queue", _key_text(MAX_QUEUE_LENGTH), nullable=False, server_default="default"),
+        sa.Column("status", _key_text(16), nullable=False, server_default="pending"),
+        sa.Column("attempts", sa.Integer, nullable=False, server_default="0"),
+        sa.Column("max_retries", sa.Integer, nullable=False, server_default="3"),
+        sa.Column("payload", _long_text()),
+        sa.Column("last_error", _long_text()),
+        sa.Column("created_at", UTCDateTime(), nullable=False, server_default=sa.text(now_default)),
+        sa.Column("available_at", UTCDateTime()),
+        sa.Column("finished_at", UTCDateTime()),
+        sa.Column("reserved_by", _key_text(255)),
+        # kronix-data's own: when the current reservation began, when its lease
+        # was last renewed, and the job's JSON return value.
+        sa.Column("reserved_at", UTCDateTime()),
+        sa.Column("heartbeat_at", UTCDateTime()),
+        sa.Column("result", _long_text()),
+        schema=schema,
+        mysql_charset="utf8mb4",
+        mysql_collate="utf8mb4_bin",
+    )
+    c = table.c
+    if partial_indexes:
+        # Claim: due pending jobs of a queue, oldest first; only pending rows are in it.
+        sa.Index(f"{table_name}_claim", c.queue, c.available_at, c.id,
+                 postgresql_where=sa.text("status = 'pending'"),
+                 sqlite_where=sa.text("status = 'pending'"))
+        # Stale recovery: held jobs by the age of their lease.
+        sa.Index(f"{table_name}_lease", c.heartbeat_at,
+                 postgresql_where=sa.text("status = 'processing'"),
+                 sqlite_where=sa.text("status = 'processing'"))
+    else:
+        sa.Index(f"{table_name}_claim", c.queue, c.status, c.available_at, c.id)
+        sa.Index(f"{table_name}_lease", c.status, c.heartbeat_at)
+    return table
+
+
+def create_or_upgrade(conn: sa.Connection, table: sa.Table, now: sa.ColumnElement) -> None:
+    """Create the table, or bring an existing one (the seed's, say) up to date.
+
+    Missing columns are added (all of kronix-data's are nullable), rows the
+    seed left without ``available_at`` or a reservation time are filled in,
+    and missing indexes are created.  Nothing is dropped or rewritten.
+    """
+    inspector = sa.inspect(conn)
+    if not inspector.has_table(table.name, schema=table.schema):
+        table.create(conn)
+        return
+    preparer = conn.dialect.identifier_preparer
+    qualified = preparer.format_table(table)
+    existing = {column["name"] for column in inspector.get_columns(table.name, schema=table.schema)}
+    for column in table.columns:
+        if column.name not in existing:
+            spec = sa.schema.CreateColumn(column).compile(dialect=conn.dialect)
+            conn.execute(sa.text(f"ALTER TABLE {qualified} ADD COLUMN {spec}"))
+    c = table.c
+    conn.execute(table.update().where(c.available_at.is_(None)).values(available_at=c.created_at))
+    conn.execute(
+        table.update()
+        .where(c.status == PROCESSING, c.heartbeat_at.is_(None))
+        .values(reserved_at=sa.func.coalesce(c.reserved_at, now), heartbeat_at=now)
+    )
+    indexes = {index["name"] for index in inspector.get_indexes(table.name, schema=table.schema)}
+    for index in table.indexes:
+        if index.name not in indexes:
+            index.create(conn)

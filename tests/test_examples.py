@@ -1,0 +1,33 @@
+"""The README's demo, run the way a new user runs it: as a subprocess."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_readme_names_the_demo_and_test_commands():
+    readme = (ROOT / "README.md").read_text()
+    assert "<!-- demo-command -->" in readme and "examples/quickstart.py" in readme
+    assert "<!-- test-command -->" in readme and ".venv/bin/pytest" in readme
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql", "mariadb"])
+def test_quickstart_works_the_queue_and_prints_the_frames(backend, tmp_path):
+    from conftest import database_url
+
+    url = database_url(backend, tmp_path)
+    done = subprocess.run([sys.executable, str(ROOT / "examples" / "quickstart.py"), url],
+                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    out = done.stdout
+    assert "pushed 50 chunk jobs" in out and "fetch_stats():" in out and "dead_letter_jobs():" in out
+    stats_line = out.split("fetch_stats():\n")[1].splitlines()[1].split()
+    assert stats_line[:5] == ["default", "0", "0", "48", "2"]
+    assert out.count("ValueError: negative amount") == 2
+    assert "48,000 good rows" in out

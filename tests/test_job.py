@@ -1,0 +1,38 @@
+"""The plain-data job model: ids, JSON encoding, validation."""
+
+from __future__ import annotations
+
+import pytest
+
+from kronix_data import Job, JobStatus
+from kronix_data.job import decode_json, encode_payload, new_job_id
+
+
+def test_ids_are_unique_and_sort_in_creation_order():
+    ids = [new_job_id() for _ in range(10_000)]
+    assert len(set(ids)) == len(ids)
+    assert ids == sorted(ids)
+    assert all(len(job_id) == 32 for job_id in ids)
+
+
+def test_payloads_encode_as_strict_json_and_round_trip():
+    job = Job("n", {"a": [1, 2.5, None, True], "ü": "✓"})
+    assert decode_json(encode_payload(job)) == job.payload
+
+
+def test_deeply_nested_payloads_are_refused_with_the_jobs_name():
+    payload: list = []
+    for _ in range(100_000):
+        payload = [payload]
+    with pytest.raises(ValueError, match="'deep'"):
+        encode_payload(Job("deep", payload))
+
+
+def test_status_values_are_the_seeds_text():
+    assert [status.value for status in JobStatus] == ["pending", "processing", "completed", "failed"]
+    assert str(JobStatus.FAILED) == "failed"
+
+
+def test_plain_jobs_have_nothing_to_handle():
+    with pytest.raises(NotImplementedError, match="'etl.x'"):
+        Job("etl.x").handle()

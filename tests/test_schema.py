@@ -1,0 +1,111 @@
+"""Creating the table, and upgrading a table made with the seed's DDL in place."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import sqlalchemy as sa
+
+from kronix_data import DatabaseQueueDriver, Job, JobStatus
+from kronix_data.schema import parse_table_name
+
+SEED_DDL = """
+CREATE TABLE IF NOT EXISTS {table} (
+  id TEXT PRIMARY KEY,
+  name TEXT NOT NULL,
+  queue TEXT NOT NULL DEFAULT 'default',
+  status TEXT NOT NULL DEFAULT 'pending',
+  attempts INTEGER NOT NULL DEFAULT 0,
+  max_retries INTEGER NOT NULL DEFAULT 3,
+  payload TEXT,
+  last_error TEXT,
+  created_at TIMESTAMPTZ NOT NULL DEFAULT NOW(),
+  available_at TIMESTAMPTZ,
+  finished_at TIMESTAMPTZ,
+  reserved_by TEXT
+)"""
+# SQLite has no NOW(): the seed's DDL with SQLite's spelling of the same default.
+SQLITE_SEED_DDL = SEED_DDL.replace("DEFAULT NOW()", "DEFAULT CURRENT_TIMESTAMP")
+SEED_INDEX = "CREATE INDEX idx_{table}_pop ON {table}(queue, status, available_at)"
+# MariaDB cannot run the seed's exact DDL (TEXT keys, TIMESTAMPTZ): its closest translation.
+MARIADB_SEED_DDL = """
+CREATE TABLE {table} (
+  id VARCHAR(128) PRIMARY KEY, name VARCHAR(255) NOT NULL,
+  queue VARCHAR(128) NOT NULL DEFAULT 'default', status VARCHAR(16) NOT NULL DEFAULT 'pending',
+  attempts INTEGER NOT NULL DEFAULT 0, max_retries INTEGER NOT NULL DEFAULT 3,
+  payload TEXT, last_error TEXT, created_at DATETIME(6) NOT NULL DEFAULT CURRENT_TIMESTAMP(6),
+  available_at DATETIME(6), finished_at DATETIME(6), reserved_by VARCHAR(255)
+)"""
+SEED_ROWS = [
+    {"id": "job_a", "name": "n", "status": "pending", "payload": '{"i": 1}'},
+    {"id": "job_b", "name": "n", "status": "processing", "payload": '{"i": 2}', "reserved_by": "dart-worker"},
+    {"id": "job_c", "name": "n", "status": "completed", "payload": '{"i": 3}'},
+    {"id": "job_d", "name": "n", "status": "failed", "payload": '{"i": 4}', "last_error": "boom"},
+]
+
+
+def make_seed_table(url: str, table: str, backend: str) -> None:
+    engine = sa.create_engine(url)
+    with engine.begin() as conn:
+        ddl = {"mariadb": MARIADB_SEED_DDL, "sqlite": SQLITE_SEED_DDL}.get(backend, SEED_DDL)
+        conn.execute(sa.text(ddl.format(table=table)))
+        conn.execute(sa.text(SEED_INDEX.format(table=table)))
+        for row in SEED_ROWS:
+            conn.execute(sa.text(f"INSERT INTO {table} (id, name, status, payload, last_error, reserved_by) "
+                                 "VALUES (:id, :name, :status, :payload, :last_error, :reserved_by)"),
+                         {"last_error": None, "reserved_by": None, **row})
+    engine.dispose()
+
+
+def test_a_seed_table_is_upgraded_in_place_without_losing_rows(backend, db_url, table_name):
+    make_seed_table(db_url, table_name, backend)
+    driver = DatabaseQueueDriver(db_url, table=table_name)
+
+    driver.create_table()
+    driver.create_table()  # idempotent
+
+    inspector = sa.inspect(driver.engine)
+    columns = {column["name"] for column in inspector.get_columns(table_name)}
+    assert {"reserved_at", "heartbeat_at", "result"} <= columns
+    indexes = {index["name"] for index in inspector.get_indexes(table_name)}
+    assert {f"{table_name}_claim", f"{table_name}_lease", f"idx_{table_name}_pop"} <= indexes
+    stats = driver.fetch_stats().set_index("queue").loc["default"]
+    assert (stats["pending"], stats["processing"], stats["completed"], stats["failed"]) == (1, 1, 1, 1)
+    # The seed's pending row had no available_at: it is due now and claimable.
+    job = driver.pop()
+    assert job.id == "job_a" and job.payload == {"i": 1} and job.attempts == 1
+    assert driver.complete(job)
+    # The seed's running row got a lease starting at the upgrade, so it is recoverable.
+    time.sleep(0.05)
+    assert driver.recover_stale_jobs(timeout=0) == 1
+    assert driver.get_job("job_b").status is JobStatus.PENDING
+    assert driver.dead_letter_jobs()["last_error"].tolist() == ["boom"]
+    driver.push(Job("n", "new"))
+    assert driver.size() == 2
+    driver.close()
+
+
+def test_create_table_from_many_processes_at_once_is_safe(db_url, table_name):
+    from concurrent.futures import ProcessPoolExecutor
+    import multiprocessing
+
+    with ProcessPoolExecutor(4, mp_context=multiprocessing.get_context("spawn")) as pool:
+        list(pool.map(_create, [(db_url, table_name)] * 4))
+    driver = DatabaseQueueDriver(db_url, table=table_name)
+    driver.push(Job("n"))
+    assert driver.size() == 1
+    driver.close()
+
+
+def _create(args) -> None:
+    url, table = args
+    driver = DatabaseQueueDriver(url, table=table)
+    driver.create_table()
+    driver.close()
+
+
+@pytest.mark.parametrize("name, parts", [("kronix_jobs", (None, "kronix_jobs")),
+                                         ("etl.Jobs_2", ("etl", "Jobs_2")), ("_x", (None, "_x"))])
+def test_valid_table_names_are_split_into_schema_and_table(name, parts):
+    assert parse_table_name(name) == parts
