@@ -95,6 +95,11 @@ class DatabaseQueueDriver:
                     raise
                 log.info("create_table lost a race with another process; checking again")
 
+    def drop_table(self) -> None:
+        """Drop the jobs table and everything in it (for demos and tests)."""
+        with self._writer.begin() as conn:
+            self.table.drop(conn, checkfirst=True)
+
     def register_job_factory(self, name: str, factory: JobFactory) -> None:
         """Rebuild jobs named ``name`` on ``pop`` with ``factory(payload) -> Job``."""
         if not callable(factory):

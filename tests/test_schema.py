@@ -105,6 +105,15 @@ def _create(args) -> None:
     driver.close()
 
 
+def test_drop_table_removes_it_and_is_idempotent(driver):
+    driver.push(Job("n"))
+    driver.drop_table()
+    driver.drop_table()
+    assert not sa.inspect(driver.engine).has_table(driver.table.name)
+    driver.create_table()
+    assert driver.size() == 0
+
+
 @pytest.mark.parametrize("name, parts", [("kronix_jobs", (None, "kronix_jobs")),
                                          ("etl.Jobs_2", ("etl", "Jobs_2")), ("_x", (None, "_x"))])
 def test_valid_table_names_are_split_into_schema_and_table(name, parts):
