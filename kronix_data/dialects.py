@@ -82,6 +82,13 @@ class QueueDialect:
         """``later - earlier`` in seconds, as a float expression."""
         raise NotImplementedError
 
+    def notify(self, conn: sa.Connection, channel: str) -> None:
+        """Wake listening workers when the transaction commits (no-op without LISTEN)."""
+
+    def listener(self, engine: sa.Engine, channel: str) -> Listener | None:
+        """A dedicated connection waiting for notifications, or None where there are none."""
+        return None
+
     def claim(self, conn: sa.Connection, table: sa.Table, queue: str, limit: int,
               changes: dict[str, Any]) -> list[dict[str, Any]]:
         """Atomically take up to ``limit`` due pending jobs of ``queue``, oldest first.
@@ -123,6 +130,12 @@ class PostgresDialect(QueueDialect):
     def seconds_between(self, later, earlier):
         return sa.cast(sa.extract("epoch", later - earlier), sa.Float)
 
+    def notify(self, conn, channel):
+        conn.execute(sa.select(sa.func.pg_notify(channel, "")))
+
+    def listener(self, engine, channel):
+        return PostgresListener(engine, channel)
+
     def claim(self, conn, table, queue, limit, changes):
         # Lock the candidates, skipping rows another worker holds, then update
         # exactly those: one round trip, no waiting on other claimers.
@@ -134,6 +147,44 @@ class PostgresDialect(QueueDialect):
             .returning(*table.c)
         )
         return [dict(row) for row in conn.execute(statement).mappings()]
+
+
+class Listener:
+    """Waits for a wake-up on its own connection (never one shared with queries)."""
+
+    def wait(self, timeout: float) -> bool:
+        """Block up to ``timeout`` seconds; True if woken by a notification."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+
+class PostgresListener(Listener):
+    """LISTEN on a dedicated autocommit psycopg connection.
+
+    A connection shared with queries would stall them while it waits (as a
+    peer's does); behind pgbouncer in transaction mode LISTEN does not work,
+    and the worker falls back to polling when this raises.
+    """
+
+    def __init__(self, engine: sa.Engine, channel: str):
+        import psycopg
+        import psycopg.sql
+
+        url = engine.url
+        args = url.translate_connect_args(database="dbname", username="user")
+        self._conn = psycopg.connect(**args, **dict(url.query), autocommit=True)
+        quoted = psycopg.sql.Identifier(channel)
+        self._conn.execute(psycopg.sql.SQL("LISTEN {}").format(quoted))
+
+    def wait(self, timeout):
+        for _ in self._conn.notifies(timeout=timeout, stop_after=1):
+            return True
+        return False
+
+    def close(self):
+        self._conn.close()
 
 
 class MySQLDialect(QueueDialect):

@@ -58,6 +58,8 @@ class DatabaseQueueDriver:
         self.table = build_table(table, partial_indexes=self.dialect.partial_indexes,
                                  now_default=self.dialect.now_default)
         self.table_name = table
+        #: Where workers are woken when jobs arrive (PostgreSQL LISTEN/NOTIFY).
+        self.channel = f"kronix_{table.replace('.', '_')}"[:63]
         self.worker_id = worker_id or default_worker_id()
         self._writer = self.dialect.writer(self.engine)
         self._reader = self.dialect.reader(self.engine)
@@ -130,6 +132,7 @@ class DatabaseQueueDriver:
         try:
             with self._writer.begin() as conn:
                 conn.execute(statement, rows)
+                self.dialect.notify(conn, self.channel)  # one wake-up per batch, not per row
         except sa.exc.IntegrityError as error:
             raise ValueError(f"a job id is already in table {self.table_name!r}: {error.orig}") from error
         for job, row in zip(jobs, rows):
@@ -225,8 +228,37 @@ class DatabaseQueueDriver:
 
     def complete_many(self, jobs: Iterable[Job]) -> int:
         """Complete many held jobs in one transaction; returns how many were held."""
+        return self._update_held(
+            jobs, {"status": JobStatus.COMPLETED.value, "finished_at": self.dialect.now(),
+                   "heartbeat_at": None, "result": sa.bindparam("job_result")},
+            lambda job: {"job_result": encode_result(job)})
+
+    def unclaim(self, jobs: Iterable[Job]) -> int:
+        """Give back held jobs that were never started: pending again, the attempt not counted.
+
+        A worker that stops calls this for what it claimed but did not run.
+        """
         c = self.table.c
-        params = [{"job_id": job.id, "job_attempts": job.attempts, "job_result": encode_result(job)}
+        return self._update_held(jobs, {"status": JobStatus.PENDING.value, "attempts": c.attempts - 1,
+                                        "reserved_by": None, "reserved_at": None, "heartbeat_at": None})
+
+    def heartbeat(self, jobs: Iterable[Job]) -> int:
+        """Renew the lease of held jobs so stale recovery leaves them alone; returns how many."""
+        ids = [job.id for job in jobs if job.id is not None]
+        if not ids:
+            return 0
+        c = self.table.c
+        statement = (self.table.update()
+                     .where(c.id.in_(ids), c.reserved_by == self.worker_id, c.status == PROCESSING)
+                     .values(heartbeat_at=self.dialect.now()))
+        with self._writer.begin() as conn:
+            return conn.execute(statement).rowcount
+
+    def _update_held(self, jobs: Iterable[Job], values: dict[str, Any],
+                     extra: Callable[[Job], dict[str, Any]] = lambda job: {}) -> int:
+        """One statement run for each held job (ownership checked per row) in one transaction."""
+        c = self.table.c
+        params = [{"job_id": job.id, "job_attempts": job.attempts, **extra(job)}
                   for job in jobs if job.id is not None]
         if not params:
             return 0
@@ -234,8 +266,7 @@ class DatabaseQueueDriver:
             self.table.update()
             .where(c.id == sa.bindparam("job_id"), c.attempts == sa.bindparam("job_attempts"),
                    c.reserved_by == self.worker_id, c.status == PROCESSING)
-            .values(status=JobStatus.COMPLETED.value, finished_at=self.dialect.now(),
-                    heartbeat_at=None, result=sa.bindparam("job_result"))
+            .values(values)
         )
         with self._writer.begin() as conn:
             return conn.execute(statement, params).rowcount
@@ -318,15 +349,28 @@ class DatabaseQueueDriver:
 
     def retry_dead_letter(self, job_id: str) -> bool:
         """Give a dead-lettered job a fresh start (pending, attempts 0); False if no such job."""
+        return self._retry_dead_letters(self.table.c.id == job_id) == 1
+
+    def retry_dead_letters(self, queue: str | None = None, name: str | None = None) -> int:
+        """Retry every dead letter (of one queue and/or job name); returns how many."""
+        c = self.table.c
+        conditions = [c.queue == queue] if queue is not None else []
+        conditions += [c.name == name] if name is not None else []
+        return self._retry_dead_letters(*conditions)
+
+    def _retry_dead_letters(self, *conditions: sa.ColumnElement[bool]) -> int:
         c = self.table.c
         statement = (
             self.table.update()
-            .where(c.id == job_id, c.status == JobStatus.FAILED.value)
+            .where(c.status == JobStatus.FAILED.value, *conditions)
             .values(status=JobStatus.PENDING.value, attempts=0, last_error=None, available_at=self.dialect.now(),
                     finished_at=None, reserved_by=None, reserved_at=None, heartbeat_at=None)
         )
         with self._writer.begin() as conn:
-            return conn.execute(statement).rowcount == 1
+            changed = conn.execute(statement).rowcount
+            if changed:
+                self.dialect.notify(conn, self.channel)
+        return changed
 
     # -- reading ----------------------------------------------------------
 
