@@ -1,7 +1,10 @@
 """kronix-data: a job queue in your SQL database, with stats and failures as DataFrames."""
 
 from .driver import DatabaseQueueDriver
-from .job import Job, JobStatus
+from .local import LocalWorkers, start_local_workers
+from .job import Job, JobStatus, RetryPolicy
+from .tasks import Task, task
+from .worker import Worker, WorkerStats
 
-__all__ = ["DatabaseQueueDriver", "Job", "JobStatus"]
+__all__ = ["DatabaseQueueDriver", "Job", "LocalWorkers", "JobStatus", "RetryPolicy", "Task", "Worker", "WorkerStats", "start_local_workers", "task"]
 __version__ = "0.1.0"

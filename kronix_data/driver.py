@@ -21,6 +21,7 @@ import sqlalchemy as sa
 from . import analytics
 from .dialects import dialect_for, make_engine
 from .job import Job, JobStatus, decode_json, encode_payload, encode_result, new_job_id, validate_job
+from .tasks import task_factory
 from .schema import PENDING, PROCESSING, build_table, create_or_upgrade
 
 log = logging.getLogger(__name__)
@@ -103,7 +104,11 @@ class DatabaseQueueDriver:
             self.table.drop(conn, checkfirst=True)
 
     def register_job_factory(self, name: str, factory: JobFactory) -> None:
-        """Rebuild jobs named ``name`` on ``pop`` with ``factory(payload) -> Job``."""
+        """Rebuild jobs named ``name`` on ``pop`` with ``factory(payload) -> Job``.
+
+        Factories registered here come first; then functions registered with
+        :func:`kronix_data.task` in this process; otherwise ``pop`` returns a plain Job.
+        """
         if not callable(factory):
             raise TypeError(f"factory for {name!r} must be callable, got {type(factory).__name__}")
         self._factories[name] = factory
@@ -194,7 +199,7 @@ class DatabaseQueueDriver:
 
     def _job_from_row(self, row: dict[str, Any], *, use_factory: bool) -> Job:
         payload = decode_json(row["payload"])
-        factory = self._factories.get(row["name"]) if use_factory else None
+        factory = (self._factories.get(row["name"]) or task_factory(row["name"])) if use_factory else None
         job = factory(payload) if factory else Job(row["name"], payload)
         if not isinstance(job, Job):
             raise TypeError(f"factory returned {type(job).__name__}, not a Job")

@@ -11,11 +11,12 @@ import enum
 import itertools
 import json
 import os
+import random
 import threading
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, ClassVar
 
 #: Longest accepted job name, queue name and job id (they are indexed columns).
 MAX_NAME_LENGTH = 255
@@ -33,6 +34,30 @@ class JobStatus(str, enum.Enum):
 
     def __str__(self) -> str:
         return self.value
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Exponential backoff with jitter: when to run a failed job again.
+
+    The retry after attempt ``n`` waits ``delay * backoff ** (n - 1)`` seconds,
+    capped at ``max_delay``, times a random factor in ``1 ± jitter`` so that
+    jobs failing together do not retry together.
+    """
+
+    delay: float = 1.0
+    backoff: float = 2.0
+    max_delay: float = 300.0
+    jitter: float = 0.25
+
+    def __post_init__(self):
+        if self.delay < 0 or self.backoff < 1 or self.max_delay < 0 or not 0 <= self.jitter <= 1:
+            raise ValueError(f"invalid {self!r}: need delay >= 0, backoff >= 1, max_delay >= 0, 0 <= jitter <= 1")
+
+    def delay_after(self, attempt: int) -> float:
+        """Seconds to wait before running again after failed attempt ``attempt`` (1-based)."""
+        base = min(self.max_delay, self.delay * self.backoff ** max(attempt - 1, 0))
+        return base * random.uniform(1 - self.jitter, 1 + self.jitter)
 
 
 @dataclass(eq=False)
@@ -59,11 +84,27 @@ class Job:
     reserved_at: datetime | None = field(default=None, kw_only=True)
     finished_at: datetime | None = field(default=None, kw_only=True)
 
+    #: Seconds a run may take before the worker counts it as failed (None: no limit).
+    timeout: ClassVar[float | None] = None
+    #: When a failed run is tried again.
+    retry: ClassVar[RetryPolicy] = RetryPolicy()
+
     def handle(self) -> Any:
         """Do the work.  Plain jobs have nothing to do; subclasses override this."""
         raise NotImplementedError(
             f"job {self.name!r} has no handle(): register a job factory or task for it"
         )
+
+    @property
+    def runnable(self) -> bool:
+        """Whether this job knows how to run (a subclass with its own ``handle``)."""
+        return type(self).handle is not Job.handle
+
+    def on_failure(self, error: BaseException) -> None:
+        """Called by the worker after a failed run that will be retried."""
+
+    def on_permanent_failure(self, error: BaseException) -> None:
+        """Called by the worker when a job goes to the dead letters."""
 
 
 _id_lock = threading.Lock()

@@ -1,0 +1,360 @@
+"""The ``kronix`` command line: set up, inspect and repair a queue, and run workers.
+
+Operators need the queue's state and its dead letters from a shell or a cron
+job, without opening a notebook; every command is a thin wrapper around one
+:class:`~kronix_data.DatabaseQueueDriver` method, so the CLI holds no SQL.
+A password in a database URL is never printed: URLs are shown with it hidden,
+and every message and log line is scrubbed of it.
+
+environment:
+  KRONIX_DATABASE_URL  database URL when --db is not given (else sqlite:///kronix.db)
+  KRONIX_TABLE         table name when --table is not given (else kronix_jobs)
+
+exit codes:
+  0  success
+  1  the command failed (e.g. retry of an id that is not a dead letter)
+  2  usage error (bad or missing arguments)
+  3  invalid configuration (malformed or unsupported URL, invalid table name)
+  4  database unreachable or failing, or the table does not exist (run 'kronix init')
+  5  a module given to 'worker -m' cannot be imported
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import logging
+import math
+import os
+import re
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import sqlalchemy as sa
+
+from .driver import DatabaseQueueDriver
+
+log = logging.getLogger(__name__)
+
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_CONFIGURATION, EXIT_DATABASE, EXIT_IMPORT = range(6)
+DEFAULT_URL = "sqlite:///kronix.db"
+DEFAULT_TABLE = "kronix_jobs"
+ERROR_WIDTH = 80
+_URL_PASSWORD = re.compile(r"(://[^/:@\s]*:)[^/\s]*@")  # greedy: an unescaped "@" in a password
+
+#: --help ends with the environment and exit codes, from this module's docstring.
+EPILOG = "global options may go before or after the command.\n\nenvironment:" + (__doc__ or "").partition(
+    "environment:")[2]  # (no docstring under python -OO)
+
+
+class CommandError(Exception):
+    """An expected failure: a one-line message for stderr and the exit code to return."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def database_password(url: str) -> str | None:
+    try:
+        return sa.make_url(url).password
+    except Exception:  # noqa: BLE001 - an unparsable URL is reported elsewhere
+        return None
+
+
+def redact(text: str, password: str | None = None) -> str:
+    """``text`` without any ``user:password@`` secret, nor the known password itself.
+
+    A password under four characters is only hidden in URLs: replacing it
+    everywhere would garble messages without protecting much.
+    """
+    text = _URL_PASSWORD.sub(r"\1***@", text)
+    return text.replace(password, "***") if password and len(password) >= 4 else text
+
+
+def shown_url(url: str) -> str:
+    """The URL as it may be printed: password hidden, even when it cannot be parsed."""
+    try:
+        return redact(sa.make_url(url).render_as_string(hide_password=True))
+    except Exception:  # noqa: BLE001 - unparsable: shown only if no secret can be in it
+        scrubbed = redact(url)
+        return scrubbed if scrubbed != url or "@" not in url else "(an unparsable URL, not shown)"
+
+
+class RedactingFilter(logging.Filter):
+    """Scrubs the database password from every log record, whoever logs it."""
+
+    def __init__(self, password: str | None):
+        super().__init__()
+        self.password = password
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.msg, record.args = redact(record.getMessage(), self.password), None
+        if record.exc_info:
+            record.exc_text = redact(logging.Formatter().formatException(record.exc_info), self.password)
+            record.exc_info = None
+        return True
+
+
+class RedactingArgumentParser(argparse.ArgumentParser):
+    """argparse echoes unknown arguments; a misplaced URL must not leak its password."""
+
+    def error(self, message: str):
+        super().error(redact(message))
+
+
+@contextmanager
+def open_driver(args: argparse.Namespace, *, require_table: bool = True) -> Iterator[DatabaseQueueDriver]:
+    """The driver for ``--db``/``--table``, closed afterwards; checks the table exists first."""
+    try:
+        if "@" in (sa.make_url(args.db).host or ""):  # else the host error would show part of the password
+            raise ValueError("the host contains '@': write an '@' in the password as %40")
+        driver = DatabaseQueueDriver(args.db, table=args.table)
+    except (ValueError, ImportError, sa.exc.ArgumentError) as error:
+        raise CommandError(f"invalid configuration: {error} (database {shown_url(args.db)}, "
+                           f"table {args.table!r})", EXIT_CONFIGURATION) from error
+    log.info("using table %r in %s", args.table, shown_url(args.db))
+    with driver:
+        if require_table and table_parts(driver) is None:
+            raise CommandError(f"table {args.table!r} does not exist in {shown_url(args.db)}; "
+                               "create it with 'kronix init'", EXIT_DATABASE)
+        yield driver
+
+
+def table_parts(driver: DatabaseQueueDriver) -> set[str] | None:
+    """The jobs table's columns and indexes as the database has them, or None without a table."""
+    inspector = sa.inspect(driver.engine)
+    name, schema = driver.table.name, driver.table.schema
+    if not inspector.has_table(name, schema=schema):
+        return None
+    columns = {f"column {column['name']}" for column in inspector.get_columns(name, schema=schema)}
+    return columns | {f"index {index['name']}" for index in inspector.get_indexes(name, schema=schema)}
+
+
+def emit(args: argparse.Namespace, human: str, document: Any) -> None:
+    """Print the human text, or with ``--json`` the document as one JSON value."""
+    print(json.dumps(document, indent=2, ensure_ascii=False, default=str) if args.json else human)
+
+
+def json_records(frame) -> list[dict[str, Any]]:
+    """DataFrame rows as JSON-ready dicts: NaN/NaT as null, timestamps in ISO 8601."""
+    return [{column: json_value(value) for column, value in record.items()}
+            for record in frame.to_dict(orient="records")]
+
+
+def json_value(value: Any) -> Any:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return None
+    if hasattr(value, "isoformat"):  # datetime and pandas Timestamp; NaT has no valid one
+        return None if value != value else value.isoformat()
+    return value
+
+
+def one_line(text: Any, width: int = ERROR_WIDTH) -> str:
+    """Text flattened to one line and cut to ``width`` characters, for a table cell."""
+    text = " ".join(str(text or "").split())
+    return text if len(text) <= width else text[:width - 3] + "..."
+
+
+def text_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
+    """Left-aligned columns, for text that pandas would right-align."""
+    widths = {column: max([len(column)] + [len(str(row[column])) for row in rows]) for column in columns}
+    lines = [list(columns)] + [[str(row[column]) for column in columns] for row in rows]
+    return "\n".join("  ".join(cell.ljust(widths[column]) for cell, column in zip(line, columns)).rstrip()
+                     for line in lines)
+
+
+def command_init(args: argparse.Namespace) -> int:
+    """Create the table, or upgrade it, and say which of the two happened."""
+    with open_driver(args, require_table=False) as driver:
+        before = table_parts(driver)
+        driver.create_table()
+        added = sorted((table_parts(driver) or set()) - (before or set()))
+    if before is None:
+        action, message = "created", f"created table {args.table!r} in {shown_url(args.db)}"
+    elif added:
+        action, message = "upgraded", f"upgraded table {args.table!r}: added {', '.join(added)}"
+    else:
+        action, message = "unchanged", f"table {args.table!r} is already up to date"
+    emit(args, message, {"table": args.table, "action": action, "added": [] if before is None else added})
+    return EXIT_OK
+
+
+def command_stats(args: argparse.Namespace) -> int:
+    with open_driver(args) as driver:
+        frame = driver.fetch_stats()
+    human = (frame.to_string(index=False, na_rep="-", float_format=lambda value: f"{value:.1f}")
+             if len(frame) else f"no jobs in table {args.table!r}")
+    emit(args, human, json_records(frame))
+    return EXIT_OK
+
+
+def command_dead_letters(args: argparse.Namespace) -> int:
+    with open_driver(args) as driver:
+        frame = driver.dead_letter_jobs(queue=args.queue)
+    total = len(frame)
+    if args.limit is not None:
+        frame = frame.head(args.limit)
+    rows = [{**record, "last_error": one_line(record["last_error"])} for record in frame.to_dict(orient="records")]
+    human = text_table(rows, ["id", "name", "queue", "attempts", "last_error"]) if rows else "no dead letters"
+    if len(frame) < total:
+        human += f"\n... {total - len(frame)} more (raise --limit to see them)"
+    emit(args, human, json_records(frame))
+    return EXIT_OK
+
+
+def command_retry(args: argparse.Namespace) -> int:
+    if args.job_id is not None and (args.queue is not None or args.name is not None):
+        args.usage_error("--queue and --name go with --all, not with a job id")
+    with open_driver(args) as driver:
+        if args.job_id is None:
+            count = driver.retry_dead_letters(queue=args.queue, name=args.name)
+            emit(args, f"retried {count} dead letter{'s' * (count != 1)}", {"retried": count})
+            return EXIT_OK
+        if not driver.retry_dead_letter(args.job_id):
+            raise CommandError(f"job {args.job_id!r} is not a dead letter in table {args.table!r} "
+                               "(unknown id, or not failed)", EXIT_FAILURE)
+    emit(args, f"retried dead letter {args.job_id}", {"retried": 1, "id": args.job_id})
+    return EXIT_OK
+
+
+def command_recover(args: argparse.Namespace) -> int:
+    with open_driver(args) as driver:
+        count = driver.recover_stale_jobs(args.timeout)
+    emit(args, f"recovered {count} stale job{'s' * (count != 1)} (held over {args.timeout:g}s without a "
+               "heartbeat: back to pending, or to the dead letters once out of attempts)", {"recovered": count})
+    return EXIT_OK
+
+
+def command_worker(args: argparse.Namespace) -> int:
+    """Import the job modules first, so a typo fails fast without touching the database."""
+    import_job_modules(args.modules)
+    from .worker import Worker  # imported here so the other commands work without it
+
+    options = {name: value for name, value in (("concurrency", args.concurrency),
+                                               ("lease_timeout", args.lease_timeout)) if value is not None}
+    with open_driver(args) as driver:
+        Worker(driver, queues=tuple(args.queues or ["default"]), burst=args.burst, **options).run()
+    return EXIT_OK
+
+
+def import_job_modules(modules: list[str]) -> None:
+    """Import each module (from the current directory too), where jobs register themselves."""
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    for module in modules:
+        try:
+            importlib.import_module(module)
+        except (ImportError, SyntaxError) as error:
+            raise CommandError(f"cannot import module {module!r}: {type(error).__name__}: {error}",
+                               EXIT_IMPORT) from error
+        log.info("imported %s", module)
+
+
+def bounded(kind: type, minimum: float, *, inclusive: bool = True):
+    """An argparse type for a finite number of ``kind`` from (or above) ``minimum``."""
+    def parse(text: str):
+        value = kind(text)
+        if not math.isfinite(value) or value < minimum or (value == minimum and not inclusive):
+            raise argparse.ArgumentTypeError(f"must be {'>=' if inclusive else '>'} {minimum}, got {text!r}")
+        return value
+    parse.__name__ = kind.__name__  # argparse names it in "invalid float value"
+    return parse
+
+
+def global_options() -> argparse.ArgumentParser:
+    """Options every command takes; defaults are filled in later so they work on either side."""
+    options = argparse.ArgumentParser(add_help=False, argument_default=argparse.SUPPRESS)
+    options.add_argument("--db", metavar="URL", help=f"database URL (default: $KRONIX_DATABASE_URL, else {DEFAULT_URL})")
+    options.add_argument("--table", metavar="NAME", help=f"jobs table (default: $KRONIX_TABLE, else {DEFAULT_TABLE})")
+    options.add_argument("--json", action="store_true", help="print one JSON document on stdout")
+    options.add_argument("-v", "--verbose", action="store_true", help="log at INFO level on stderr")
+    return options
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = global_options()
+    parser = RedactingArgumentParser(prog="kronix", parents=[common], epilog=EPILOG,
+                                     description="Manage a kronix-data job queue and run its workers.",
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name: str, handler, help_text: str) -> argparse.ArgumentParser:
+        command = commands.add_parser(name, parents=[common], help=help_text, description=help_text,
+                                      epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+        command.set_defaults(handler=handler, usage_error=command.error)
+        return command
+
+    add("init", command_init, "create the jobs table, or upgrade an older one in place")
+    add("stats", command_stats, "per-queue counts and timings")
+    dead = add("dead-letters", command_dead_letters, "list failed jobs, newest first")
+    dead.add_argument("--queue", help="only this queue")
+    dead.add_argument("--limit", type=bounded(int, 1), help="show at most this many")
+    retry = add("retry", command_retry, "run dead letters again (attempts reset to 0)")
+    which = retry.add_mutually_exclusive_group(required=True)
+    which.add_argument("job_id", nargs="?", metavar="ID", help="the dead letter to retry")
+    which.add_argument("--all", action="store_true", help="retry every dead letter (filtered by --queue/--name)")
+    retry.add_argument("--queue", help="with --all: only this queue")
+    retry.add_argument("--name", help="with --all: only jobs of this name")
+    recover = add("recover", command_recover, "return jobs of dead workers to pending")
+    recover.add_argument("--timeout", type=bounded(float, 0), default=300.0, metavar="SECONDS",
+                         help="lease age after which a job counts as stale (default: 300)")
+    worker = add("worker", command_worker, "run jobs until stopped (SIGTERM/SIGINT finish gracefully)")
+    worker.add_argument("-q", "--queue", dest="queues", action="append", metavar="QUEUE",
+                        help="queue to work, repeatable (default: default)")
+    worker.add_argument("-c", "--concurrency", type=bounded(int, 1), help="jobs run at once (default: the Worker's)")
+    worker.add_argument("-m", "--import", dest="modules", action="append", default=[], metavar="MODULE",
+                        help="module defining the jobs, repeatable; the current directory is searched")
+    worker.add_argument("--burst", action="store_true", help="stop once the queues are empty")
+    worker.add_argument("--lease-timeout", type=bounded(float, 0, inclusive=False), metavar="SECONDS",
+                        help="how long a held job may go without a heartbeat (default: the Worker's)")
+    return parser
+
+
+def settle_global_options(args: argparse.Namespace) -> None:
+    """Command line first, then the environment, then the built-in defaults."""
+    args.db = getattr(args, "db", None) or os.environ.get("KRONIX_DATABASE_URL") or DEFAULT_URL
+    args.table = getattr(args, "table", None) or os.environ.get("KRONIX_TABLE") or DEFAULT_TABLE
+    args.json = getattr(args, "json", False)
+    args.verbose = getattr(args, "verbose", False)
+
+
+def configure_logging(verbose: bool, password: str | None) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.addFilter(RedactingFilter(password))
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, handlers=[handler])
+    logging.getLogger("sqlalchemy").setLevel(logging.WARNING)  # SQL echo is not what -v is for
+
+
+def database_error_message(error: sa.exc.SQLAlchemyError) -> str:
+    """The driver's own words on one line (SQLAlchemy's wrapper adds the statement and a link)."""
+    text = str(getattr(error, "orig", None) or error)
+    return " ".join(line.strip() for line in text.splitlines() if line.strip()) or type(error).__name__
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one command; returns its exit code (the console script exits with it)."""
+    args = build_parser().parse_args(argv)
+    settle_global_options(args)
+    password = database_password(args.db)
+    configure_logging(args.verbose, password)
+    try:
+        return args.handler(args)
+    except CommandError as error:
+        message = str(error)
+        exit_code = error.exit_code
+    except sa.exc.SQLAlchemyError as error:
+        message = f"database error ({shown_url(args.db)}): {database_error_message(error)}"
+        exit_code = EXIT_DATABASE
+    except KeyboardInterrupt:
+        return 130
+    print(f"kronix: {redact(message, password)}", file=sys.stderr)
+    return exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

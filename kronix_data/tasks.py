@@ -1,0 +1,107 @@
+"""Plain functions as jobs: ``@task`` registers them by name for every worker.
+
+A notebook user writes a function that takes the payload and enqueues
+``clean.job(chunk)``; a worker process that imports the same module rebuilds
+such rows as :class:`TaskJob` and calls the function.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from .job import Job, RetryPolicy
+
+Hook = Callable[[Job, BaseException], None]
+
+_registry: dict[str, Task] = {}
+
+
+@dataclass(frozen=True)
+class Task:
+    """A registered function and how its jobs are queued, retried and timed out."""
+
+    name: str
+    function: Callable[[Any], Any]
+    queue: str = "default"
+    max_retries: int = 3
+    timeout: float | None = None
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+    on_failure: Hook | None = None
+    on_permanent_failure: Hook | None = None
+
+    def __call__(self, payload: Any = None) -> Any:
+        """Run the function here and now, without the queue (handy in a notebook)."""
+        return self.function(payload)
+
+    def job(self, payload: Any = None, **options: Any) -> TaskJob:
+        """A job for this task, ready to push; ``options`` override queue, max_retries, id..."""
+        options = {"queue": self.queue, "max_retries": self.max_retries, **options}
+        job = TaskJob(self.name, payload, **options)
+        job.task = self
+        return job
+
+
+class TaskJob(Job):
+    """A job whose work is a registered :class:`Task`'s function."""
+
+    task: Task
+
+    def handle(self) -> Any:
+        return self.task.function(self.payload)
+
+    @property
+    def timeout(self) -> float | None:  # type: ignore[override]
+        return self.task.timeout
+
+    @property
+    def retry(self) -> RetryPolicy:  # type: ignore[override]
+        return self.task.retry
+
+    def on_failure(self, error: BaseException) -> None:
+        if self.task.on_failure:
+            self.task.on_failure(self, error)
+
+    def on_permanent_failure(self, error: BaseException) -> None:
+        if self.task.on_permanent_failure:
+            self.task.on_permanent_failure(self, error)
+
+
+def task(name: str | None = None, *, queue: str = "default", max_retries: int = 3,
+         timeout: float | None = None, retry: RetryPolicy | None = None,
+         on_failure: Hook | None = None, on_permanent_failure: Hook | None = None) -> Callable[[Callable], Task]:
+    """Register a function as a task: ``@task(name="etl.clean", max_retries=3)``.
+
+    The name defaults to ``module.function``.  Registering a different
+    function under a name already taken is an error (two modules would
+    otherwise silently fight over the same jobs).
+    """
+
+    def register(function: Callable[[Any], Any]) -> Task:
+        registered = Task(name or f"{function.__module__}.{function.__qualname__}", function, queue,
+                          max_retries, timeout, retry or RetryPolicy(), on_failure, on_permanent_failure)
+        existing = _registry.get(registered.name)
+        if existing is not None and not _same_function(existing.function, function):
+            raise ValueError(f"task name {registered.name!r} is already registered to "
+                             f"{existing.function.__module__}.{existing.function.__qualname__}")
+        _registry[registered.name] = registered
+        return registered
+
+    return register
+
+
+def _same_function(a: Callable, b: Callable) -> bool:
+    """Same module and name: a module imported twice (or a re-run notebook cell) re-registers."""
+    return (a.__module__, a.__qualname__) == (b.__module__, b.__qualname__)
+
+
+def find_task(name: str) -> Task | None:
+    """The task registered under ``name`` in this process, if any."""
+    return _registry.get(name)
+
+
+def task_factory(name: str) -> Callable[[Any], TaskJob] | None:
+    """A job factory for a registered task, for the driver's ``pop``."""
+    registered = _registry.get(name)
+    return None if registered is None else registered.job

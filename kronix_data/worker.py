@@ -1,0 +1,427 @@
+"""The worker: claim in batches, run on a bounded pool, hand back in batches.
+
+One loop thread owns every database call; jobs run on a thread pool of
+``concurrency`` threads and never more.  Finished jobs are completed in
+batches (by size or after a short delay); failures are retried with backoff
+or dead-lettered.  A lost connection is logged and retried with backoff, and
+nothing the worker holds is dropped: results wait in memory until written.
+
+Timeouts: a job running on a thread cannot be stopped from outside.  A job
+past its ``timeout`` is recorded as failed (and retried or dead-lettered) at
+once, but its thread runs on and keeps its slot until it returns, so the
+concurrency limit holds; its late result is discarded.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import signal
+import threading
+import time
+import traceback
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import sqlalchemy as sa
+
+from .driver import DatabaseQueueDriver
+from .job import Job, encode_result
+
+log = logging.getLogger(__name__)
+
+
+
+@dataclass
+class WorkerStats:
+    """Counters of what one worker did, for logs, tests and the monitor."""
+
+    claimed: int = 0
+    completed: int = 0
+    retried: int = 0
+    dead_lettered: int = 0
+    timed_out: int = 0
+    recovered: int = 0
+    database_errors: int = 0
+    unclaimed: int = 0
+
+
+@dataclass
+class _Running:
+    job: Job
+    future: Future
+    deadline: float | None
+    abandoned: bool = False
+
+
+@dataclass
+class _Failure:
+    job: Job
+    error: BaseException
+    permanent: bool
+    delay: float = 0.0
+
+
+@dataclass
+class _Outcome:
+    job: Job
+    error: BaseException | None = None
+    formatted: str = ""
+    finished_at: float = field(default_factory=time.monotonic)
+
+
+class Worker:
+    """Runs jobs from ``queues`` with at most ``concurrency`` at a time.
+
+    Parameters
+    ----------
+    driver
+        The queue; its ``worker_id`` is this worker's identity.
+    queues
+        Claimed in this order: the first queue's due jobs before the second's.
+    concurrency
+        Jobs running at once (threads).  Claims never exceed the free slots.
+    burst
+        Stop when no job is due and nothing is running (batch jobs, tests).
+    lease_timeout
+        A job whose worker sent no heartbeat for this long is taken as
+        abandoned by every worker's periodic recovery.  Heartbeats go out every
+        ``lease_timeout / 4`` and recovery runs every ``lease_timeout / 2``.
+    grace_period
+        On the first SIGTERM/SIGINT (or :meth:`stop`), how long running jobs
+        may take to finish before the worker stops hard.
+    """
+
+    def __init__(self, driver: DatabaseQueueDriver, queues: tuple[str, ...] | list[str] = ("default",),
+                 concurrency: int = 4, *, burst: bool = False, lease_timeout: float = 60.0,
+                 grace_period: float = 30.0, poll_interval: float = 1.0, completion_batch: int = 100,
+                 completion_delay: float = 0.02, listen: bool = True):
+        if isinstance(queues, str):
+            queues = (queues,)
+        if not queues:
+            raise ValueError("a worker needs at least one queue")
+        if concurrency < 1:
+            raise ValueError(f"concurrency must be >= 1, got {concurrency}")
+        if lease_timeout <= 0 or grace_period < 0 or poll_interval <= 0:
+            raise ValueError("lease_timeout and poll_interval must be > 0 and grace_period >= 0")
+        self.driver = driver
+        self.queues = tuple(queues)
+        self.concurrency = concurrency
+        self.burst = burst
+        self.lease_timeout = lease_timeout
+        self.grace_period = grace_period
+        self.poll_interval = poll_interval
+        self.completion_batch = completion_batch
+        self.completion_delay = completion_delay
+        self.listen = listen
+        self.stats = WorkerStats()
+        # Database errors the worker rides out by backing off and reconnecting: SQLAlchemy's,
+        # and the driver's own, which can escape unwrapped from a rollback on a dead connection.
+        self._database_errors = (sa.exc.DBAPIError, driver.engine.dialect.loaded_dbapi.Error)
+        self._wake = threading.Event()
+        self._stop_requested = threading.Event()
+        self._hard_stop = threading.Event()
+        self._running: dict[str, _Running] = {}  # by job id
+        self._finished: list[_Outcome] = []  # guarded by _lock; filled by pool threads
+        self._lock = threading.Lock()
+        self._to_complete: list[Job] = []
+        self._first_done_at = 0.0  # when the oldest job in _to_complete finished
+        self._retries_due_at = 0.0  # when the last retry this worker scheduled becomes due (burst waits)
+        self._to_fail: list[_Failure] = []
+        self._thread: threading.Thread | None = None
+        self._signals = 0
+
+    def __repr__(self) -> str:
+        return f"Worker({self.driver.worker_id!r}, queues={self.queues}, concurrency={self.concurrency})"
+
+    # -- control -----------------------------------------------------------
+
+    def run(self) -> WorkerStats:
+        """Work until stopped (or, in burst mode, until nothing is due); returns the stats.
+
+        In the main thread, SIGTERM and SIGINT stop gracefully, and a second
+        signal stops hard: the process exits, leaving running jobs to their
+        lease.
+        """
+        handlers = self._install_signal_handlers()
+        listener = self._start_listener()
+        executor = ThreadPoolExecutor(self.concurrency, thread_name_prefix="kronix-job")
+        log.info("%r started", self)
+        try:
+            self._loop(executor)
+        finally:
+            self._stop_requested.set()
+            executor.shutdown(wait=not self._hard_stop.is_set(), cancel_futures=True)
+            for sig, handler in handlers.items():
+                signal.signal(sig, handler)
+            if listener:
+                listener.join(timeout=2)
+            log.info("%r stopped: %s", self, self.stats)
+        if self._hard_stop.is_set() and handlers:
+            os._exit(1)  # threads of jobs still running must not keep the process alive
+        return self.stats
+
+    def start(self) -> Worker:
+        """Run in a background thread (from a notebook); stop it with :meth:`stop`."""
+        if self._thread and self._thread.is_alive():
+            raise RuntimeError(f"{self!r} is already running")
+        self._stop_requested.clear()
+        self._hard_stop.clear()
+        self._thread = threading.Thread(target=self.run, name=f"kronix-worker-{self.driver.worker_id}", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self, wait: bool = True, timeout: float | None = None) -> None:
+        """Stop claiming, let running jobs finish within the grace period, and return."""
+        self._stop_requested.set()
+        self._wake.set()
+        if wait and self._thread:
+            self._thread.join(timeout)
+
+    @property
+    def is_running(self) -> bool:
+        return bool(self._thread and self._thread.is_alive())
+
+    def _install_signal_handlers(self) -> dict[int, Any]:
+        if threading.current_thread() is not threading.main_thread():
+            return {}
+        return {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+    def _on_signal(self, signum: int, _frame) -> None:
+        # Only a plain counter here: taking a lock (Event.set, logging) inside a
+        # signal handler can deadlock with the same lock held by the loop.  The
+        # loop never sleeps longer than poll_interval, and sees it then.
+        self._signals += 1
+
+    def _take_signals(self) -> None:
+        if self._signals and not self._stop_requested.is_set():
+            log.warning("signal received: finishing running jobs (up to %ss), claiming no more", self.grace_period)
+            self._stop_requested.set()
+        if self._signals > 1 and not self._hard_stop.is_set():
+            log.warning("second signal: stopping hard")
+            self._hard_stop.set()
+
+    def _start_listener(self) -> threading.Thread | None:
+        if not self.listen:
+            return None
+        thread = threading.Thread(target=self._listen, name="kronix-listen", daemon=True)
+        thread.start()
+        return thread
+
+    def _listen(self) -> None:
+        """Wake the loop on NOTIFY; where LISTEN fails (pgbouncer, other databases) polling goes on."""
+        backoff = 0.1
+        while not self._stop_requested.is_set():
+            try:
+                listener = self.driver.dialect.listener(self.driver.engine, self.driver.channel)
+            except Exception as error:  # noqa: BLE001 - any failure means "poll instead"
+                log.info("LISTEN unavailable (%s); polling", type(error).__name__)
+                listener = None
+            if listener is None:
+                return
+            try:
+                backoff = 0.1
+                while not self._stop_requested.is_set():
+                    if listener.wait(0.5):
+                        self._wake.set()
+            except Exception as error:  # noqa: BLE001
+                log.warning("LISTEN connection lost (%s); reconnecting", type(error).__name__)
+                time.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+            finally:
+                try:
+                    listener.close()
+                except Exception:  # noqa: BLE001 - a dead connection may fail to close
+                    pass
+
+    # -- the loop -----------------------------------------------------------
+
+    def _loop(self, executor: ThreadPoolExecutor) -> None:
+        now = time.monotonic()
+        next_heartbeat = now + self.lease_timeout / 4
+        next_recovery = now + random.uniform(0, self.lease_timeout / 2)
+        idle_wait, error_wait = 0.01, 0.1
+        grace_deadline: float | None = None
+        while True:
+            self._take_signals()
+            now = time.monotonic()
+            stopping = self._stop_requested.is_set()
+            if stopping and grace_deadline is None:
+                grace_deadline = now + self.grace_period
+                self._unclaim_unstarted()
+            if self._hard_stop.is_set() or (grace_deadline is not None and now >= grace_deadline):
+                self._hard_stop.set()
+                self._try(self._flush_completions, force=True)
+                self._try(self._flush_failures)
+                return
+            try:
+                self._collect_finished()
+                self._expire_timeouts(now)
+                self._flush_failures()
+                self._flush_completions(force=stopping)
+                if now >= next_heartbeat:
+                    self._heartbeat()
+                    next_heartbeat = now + self.lease_timeout / 4
+                if now >= next_recovery:
+                    self.stats.recovered += self.driver.recover_stale_jobs(self.lease_timeout)
+                    next_recovery = now + self.lease_timeout / 2
+                claimed = 0 if stopping else self._claim(executor)
+                error_wait = 0.1
+            except self._database_errors as error:
+                self.stats.database_errors += 1
+                log.warning("database error (%s: %s); retrying in %.1fs",
+                            type(error).__name__, str(error).splitlines()[0], error_wait)
+                self._hard_stop.wait(error_wait)
+                error_wait = min(error_wait * 2, 5.0)
+                continue
+            busy = self._busy()
+            if stopping and not busy:
+                return
+            if self.burst and not claimed and not busy and now >= self._retries_due_at:
+                return
+            if claimed:
+                idle_wait = 0.01
+                continue
+            self._wait(min(idle_wait, next_heartbeat - now, next_recovery - now))
+            idle_wait = min(idle_wait * 2, self.poll_interval)
+
+    def _busy(self) -> bool:
+        # Timed-out threads count too: their slots are taken until they really end.
+        return bool(self._running or self._to_complete or self._to_fail or self._finished)
+
+    def _wait(self, timeout: float) -> None:
+        if self._to_complete:
+            timeout = min(timeout, self.completion_delay)
+        self._wake.wait(max(timeout, 0.001))
+        self._wake.clear()
+
+    def _try(self, step, **kwargs) -> None:
+        try:
+            step(**kwargs)
+        except self._database_errors as error:
+            log.error("could not write back before stopping (%s); the jobs' leases will expire", error)
+
+    # -- claiming and running --------------------------------------------------
+
+    def _claim(self, executor: ThreadPoolExecutor) -> int:
+        free = self.concurrency - len(self._running)
+        claimed = 0
+        for queue in self.queues:
+            if free - claimed <= 0:
+                break
+            for job in self.driver.pop_many(free - claimed, queue):
+                claimed += 1
+                self._start(executor, job)
+        self.stats.claimed += claimed
+        return claimed
+
+    def _start(self, executor: ThreadPoolExecutor, job: Job) -> None:
+        if not job.runnable:
+            reason = LookupError(f"no task or job factory is registered for {job.name!r} "
+                                 f"on worker {self.driver.worker_id}")
+            self._record_failure(job, reason, permanent=True)
+            return
+        deadline = time.monotonic() + job.timeout if job.timeout else None
+        future = executor.submit(self._execute, job)
+        self._running[job.id] = _Running(job, future, deadline)
+        future.add_done_callback(lambda _: self._wake.set())
+
+    def _execute(self, job: Job) -> None:
+        """Run one job on a pool thread and leave its outcome for the loop."""
+        outcome = _Outcome(job)
+        try:
+            job.result = job.handle()
+            encode_result(job)  # a result that cannot be stored is the job's failure, found here
+        except Exception as error:  # noqa: BLE001 - a job's failure is data
+            outcome.error = error
+            outcome.formatted = "".join(traceback.format_exception(error))
+        outcome.finished_at = time.monotonic()
+        with self._lock:
+            self._finished.append(outcome)
+
+    def _unclaim_unstarted(self) -> None:
+        unstarted = [running.job for running in self._running.values() if running.future.cancel()]
+        for job in unstarted:
+            del self._running[job.id]
+        if unstarted:
+            self._try(self._give_back, jobs=unstarted)
+
+    def _give_back(self, jobs: list[Job]) -> None:
+        self.stats.unclaimed += self.driver.unclaim(jobs)
+
+    # -- finishing ---------------------------------------------------------------
+
+    def _collect_finished(self) -> None:
+        with self._lock:
+            finished, self._finished = self._finished, []
+        for outcome in finished:
+            running = self._running.pop(outcome.job.id)
+            if running.abandoned:
+                log.info("discarding the late result of job %s (it timed out)", outcome.job.id)
+                continue
+            if outcome.error is None:
+                if not self._to_complete:
+                    self._first_done_at = outcome.finished_at
+                self._to_complete.append(outcome.job)
+            else:
+                self._record_failure(outcome.job, outcome.error, outcome.formatted)
+
+    def _expire_timeouts(self, now: float) -> None:
+        for running in self._running.values():
+            if running.deadline is not None and now >= running.deadline and not running.abandoned:
+                running.abandoned = True
+                self.stats.timed_out += 1
+                error = TimeoutError(f"job {running.job.name!r} ran past its timeout of {running.job.timeout}s; "
+                                     "its thread could not be stopped and its result will be discarded")
+                self._record_failure(running.job, error)
+
+    def _record_failure(self, job: Job, error: BaseException, formatted: str = "", permanent: bool = False) -> None:
+        """Run the job's hook now and queue the write (retried until the database takes it).
+
+        ``last_error`` starts with ``Type: message`` on its first line, then the traceback.
+        """
+        job.last_error = f"{type(error).__name__}: {error}" + (f"\n\n{formatted}" if formatted else "")
+        permanent = permanent or job.attempts > job.max_retries
+        hook = job.on_permanent_failure if permanent else job.on_failure
+        try:
+            hook(error)
+        except Exception:  # noqa: BLE001 - a broken hook must not stop the worker
+            log.exception("the failure hook of job %s raised", job.id)
+        delay = 0.0 if permanent else job.retry.delay_after(job.attempts)
+        self._to_fail.append(_Failure(job, error, permanent, delay))
+
+    def _flush_failures(self) -> None:
+        while self._to_fail:
+            failure = self._to_fail[0]
+            if failure.permanent:
+                held = self.driver.fail(failure.job)
+                self.stats.dead_lettered += held
+            else:
+                held = self.driver.release(failure.job, delay=failure.delay)
+                self.stats.retried += held
+                self._retries_due_at = max(self._retries_due_at, time.monotonic() + failure.delay)
+            if not held:
+                log.warning("job %s was no longer held by this worker (lease lost?)", failure.job.id)
+            self._to_fail.pop(0)
+
+    def _flush_completions(self, force: bool = False) -> None:
+        if not self._to_complete:
+            return
+        due = force or len(self._to_complete) >= self.completion_batch or self._stop_requested.is_set()
+        if not due and time.monotonic() - self._first_done_at < self.completion_delay:
+            return
+        batch = self._to_complete[:self.completion_batch]
+        written = self.driver.complete_many(batch)
+        if written < len(batch):
+            log.warning("%d finished jobs were no longer held by this worker (lease lost?)", len(batch) - written)
+        self.stats.completed += written
+        del self._to_complete[:len(batch)]
+        self._first_done_at = time.monotonic()
+
+    def _heartbeat(self) -> None:
+        held = [running.job for running in self._running.values()]
+        held += self._to_complete + [failure.job for failure in self._to_fail]
+        if held:
+            self.driver.heartbeat(held)

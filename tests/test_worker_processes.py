@@ -1,0 +1,145 @@
+"""Worker processes under real faults: many processes, kill -9, SIGTERM, dropped connections."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+import uuid
+
+import pytest
+import sqlalchemy as sa
+
+from kronix_data import Job, JobStatus, start_local_workers
+from test_worker import kill_session
+from worker_jobs import create_runs_table, fetch_runs
+
+SERVERS = ["postgresql", "mariadb"]
+
+
+def status_counts(driver) -> dict[str, int]:
+    stats = driver.fetch_stats()
+    return {status: int(stats[status].sum()) for status in ("pending", "processing", "completed", "failed")}
+
+
+def wait_until(condition, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.1)
+
+
+def attempts_histogram(driver) -> dict[int, int]:
+    c = driver.table.c
+    with driver.engine.connect() as conn:
+        rows = conn.execute(sa.select(c.attempts, sa.func.count()).group_by(c.attempts)).all()
+    return {attempts: count for attempts, count in rows}
+
+
+def assert_no_job_ran_twice_at_once(runs, killed_at: dict[int, float]) -> None:
+    """The ownership check: runs of one job never overlap (a killed run ends at its kill)."""
+    by_job: dict[int, list[tuple[float, float]]] = {}
+    for job, pid, started, ended in runs:
+        by_job.setdefault(job, []).append((started, ended if ended is not None else killed_at[pid]))
+    for job, spans in by_job.items():
+        spans.sort()
+        for (_, first_end), (second_start, _) in zip(spans, spans[1:]):
+            assert second_start >= first_end, f"job {job} ran twice at once: {spans}"
+
+
+@pytest.fixture
+def runs_table(db_url):
+    name = f"runs_{uuid.uuid4().hex[:10]}"
+    create_runs_table(db_url, name)
+    yield name
+    engine = sa.create_engine(db_url)
+    with engine.begin() as conn:
+        conn.execute(sa.text(f"DROP TABLE {name}"))
+    engine.dispose()
+
+
+@pytest.mark.parametrize("backend", SERVERS)
+def test_worker_processes_drain_20000_jobs_each_completed_exactly_once(driver):
+    driver.push_many([Job("test.noop", i) for i in range(20_000)])
+
+    with start_local_workers(driver, 4, modules=["worker_jobs"], concurrency=8, burst=True) as workers:
+        workers.join(timeout=240)
+
+    assert [process.exitcode for process in workers.processes] == [0, 0, 0, 0]
+    assert status_counts(driver) == {"pending": 0, "processing": 0, "completed": 20_000, "failed": 0}
+    assert attempts_histogram(driver) == {1: 20_000}  # every job claimed exactly once
+
+
+@pytest.mark.parametrize("backend", SERVERS)
+def test_jobs_of_a_worker_killed_mid_batch_come_back_and_complete(driver, db_url, runs_table):
+    jobs = 24
+    driver.push_many([Job("test.record", {"n": n, "sleep": 0.5, "url": db_url, "runs": runs_table})
+                      for n in range(jobs)])
+    with start_local_workers(driver, 2, modules=["worker_jobs"], concurrency=4, lease_timeout=2.0) as workers:
+        victim = workers.processes[0]
+        wait_until(lambda: any(pid == victim.pid for _, pid, _, _ in fetch_runs(db_url, runs_table)), 30,
+                   "the victim to start a job")
+        os.kill(victim.pid, signal.SIGKILL)
+        killed_at = {victim.pid: time.time()}
+        wait_until(lambda: status_counts(driver)["completed"] == jobs, 60, "every job to complete")
+
+    assert status_counts(driver) == {"pending": 0, "processing": 0, "completed": jobs, "failed": 0}
+    histogram = attempts_histogram(driver)
+    assert histogram.get(2, 0) >= 1, histogram  # the victim's jobs ran again, and the attempt counted
+    runs = fetch_runs(db_url, runs_table)
+    assert {job for job, _, _, _ in runs} == set(range(jobs))
+    assert_no_job_ran_twice_at_once(runs, killed_at)
+
+
+@pytest.mark.parametrize("backend", SERVERS)
+def test_sigterm_lets_running_jobs_finish_and_claims_no_more(driver, db_url, runs_table):
+    driver.push_many([Job("test.record", {"n": n, "sleep": 1.5, "url": db_url, "runs": runs_table})
+                      for n in range(6)])
+    with start_local_workers(driver, 1, modules=["worker_jobs"], concurrency=2) as workers:
+        wait_until(lambda: len(fetch_runs(db_url, runs_table)) == 2, 30, "two jobs to start")
+        workers.processes[0].terminate()  # SIGTERM
+        workers.join(timeout=30)
+
+    assert workers.processes[0].exitcode == 0
+    assert status_counts(driver) == {"pending": 4, "processing": 0, "completed": 2, "failed": 0}
+    assert attempts_histogram(driver) == {0: 4, 1: 2}  # the unstarted jobs carry no attempt
+    assert all(ended is not None for _, _, _, ended in fetch_runs(db_url, runs_table))
+
+
+@pytest.mark.parametrize("backend", SERVERS)
+def test_workers_survive_their_connections_being_killed(driver, db_url):
+    jobs = 4000
+    driver.push_many([Job("test.noop", n) for n in range(jobs)])
+    with start_local_workers(driver, 2, modules=["worker_jobs"], concurrency=4, lease_timeout=2.0) as workers:
+        kills = 0
+        for _ in range(3):
+            time.sleep(0.4)
+            kills += kill_all_other_sessions(db_url)
+        wait_until(lambda: status_counts(driver)["completed"] == jobs, 90, "every job to complete")
+        assert len(workers.alive()) == 2  # nobody crashed
+
+    assert kills >= 3
+    assert status_counts(driver) == {"pending": 0, "processing": 0, "completed": jobs, "failed": 0}
+    assert [process.exitcode for process in workers.processes] == [0, 0]
+
+
+def kill_all_other_sessions(url) -> int:
+    engine = sa.create_engine(url)
+    with engine.connect() as conn:
+        if engine.dialect.name == "postgresql":
+            sessions = conn.execute(sa.text(
+                "SELECT pid FROM pg_stat_activity WHERE datname = current_database() "
+                "AND pid <> pg_backend_pid() AND backend_type = 'client backend'")).scalars().all()
+        else:
+            sessions = conn.execute(sa.text("SELECT id FROM information_schema.processlist "
+                                            "WHERE id <> CONNECTION_ID() AND db = DATABASE()")).scalars().all()
+    engine.dispose()
+    killed = 0
+    for session in sessions:
+        try:
+            kill_session(url, session)
+            killed += 1
+        except sa.exc.DBAPIError:  # it ended by itself meanwhile
+            pass
+    return killed

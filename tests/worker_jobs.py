@@ -1,0 +1,50 @@
+"""Tasks that the worker tests run, in this process or in spawned worker processes.
+
+Importable as ``worker_jobs`` because pytest puts ``tests/`` on ``sys.path``.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from functools import cache
+
+import sqlalchemy as sa
+
+from kronix_data import RetryPolicy, task
+
+
+@task(name="test.noop")
+def noop(payload):
+    return None
+
+
+@cache
+def _engine(url: str) -> sa.Engine:
+    return sa.create_engine(url, pool_pre_ping=True)
+
+
+def create_runs_table(url: str, runs: str) -> None:
+    with _engine(url).begin() as conn:
+        conn.execute(sa.text(f"CREATE TABLE {runs} (job INTEGER, pid INTEGER, "
+                             "started DOUBLE PRECISION, ended DOUBLE PRECISION)"))
+
+
+def fetch_runs(url: str, runs: str) -> list:
+    with _engine(url).connect() as conn:
+        return conn.execute(sa.text(f"SELECT job, pid, started, ended FROM {runs}")).all()
+
+
+@task(name="test.record", max_retries=5, retry=RetryPolicy(delay=0.01))
+def record(payload):
+    """Record the run's start, sleep, then record its end: the side effect a test can audit."""
+    engine, runs = _engine(payload["url"]), payload["runs"]
+    started = time.time()
+    with engine.begin() as conn:
+        conn.execute(sa.text(f"INSERT INTO {runs} (job, pid, started) VALUES (:job, :pid, :started)"),
+                     {"job": payload["n"], "pid": os.getpid(), "started": started})
+    time.sleep(payload.get("sleep", 0))
+    with engine.begin() as conn:
+        conn.execute(sa.text(f"UPDATE {runs} SET ended = :ended WHERE job = :job AND pid = :pid AND started = :started"),
+                     {"ended": time.time(), "job": payload["n"], "pid": os.getpid(), "started": started})
+    return payload["n"]
