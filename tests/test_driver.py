@@ -407,3 +407,40 @@ def test_a_callers_engine_is_used_as_is(db_url, table_name):
     queue.push(Job("n"))
     assert queue.pop().name == "n"
     engine.dispose()
+
+
+# -- what workers use ------------------------------------------------------------
+
+def test_unclaim_gives_jobs_back_without_counting_the_attempt(driver, other_driver):
+    driver.push_many([Job("n", i) for i in range(3)])
+    jobs = driver.pop_many(3)
+
+    assert other_driver.unclaim(jobs) == 0
+    assert driver.unclaim(jobs) == 3
+    assert driver.size() == 3
+    assert [job.attempts for job in driver.pop_many(3)] == [1, 1, 1]
+
+
+def test_heartbeat_keeps_a_held_job_from_being_taken_as_stale(driver, other_driver):
+    driver.push(Job("n"))
+    job = driver.pop()
+    time.sleep(0.3)
+
+    assert other_driver.heartbeat([job]) == 0
+    assert driver.heartbeat([job]) == 1
+    assert driver.recover_stale_jobs(timeout=0.25) == 0
+    time.sleep(0.3)
+    assert driver.recover_stale_jobs(timeout=0.25) == 1
+
+
+def test_retry_dead_letters_filters_by_queue_and_name(driver):
+    driver.push_many([Job("a", queue="q1"), Job("b", queue="q1"), Job("a", queue="q2")])
+    for queue in ("q1", "q2"):
+        for job in driver.pop_many(5, queue):
+            driver.fail(job)
+
+    assert driver.retry_dead_letters(queue="q1", name="a") == 1
+    assert driver.retry_dead_letters(queue="q1") == 1
+    assert driver.retry_dead_letters() == 1
+    assert driver.retry_dead_letters() == 0
+    assert driver.size("q1") == 2 and driver.size("q2") == 1
