@@ -143,3 +143,26 @@ def kill_all_other_sessions(url) -> int:
         except sa.exc.DBAPIError:  # it ended by itself meanwhile
             pass
     return killed
+
+
+@pytest.mark.parametrize("backend", SERVERS)
+def test_two_kronix_worker_commands_share_a_queue(driver, db_url, table_name):
+    """What a user does in two terminals (or on two machines): `kronix worker` twice."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    jobs = 3000
+    driver.push_many([Job("test.noop", n) for n in range(jobs)])
+    command = [sys.executable, "-m", "kronix_data.cli", "--db", db_url, "--table", table_name,
+               "worker", "-m", "worker_jobs", "-c", "4", "--burst"]
+    terminals = [subprocess.Popen(command, cwd=Path(__file__).parent, stderr=subprocess.PIPE, text=True)
+                 for _ in range(2)]
+    outputs = [terminal.communicate(timeout=120)[1] for terminal in terminals]
+
+    assert [terminal.returncode for terminal in terminals] == [0, 0], outputs
+    assert status_counts(driver) == {"pending": 0, "processing": 0, "completed": jobs, "failed": 0}
+    assert attempts_histogram(driver) == {1: jobs}
+    with driver.engine.connect() as conn:
+        workers = conn.execute(sa.select(driver.table.c.reserved_by).distinct()).scalars().all()
+    assert len(workers) == 2  # both terminals did part of the work
