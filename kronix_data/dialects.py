@@ -208,6 +208,12 @@ class MySQLDialect(QueueDialect):
     def reader(self, engine):
         return self._engine
 
+    @staticmethod
+    def _has_skip_locked(conn: sa.Connection) -> bool:
+        """MariaDB >= 10.6 and MySQL >= 8.0.1; older servers get a plain (still atomic) FOR UPDATE."""
+        version = conn.dialect.server_version_info or (0,)
+        return version >= ((10, 6) if conn.dialect.is_mariadb else (8, 0, 1))
+
     def now(self):
         return sa.type_coerce(sa.literal_column("UTC_TIMESTAMP(6)"), UTCDateTime())
 
@@ -229,7 +235,7 @@ class MySQLDialect(QueueDialect):
             .where(table.c.queue == queue, table.c.status == PENDING, table.c.available_at <= self.now())
             .order_by(table.c.available_at, table.c.id)
             .limit(limit)
-            .with_for_update(skip_locked=True)
+            .with_for_update(skip_locked=self._has_skip_locked(conn))
         )
         rows = [dict(row) for row in conn.execute(select).mappings()]
         if not rows:
