@@ -59,7 +59,6 @@ class _Running:
 @dataclass
 class _Failure:
     job: Job
-    error: BaseException
     permanent: bool
     delay: float = 0.0
 
@@ -123,7 +122,9 @@ class Worker:
         self._wake = threading.Event()
         self._stop_requested = threading.Event()
         self._hard_stop = threading.Event()
-        self._running: dict[str, _Running] = {}  # by job id
+        # By (job id, attempt): a timed-out attempt's thread may still run when
+        # this worker claims the same job's next attempt.
+        self._running: dict[tuple[str, int], _Running] = {}
         self._finished: list[_Outcome] = []  # guarded by _lock; filled by pool threads
         self._lock = threading.Lock()
         self._to_complete: list[Job] = []
@@ -325,7 +326,7 @@ class Worker:
             return
         deadline = time.monotonic() + job.timeout if job.timeout else None
         future = executor.submit(self._execute, job)
-        self._running[job.id] = _Running(job, future, deadline)
+        self._running[job.id, job.attempts] = _Running(job, future, deadline)
         future.add_done_callback(lambda _: self._wake.set())
 
     def _execute(self, job: Job) -> None:
@@ -344,7 +345,7 @@ class Worker:
     def _unclaim_unstarted(self) -> None:
         unstarted = [running.job for running in self._running.values() if running.future.cancel()]
         for job in unstarted:
-            del self._running[job.id]
+            del self._running[job.id, job.attempts]
         if unstarted:
             self._try(self._give_back, jobs=unstarted)
 
@@ -357,7 +358,7 @@ class Worker:
         with self._lock:
             finished, self._finished = self._finished, []
         for outcome in finished:
-            running = self._running.pop(outcome.job.id)
+            running = self._running.pop((outcome.job.id, outcome.job.attempts))
             if running.abandoned:
                 log.info("discarding the late result of job %s (it timed out)", outcome.job.id)
                 continue
@@ -390,7 +391,7 @@ class Worker:
         except Exception:  # noqa: BLE001 - a broken hook must not stop the worker
             log.exception("the failure hook of job %s raised", job.id)
         delay = 0.0 if permanent else job.retry.delay_after(job.attempts)
-        self._to_fail.append(_Failure(job, error, permanent, delay))
+        self._to_fail.append(_Failure(job, permanent, delay))
 
     def _flush_failures(self) -> None:
         while self._to_fail:

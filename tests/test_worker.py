@@ -106,6 +106,29 @@ def test_a_job_past_its_timeout_is_failed_and_its_slot_stays_taken(driver):
     assert quick_job.status is JobStatus.COMPLETED
 
 
+def test_a_timed_out_attempt_finishing_late_does_not_disturb_the_next_attempt(driver):
+    attempts = []
+
+    @task(name="w.slow_then_fast", max_retries=1, timeout=0.2, retry=RetryPolicy(delay=0.0))
+    def slow_then_fast(payload):
+        attempts.append(1)
+        time.sleep(1.0 if len(attempts) == 1 else 0.0)
+        return len(attempts)
+
+    @task(name="w.keeper")
+    def keeper(payload):
+        time.sleep(1.5)  # keeps the worker busy until the first attempt's thread wakes up
+
+    job_id, _ = driver.push_many([slow_then_fast.job(), keeper.job()])
+    worker = run_burst(driver, concurrency=3)
+
+    # The second attempt ran in the free slot while the first one's thread still slept,
+    # and the first one's late outcome was discarded rather than taken for the second's.
+    job = driver.get_job(job_id)
+    assert (job.status, job.attempts, job.result) == (JobStatus.COMPLETED, 2, 2)
+    assert (worker.stats.timed_out, worker.stats.retried, worker.stats.completed) == (1, 1, 2)
+
+
 def test_an_unknown_job_is_dead_lettered_and_the_worker_goes_on(driver):
     @task(name="w.known")
     def known(payload):
