@@ -8,6 +8,7 @@ import time
 import pytest
 import sqlalchemy as sa
 
+from db_faults import kill_session, session_id
 from kronix_data import DatabaseQueueDriver, Job, JobStatus, RetryPolicy, Worker, task
 
 FAST_RETRY = RetryPolicy(delay=0.05, backoff=2.0, jitter=0.0)
@@ -189,23 +190,6 @@ def test_worker_options_are_checked():
             Worker(driver, **bad)
     with pytest.raises(ValueError, match="backoff"):
         RetryPolicy(backoff=0.5)
-
-
-def kill_session(url, session_id: int) -> None:
-    """Terminate one database session from another connection, as an operator or a failover would."""
-    engine = sa.create_engine(url)
-    with engine.begin() as conn:
-        if engine.dialect.name == "postgresql":
-            conn.execute(sa.text("SELECT pg_terminate_backend(:pid)"), {"pid": session_id})
-        else:
-            conn.exec_driver_sql(f"KILL CONNECTION {int(session_id)}")
-    engine.dispose()
-
-
-def session_id(dbapi_connection) -> int:
-    """The server's id of a psycopg or PyMySQL connection."""
-    info = getattr(dbapi_connection, "info", None)
-    return info.backend_pid if hasattr(info, "backend_pid") else dbapi_connection.thread_id()
 
 
 @pytest.mark.parametrize("backend", ["postgresql", "mariadb"])

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import time
 import uuid
+from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
 
-from kronix_data import Job, JobStatus, start_local_workers
-from test_worker import kill_session
+from db_faults import kill_all_other_sessions
+from kronix_data import Job, start_local_workers
 from worker_jobs import create_runs_table, fetch_runs
 
 SERVERS = ["postgresql", "mariadb"]
@@ -124,34 +127,9 @@ def test_workers_survive_their_connections_being_killed(driver, db_url):
     assert [process.exitcode for process in workers.processes] == [0, 0]
 
 
-def kill_all_other_sessions(url) -> int:
-    engine = sa.create_engine(url)
-    with engine.connect() as conn:
-        if engine.dialect.name == "postgresql":
-            sessions = conn.execute(sa.text(
-                "SELECT pid FROM pg_stat_activity WHERE datname = current_database() "
-                "AND pid <> pg_backend_pid() AND backend_type = 'client backend'")).scalars().all()
-        else:
-            sessions = conn.execute(sa.text("SELECT id FROM information_schema.processlist "
-                                            "WHERE id <> CONNECTION_ID() AND db = DATABASE()")).scalars().all()
-    engine.dispose()
-    killed = 0
-    for session in sessions:
-        try:
-            kill_session(url, session)
-            killed += 1
-        except sa.exc.DBAPIError:  # it ended by itself meanwhile
-            pass
-    return killed
-
-
 @pytest.mark.parametrize("backend", SERVERS)
 def test_two_kronix_worker_commands_share_a_queue(driver, db_url, table_name):
     """What a user does in two terminals (or on two machines): `kronix worker` twice."""
-    import subprocess
-    import sys
-    from pathlib import Path
-
     jobs = 3000
     driver.push_many([Job("test.noop", n) for n in range(jobs)])
     command = [sys.executable, "-m", "kronix_data.cli", "--db", db_url, "--table", table_name,
