@@ -56,7 +56,10 @@ class RetryPolicy:
 
     def delay_after(self, attempt: int) -> float:
         """Seconds to wait before running again after failed attempt ``attempt`` (1-based)."""
-        base = min(self.max_delay, self.delay * self.backoff ** max(attempt - 1, 0))
+        try:
+            base = min(self.max_delay, self.delay * self.backoff ** max(attempt - 1, 0))
+        except OverflowError:  # thousands of attempts: long past the cap anyway
+            base = self.max_delay
         return base * random.uniform(1 - self.jitter, 1 + self.jitter)
 
 

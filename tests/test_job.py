@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from kronix_data import Job, JobStatus
+from kronix_data import Job, JobStatus, RetryPolicy
 from kronix_data.job import decode_json, encode_payload, new_job_id
 
 
@@ -36,3 +36,10 @@ def test_status_values_are_the_seeds_text():
 def test_plain_jobs_have_nothing_to_handle():
     with pytest.raises(NotImplementedError, match="'etl.x'"):
         Job("etl.x").handle()
+
+
+def test_retry_delays_grow_exponentially_up_to_the_cap_even_after_thousands_of_attempts():
+    policy = RetryPolicy(delay=1.0, backoff=2.0, max_delay=60.0, jitter=0.0)
+    assert [policy.delay_after(attempt) for attempt in (1, 2, 3, 7, 8, 5000)] == [1, 2, 4, 60, 60, 60]
+    jittered = RetryPolicy(delay=10.0, jitter=0.25)
+    assert all(7.5 <= jittered.delay_after(1) <= 12.5 for _ in range(200))
