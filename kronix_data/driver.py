@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import time
 from collections.abc import Callable, Iterable
 from datetime import timedelta
 from typing import Any
@@ -85,18 +86,21 @@ class DatabaseQueueDriver:
     def create_table(self) -> None:
         """Create the jobs table and its indexes, or upgrade an existing one in place.
 
-        Safe to call from many workers at once: a lost creation race is
-        retried once against the table the winner made.
+        Safe to call from many workers at once: a lost race (MySQL's DDL is
+        not transactional, so another process may add the same index between
+        our look and our write) is retried against what the winner made.
         """
-        for attempt in (1, 2):
+        attempts = 5
+        for attempt in range(1, attempts + 1):
             try:
                 with self._writer.begin() as conn:
                     create_or_upgrade(conn, self.table, self.dialect.now())
                 return
             except sa.exc.DBAPIError:
-                if attempt == 2:
+                if attempt == attempts:
                     raise
                 log.info("create_table lost a race with another process; checking again")
+                time.sleep(0.05 * attempt)
 
     def drop_table(self) -> None:
         """Drop the jobs table and everything in it (for demos and tests)."""
@@ -123,26 +127,44 @@ class DatabaseQueueDriver:
         """Store many jobs in one transaction and return their ids, in order.
 
         Every job is validated and serialised before anything is written, so a
-        bad one leaves the table untouched.
+        bad one leaves the table untouched.  A job whose ``key`` is already in
+        the table is not stored again: its id is the existing job's, so pushing
+        the same keyed jobs twice is a no-op that returns the same ids.
         """
         jobs = list(jobs)
         rows = [self._row_for_push(job, queue) for job in jobs]
         if not rows:
             return []
-        now = self.dialect.now()
-        statement = self.table.insert().values(
-            created_at=now,
-            available_at=sa.func.coalesce(sa.bindparam("due", type_=self.table.c.available_at.type), now),
-        )
+        keyed = [row for row in rows if row["job_key"] is not None]
+        distinct_keys = {row["job_key"] for row in keyed}
+        if len(distinct_keys) < len(keyed):
+            raise ValueError("two jobs in one push share a key; keys must be unique")
         try:
             with self._writer.begin() as conn:
-                conn.execute(statement, rows)
+                plain = [row for row in rows if row["job_key"] is None]
+                if plain:
+                    self.dialect.insert(conn, self.table, plain)
+                if keyed:
+                    self._insert_keyed(conn, keyed)
                 self.dialect.notify(conn, self.channel)  # one wake-up per batch, not per row
         except sa.exc.IntegrityError as error:
             raise ValueError(f"a job id is already in table {self.table_name!r}: {error.orig}") from error
         for job, row in zip(jobs, rows):
             job.id, job.queue, job.status = row["id"], row["queue"], JobStatus.PENDING
         return [row["id"] for row in rows]
+
+    def _insert_keyed(self, conn: sa.Connection, rows: list[dict[str, Any]]) -> None:
+        """Insert keyed rows that are new; point the others' ids at the stored jobs."""
+        c = self.table.c
+        self.dialect.insert_new_keys(conn, self.table, rows)
+        stored: dict[str, str] = {}
+        for start in range(0, len(rows), 1000):  # stay under every database's bound-parameter limit
+            keys = [row["job_key"] for row in rows[start:start + 1000]]
+            stored.update(conn.execute(sa.select(c.job_key, c.id).where(c.job_key.in_(keys))).all())
+        for row in rows:
+            if row["job_key"] not in stored:  # MySQL swallowed a duplicate id
+                raise ValueError(f"job id {row['id']!r} is already in table {self.table_name!r}")
+            row["id"] = stored[row["job_key"]]
 
     def _row_for_push(self, job: Job, queue: str | None) -> dict[str, Any]:
         if not isinstance(job, Job):
@@ -157,6 +179,8 @@ class DatabaseQueueDriver:
             "attempts": 0,
             "max_retries": job.max_retries,
             "payload": encode_payload(job),
+            "job_key": job.key,
+            "batch_id": job.batch_id,
             "due": job.available_at,
         }
 
@@ -206,8 +230,9 @@ class DatabaseQueueDriver:
         job.name = row["name"]
         job.payload = payload
         for column in ("id", "queue", "attempts", "max_retries", "last_error", "created_at",
-                       "available_at", "reserved_by", "reserved_at", "finished_at"):
+                       "available_at", "reserved_by", "reserved_at", "finished_at", "batch_id"):
             setattr(job, column, row[column])
+        job.key = row["job_key"]
         job.status = JobStatus(row["status"])
         job.result = decode_json(row["result"])
         return job

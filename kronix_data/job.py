@@ -22,6 +22,9 @@ from typing import Any, ClassVar
 MAX_NAME_LENGTH = 255
 MAX_QUEUE_LENGTH = 128
 MAX_ID_LENGTH = 128
+#: Longest idempotency key and batch id (indexed columns too).
+MAX_KEY_LENGTH = 255
+MAX_BATCH_ID_LENGTH = 128
 
 
 class JobStatus(str, enum.Enum):
@@ -68,8 +71,11 @@ class Job:
     """One unit of work: a registered ``name`` and a JSON ``payload``.
 
     ``max_retries`` counts retries after the first run, so a job runs at most
-    ``max_retries + 1`` times.  The fields after ``id`` are filled in by the
-    driver from the stored row; callers normally leave them alone.
+    ``max_retries + 1`` times.  A ``key`` makes the push idempotent: a job whose
+    key is already in the table (queued, running, done or dead-lettered) is
+    not pushed again.  ``batch_id`` groups the chunks of one :class:`Batch`.
+    The fields after ``id`` are filled in by the driver from the stored row;
+    callers normally leave them alone.
     """
 
     name: str
@@ -77,6 +83,8 @@ class Job:
     queue: str = field(default="default", kw_only=True)
     max_retries: int = field(default=3, kw_only=True)
     available_at: datetime | None = field(default=None, kw_only=True)
+    key: str | None = field(default=None, kw_only=True)
+    batch_id: str | None = field(default=None, kw_only=True)
     id: str | None = field(default=None, kw_only=True)
     attempts: int = field(default=0, kw_only=True)
     status: JobStatus = field(default=JobStatus.PENDING, kw_only=True)
@@ -158,6 +166,10 @@ def validate_job(job: Job, queue: str) -> None:
     _check_text("queue name", queue, MAX_QUEUE_LENGTH)
     if job.id is not None:
         _check_text("job id", job.id, MAX_ID_LENGTH)
+    if job.key is not None:
+        _check_text("job key", job.key, MAX_KEY_LENGTH)
+    if job.batch_id is not None:
+        _check_text("batch id", job.batch_id, MAX_BATCH_ID_LENGTH)
     if not isinstance(job.max_retries, int) or isinstance(job.max_retries, bool) or job.max_retries < 0:
         raise ValueError(f"max_retries of job {job.name!r} must be an int >= 0, got {job.max_retries!r}")
     if job.available_at is not None and (

@@ -13,7 +13,7 @@ from datetime import datetime, timezone
 import sqlalchemy as sa
 from sqlalchemy.dialects import mysql
 
-from .job import MAX_ID_LENGTH, MAX_NAME_LENGTH, MAX_QUEUE_LENGTH
+from .job import MAX_BATCH_ID_LENGTH, MAX_ID_LENGTH, MAX_KEY_LENGTH, MAX_NAME_LENGTH, MAX_QUEUE_LENGTH
 
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,47}")
 
@@ -108,15 +108,19 @@ def build_table(name: str, *, partial_indexes: bool, now_default: str) -> sa.Tab
         sa.Column("finished_at", UTCDateTime()),
         sa.Column("reserved_by", _key_text(255)),
         # kronix-data's own: when the current reservation began, when its lease
-        # was last renewed, and the job's JSON return value.
+        # was last renewed, the job's JSON return value, its idempotency key
+        # (unique; NULLs never collide) and the batch it belongs to.
         sa.Column("reserved_at", UTCDateTime()),
         sa.Column("heartbeat_at", UTCDateTime()),
         sa.Column("result", _long_text()),
+        sa.Column("job_key", _key_text(MAX_KEY_LENGTH)),
+        sa.Column("batch_id", _key_text(MAX_BATCH_ID_LENGTH)),
         schema=schema,
         mysql_charset="utf8mb4",
         mysql_collate="utf8mb4_bin",
     )
     c = table.c
+    sa.Index(f"{table_name}_key", c.job_key, unique=True)
     if partial_indexes:
         # Claim: due pending jobs of a queue, oldest first; only pending rows are in it.
         sa.Index(f"{table_name}_claim", c.queue, c.available_at, c.id,
@@ -126,9 +130,18 @@ def build_table(name: str, *, partial_indexes: bool, now_default: str) -> sa.Tab
         sa.Index(f"{table_name}_lease", c.heartbeat_at,
                  postgresql_where=sa.text("status = 'processing'"),
                  sqlite_where=sa.text("status = 'processing'"))
+        # History: finished jobs by finishing time (stats windows, prune); a batch's chunks.
+        sa.Index(f"{table_name}_finished", c.finished_at,
+                 postgresql_where=sa.text("finished_at IS NOT NULL"),
+                 sqlite_where=sa.text("finished_at IS NOT NULL"))
+        sa.Index(f"{table_name}_batch", c.batch_id, c.status,
+                 postgresql_where=sa.text("batch_id IS NOT NULL"),
+                 sqlite_where=sa.text("batch_id IS NOT NULL"))
     else:
         sa.Index(f"{table_name}_claim", c.queue, c.status, c.available_at, c.id)
         sa.Index(f"{table_name}_lease", c.status, c.heartbeat_at)
+        sa.Index(f"{table_name}_finished", c.finished_at)
+        sa.Index(f"{table_name}_batch", c.batch_id, c.status)
     return table
 
 

@@ -93,6 +93,46 @@ def test_a_duplicate_id_is_refused_and_nothing_is_written(driver):
     assert driver.size() == 1
 
 
+def test_a_large_push_round_trips_every_field(driver):
+    # Large enough for PostgreSQL's COPY path, mixed due times and batch ids.
+    later = datetime.now(timezone.utc) + timedelta(hours=1)
+    jobs = [Job("bulk", {"i": i, "text": "é\t\n\\ 🙂"}, queue="bulk", max_retries=i % 5,
+                available_at=later if i % 2 else None, batch_id="b1" if i < 100 else None) for i in range(300)]
+    ids = driver.push_many(jobs)
+    assert len(set(ids)) == 300 and ids == [job.id for job in jobs]
+    assert driver.size("bulk") == 300
+    popped = driver.pop_many(300, "bulk")
+    assert [job.payload["i"] for job in popped] == list(range(0, 300, 2))
+    stored = driver.get_job(ids[7])
+    assert stored.payload == {"i": 7, "text": "é\t\n\\ 🙂"} and stored.max_retries == 2
+    assert abs((stored.available_at - later).total_seconds()) < 0.01 and stored.batch_id == "b1"
+    assert stored.created_at <= datetime.now(timezone.utc) + timedelta(seconds=5)
+
+
+def test_a_keyed_push_is_idempotent(driver):
+    first = driver.push_many([Job("chunk", i, key=f"k{i}") for i in range(3)])
+    again = [Job("chunk", i, key=f"k{i}") for i in range(5)]
+    second = driver.push_many(again)
+    assert second[:3] == first and len(set(second)) == 5
+    assert [job.id for job in again] == second
+    assert driver.size() == 5
+    # A finished job's key still counts: re-running the cell after the work is done adds nothing.
+    job = driver.pop()
+    assert driver.complete(job)
+    assert driver.push(Job("chunk", 0, key=job.key)) == job.id
+    assert driver.size() == 4
+    assert driver.get_job(job.id).key == job.key
+
+
+def test_a_push_with_a_key_twice_or_a_duplicate_id_writes_nothing(driver):
+    with pytest.raises(ValueError, match="share a key"):
+        driver.push_many([Job("n", key="k"), Job("n", key="k")])
+    driver.push(Job("n", id="same"))
+    with pytest.raises(ValueError, match="already"):
+        driver.push_many([Job("n", key="new"), Job("n", id="same", key="other")])
+    assert driver.size() == 1
+
+
 @pytest.mark.parametrize("payload, error", [
     ({"when": datetime.now()}, TypeError),
     ({1, 2}, TypeError),
