@@ -21,7 +21,7 @@ import signal
 import threading
 import time
 import traceback
-from concurrent.futures import Future, ThreadPoolExecutor
+import queue as queue_module
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -51,9 +51,12 @@ class WorkerStats:
 @dataclass
 class _Running:
     job: Job
-    future: Future
-    deadline: float | None
+    started: float | None = None  # set by the pool thread: a prefetched job's clock starts when it runs
     abandoned: bool = False
+
+    def past_deadline(self, now: float) -> bool:
+        timeout = self.job.timeout
+        return bool(timeout) and self.started is not None and now >= self.started + timeout
 
 
 @dataclass
@@ -69,6 +72,46 @@ class _Outcome:
     error: BaseException | None = None
     formatted: str = ""
     finished_at: float = field(default_factory=time.monotonic)
+    run_time: float = 0.0
+
+
+class _JobThreads:
+    """``size`` threads taking jobs from one queue, so at most ``size`` run at once.
+
+    Lighter than a ThreadPoolExecutor (no Future per job), and claimed jobs
+    not yet started can be taken back when the worker stops.
+    """
+
+    def __init__(self, size: int, run):
+        self._queue: queue_module.SimpleQueue = queue_module.SimpleQueue()
+        self._threads = [threading.Thread(target=self._serve, args=(run,), name=f"kronix-job-{n}", daemon=True)
+                         for n in range(size)]
+        for thread in self._threads:
+            thread.start()
+
+    def _serve(self, run) -> None:
+        while (item := self._queue.get()) is not None:
+            run(item)
+
+    def submit(self, item) -> None:
+        self._queue.put(item)
+
+    def take_back(self) -> list:
+        """The items no thread has started yet."""
+        items = []
+        while True:
+            try:
+                items.append(self._queue.get_nowait())
+            except queue_module.Empty:
+                return [item for item in items if item is not None]
+
+    def shutdown(self, wait: bool) -> None:
+        self.take_back()
+        for _ in self._threads:
+            self._queue.put(None)
+        if wait:
+            for thread in self._threads:
+                thread.join()
 
 
 class Worker:
@@ -96,7 +139,8 @@ class Worker:
     def __init__(self, driver: DatabaseQueueDriver, queues: tuple[str, ...] | list[str] = ("default",),
                  concurrency: int = 4, *, burst: bool = False, lease_timeout: float = 60.0,
                  grace_period: float = 30.0, poll_interval: float = 1.0, completion_batch: int = 100,
-                 completion_delay: float = 0.02, listen: bool = True):
+                 completion_delay: float = 0.02, listen: bool = True, batch_size: int = 100,
+                 prefetch_seconds: float = 0.05):
         if isinstance(queues, str):
             queues = (queues,)
         if not queues:
@@ -115,6 +159,9 @@ class Worker:
         self.completion_batch = completion_batch
         self.completion_delay = completion_delay
         self.listen = listen
+        self.batch_size = batch_size
+        self.prefetch_seconds = prefetch_seconds
+        self._run_time_ewma: float | None = None  # seconds per job, for sizing claims
         self.stats = WorkerStats()
         # Database errors the worker rides out by backing off and reconnecting: SQLAlchemy's,
         # and the driver's own, which can escape unwrapped from a rollback on a dead connection.
@@ -148,13 +195,13 @@ class Worker:
         """
         handlers = self._install_signal_handlers()
         listener = self._start_listener()
-        executor = ThreadPoolExecutor(self.concurrency, thread_name_prefix="kronix-job")
+        executor = _JobThreads(self.concurrency, self._execute)
         log.info("%r started", self)
         try:
             self._loop(executor)
         finally:
             self._stop_requested.set()
-            executor.shutdown(wait=not self._hard_stop.is_set(), cancel_futures=True)
+            executor.shutdown(wait=not self._hard_stop.is_set())
             for sig, handler in handlers.items():
                 signal.signal(sig, handler)
             if listener:
@@ -239,7 +286,7 @@ class Worker:
 
     # -- the loop -----------------------------------------------------------
 
-    def _loop(self, executor: ThreadPoolExecutor) -> None:
+    def _loop(self, executor: _JobThreads) -> None:
         now = time.monotonic()
         next_heartbeat = now + self.lease_timeout / 4
         next_recovery = now + random.uniform(0, self.lease_timeout / 2)
@@ -251,7 +298,7 @@ class Worker:
             stopping = self._stop_requested.is_set()
             if stopping and grace_deadline is None:
                 grace_deadline = now + self.grace_period
-                self._unclaim_unstarted()
+                self._unclaim_unstarted(executor)
             if self._hard_stop.is_set() or (grace_deadline is not None and now >= grace_deadline):
                 self._hard_stop.set()
                 self._try(self._flush_completions, force=True)
@@ -306,32 +353,46 @@ class Worker:
 
     # -- claiming and running --------------------------------------------------
 
-    def _claim(self, executor: ThreadPoolExecutor) -> int:
-        free = self.concurrency - len(self._running)
+    def _prefetch(self) -> int:
+        """How many jobs to hold beyond the free slots: about 50 ms of work.
+
+        Short jobs are claimed ``batch_size`` at a time (one commit per batch,
+        not per job); long ones only as slots free up, so one worker never
+        hoards work that idle workers elsewhere could run.
+        """
+        if self._run_time_ewma is None:
+            return 0
+        return min(self.batch_size, int(self.concurrency * self.prefetch_seconds / max(self._run_time_ewma, 1e-6)))
+
+    def _claim(self, executor: _JobThreads) -> int:
+        room = self.concurrency + self._prefetch() - len(self._running)
+        # Top up when at least half a batch (or a free slot with no prefetch) is missing.
+        if room <= 0 or (len(self._running) >= self.concurrency and room < self._prefetch() // 2):
+            return 0
         claimed = 0
         for queue in self.queues:
-            if free - claimed <= 0:
+            if room - claimed <= 0:
                 break
-            for job in self.driver.pop_many(free - claimed, queue):
+            for job in self.driver.pop_many(min(room - claimed, self.batch_size), queue):
                 claimed += 1
                 self._start(executor, job)
         self.stats.claimed += claimed
         return claimed
 
-    def _start(self, executor: ThreadPoolExecutor, job: Job) -> None:
+    def _start(self, executor: _JobThreads, job: Job) -> None:
         if not job.runnable:
             reason = LookupError(f"no task or job factory is registered for {job.name!r} "
                                  f"on worker {self.driver.worker_id}")
             self._record_failure(job, reason, permanent=True)
             return
-        deadline = time.monotonic() + job.timeout if job.timeout else None
-        future = executor.submit(self._execute, job)
-        self._running[job.id, job.attempts] = _Running(job, future, deadline)
-        future.add_done_callback(lambda _: self._wake.set())
+        running = self._running[job.id, job.attempts] = _Running(job)
+        executor.submit(running)
 
-    def _execute(self, job: Job) -> None:
+    def _execute(self, running: _Running) -> None:
         """Run one job on a pool thread and leave its outcome for the loop."""
+        job = running.job
         outcome = _Outcome(job)
+        running.started = time.monotonic()
         try:
             job.result = job.handle()
             encode_result(job)  # a result that cannot be stored is the job's failure, found here
@@ -339,11 +400,13 @@ class Worker:
             outcome.error = error
             outcome.formatted = "".join(traceback.format_exception(error))
         outcome.finished_at = time.monotonic()
+        outcome.run_time = outcome.finished_at - running.started
         with self._lock:
             self._finished.append(outcome)
+        self._wake.set()
 
-    def _unclaim_unstarted(self) -> None:
-        unstarted = [running.job for running in self._running.values() if running.future.cancel()]
+    def _unclaim_unstarted(self, executor: _JobThreads) -> None:
+        unstarted = [running.job for running in executor.take_back()]
         for job in unstarted:
             del self._running[job.id, job.attempts]
         if unstarted:
@@ -358,6 +421,8 @@ class Worker:
         with self._lock:
             finished, self._finished = self._finished, []
         for outcome in finished:
+            ewma = self._run_time_ewma
+            self._run_time_ewma = outcome.run_time if ewma is None else 0.9 * ewma + 0.1 * outcome.run_time
             running = self._running.pop((outcome.job.id, outcome.job.attempts))
             if running.abandoned:
                 log.info("discarding the late result of job %s (it timed out)", outcome.job.id)
@@ -371,7 +436,7 @@ class Worker:
 
     def _expire_timeouts(self, now: float) -> None:
         for running in self._running.values():
-            if running.deadline is not None and now >= running.deadline and not running.abandoned:
+            if not running.abandoned and running.past_deadline(now):
                 running.abandoned = True
                 self.stats.timed_out += 1
                 error = TimeoutError(f"job {running.job.name!r} ran past its timeout of {running.job.timeout}s; "

@@ -90,6 +90,50 @@ def test_the_concurrency_limit_is_never_exceeded(driver):
     assert worker.stats.completed == 30 and peak[0] == 3
 
 
+def test_quick_jobs_are_claimed_ahead_and_given_back_unstarted_on_stop(driver):
+    gate = threading.Event()
+
+    @task(name="w.gated")
+    def gated(payload):
+        if payload == "gate":
+            gate.wait(10)
+
+    ids = driver.push_many([gated.job(i) for i in range(5)] + [gated.job("gate")] + [gated.job(i) for i in range(50)])
+    worker = Worker(driver, concurrency=1, poll_interval=0.05, lease_timeout=10).start()
+    deadline = time.monotonic() + 10
+    while driver.size() > 0 and time.monotonic() < deadline:  # the quick jobs taught it to claim ahead
+        time.sleep(0.01)
+    assert driver.size() == 0
+    worker.stop(wait=False)
+    time.sleep(0.3)
+    gate.set()
+    worker.stop(timeout=10)
+
+    jobs = [driver.get_job(job_id) for job_id in ids]
+    given_back = [job for job in jobs if job.status is JobStatus.PENDING]
+    assert worker.stats.unclaimed == len(given_back) >= 40
+    assert all(job.attempts == 0 and job.reserved_by is None for job in given_back)
+    assert all(job.status is JobStatus.COMPLETED for job in jobs[:6])
+    assert not [job for job in jobs if job.status is JobStatus.PROCESSING]
+
+
+def test_slow_jobs_are_not_hoarded_by_one_worker(driver, other_driver):
+    @task(name="w.slowish")
+    def slowish(payload):
+        time.sleep(0.1)
+
+    driver.push_many([slowish.job(i) for i in range(12)])
+    workers = [Worker(d, concurrency=1, poll_interval=0.02, burst=True) for d in (driver, other_driver)]
+    threads = [threading.Thread(target=worker.run) for worker in workers]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+
+    shares = [worker.stats.completed for worker in workers]
+    assert sum(shares) == 12 and min(shares) >= 4, shares
+
+
 def test_a_job_past_its_timeout_is_failed_and_its_slot_stays_taken(driver):
     @task(name="w.slow", max_retries=0, timeout=0.2)
     def slow(payload):
