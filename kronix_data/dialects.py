@@ -13,7 +13,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy import event
 
-from .schema import PENDING, UTCDateTime
+from .schema import CLAIMED_COLUMNS, PENDING, UTCDateTime
 
 #: Short driver-less URL schemes mapped to the drivers kronix-data installs.
 _DEFAULT_DRIVERS = {"postgresql": "postgresql+psycopg", "postgres": "postgresql+psycopg",
@@ -113,7 +113,8 @@ class QueueDialect:
         """Atomically take up to ``limit`` due pending jobs of ``queue``, oldest first.
 
         ``changes`` are the column values a claim sets (besides ``attempts + 1``
-        and the reservation times); the claimed rows come back as dicts.
+        and the reservation times); the claimed rows come back as dicts of
+        :data:`CLAIMED_COLUMNS`.
         """
         raise NotImplementedError
 
@@ -127,6 +128,10 @@ def _due_pending(table: sa.Table, queue: str, now: sa.ColumnElement, limit: int)
         .order_by(c.available_at, c.id)
         .limit(limit)
     )
+
+
+def _claimed(table: sa.Table) -> list[sa.Column]:
+    return [table.c[name] for name in CLAIMED_COLUMNS]
 
 
 def _claim_values(table: sa.Table, changes: dict[str, Any], now: Any) -> dict[str, Any]:
@@ -191,9 +196,9 @@ class PostgresDialect(QueueDialect):
             table.update()
             .where(table.c.id == candidates.c.id)
             .values(_claim_values(table, changes, self.now()))
-            .returning(*table.c)
+            .returning(*_claimed(table))
         )
-        return [dict(row) for row in conn.execute(statement).mappings()]
+        return [dict(zip(CLAIMED_COLUMNS, row)) for row in conn.execute(statement)]
 
 
 class Listener:
@@ -286,25 +291,25 @@ class MySQLDialect(QueueDialect):
         # Lock and read the rows (with the server's clock), then mark them.
         now = self.now().label("kronix_now")
         select = (
-            sa.select(table, now)
+            sa.select(*_claimed(table), now)
             .where(table.c.queue == queue, table.c.status == PENDING, table.c.available_at <= self.now())
             .order_by(table.c.available_at, table.c.id)
             .limit(limit)
             .with_for_update(skip_locked=self._has_skip_locked(conn))
         )
-        rows = [dict(row) for row in conn.execute(select).mappings()]
+        rows = [dict(zip((*CLAIMED_COLUMNS, "now"), row)) for row in conn.execute(select)]
         if not rows:
             return []
-        claimed_at = rows[0].pop("kronix_now")
-        for row in rows[1:]:
-            row.pop("kronix_now")
+        claimed_at = rows[0]["now"]
+        for row in rows:
+            del row["now"]
         conn.execute(
             table.update()
             .where(table.c.id.in_([row["id"] for row in rows]))
             .values(_claim_values(table, changes, claimed_at))
         )
         for row in rows:
-            row.update(changes, attempts=row["attempts"] + 1, reserved_at=claimed_at, heartbeat_at=claimed_at)
+            row.update(attempts=row["attempts"] + 1, reserved_at=claimed_at)
         return rows
 
 
@@ -360,9 +365,9 @@ class SQLiteDialect(QueueDialect):
             table.update()
             .where(table.c.id.in_(_due_pending(table, queue, now, limit).scalar_subquery()))
             .values(_claim_values(table, changes, now))
-            .returning(*table.c)
+            .returning(*_claimed(table))
         )
-        return [dict(row) for row in conn.execute(statement).mappings()]
+        return [dict(zip(CLAIMED_COLUMNS, row)) for row in conn.execute(statement)]
 
 
 def _sqlite_on_connect(dbapi_connection, _record) -> None:

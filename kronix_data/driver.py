@@ -12,7 +12,7 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from datetime import timedelta
 from typing import Any
 
@@ -199,18 +199,46 @@ class DatabaseQueueDriver:
             raise ValueError(f"pop_many needs n >= 1, got {n!r}")
         return self._claim(n, queue)[0]
 
+    def complete_and_pop(self, completed: Iterable[Job], n: int,
+                         queues: Sequence[str] = ("default",)) -> tuple[int, list[Job]]:
+        """Complete finished jobs and claim up to ``n`` more, in one transaction.
+
+        A busy worker's step: one commit (a durable flush, the dominant cost of
+        a queue) where completing and claiming apart would take two.  Queues are
+        claimed in order.  Returns how many completions were held, and the jobs.
+        """
+        completed = list(completed)
+        rows: list[dict[str, Any]] = []
+        with self._writer.begin() as conn:
+            held = self._complete(conn, completed) if completed else 0
+            for queue in queues:
+                if len(rows) >= n:
+                    break
+                rows += self._claim_rows(conn, n - len(rows), queue)
+        return held, self._jobs_from_claimed(rows)
+
     def _claim(self, n: int, queue: str) -> tuple[list[Job], int]:
-        """Claimed jobs that could be rebuilt, and how many rows were claimed.
+        """Claimed jobs that could be rebuilt, and how many rows were claimed."""
+        with self._writer.begin() as conn:
+            rows = self._claim_rows(conn, n, queue)
+        return self._jobs_from_claimed(rows), len(rows)
+
+    def _claim_rows(self, conn: sa.Connection, n: int, queue: str) -> list[dict[str, Any]]:
+        changes = {"status": JobStatus.PROCESSING.value, "reserved_by": self.worker_id}
+        rows = self.dialect.claim(conn, self.table, queue, n, changes)
+        rows.sort(key=lambda row: (row["available_at"], row["id"]))
+        return rows
+
+    def _jobs_from_claimed(self, rows: list[dict[str, Any]]) -> list[Job]:
+        """Rebuild claimed rows as jobs.
 
         A row whose payload is not JSON or whose factory raises is moved to the
         dead letters with the reason, never left held (the seed stranded it).
         """
-        changes = {"status": JobStatus.PROCESSING.value, "reserved_by": self.worker_id}
-        with self._writer.begin() as conn:
-            rows = self.dialect.claim(conn, self.table, queue, n, changes)
-        rows.sort(key=lambda row: (row["available_at"], row["id"]))
         jobs, broken = [], []
         for row in rows:
+            # What the claim set, so it need not be read back.
+            row.update(status=JobStatus.PROCESSING.value, reserved_by=self.worker_id, finished_at=None, result=None)
             try:
                 jobs.append(self._job_from_row(row, use_factory=True))
             except Exception as error:  # noqa: BLE001 - any factory error is the job's fault
@@ -219,7 +247,7 @@ class DatabaseQueueDriver:
             log.error("dead-lettering job %s: %s", row["id"], reason)
             stub = Job(row["name"], id=row["id"], attempts=row["attempts"], last_error=reason)
             self.fail(stub)
-        return jobs, len(rows)
+        return jobs
 
     def _job_from_row(self, row: dict[str, Any], *, use_factory: bool) -> Job:
         payload = decode_json(row["payload"])
@@ -258,10 +286,31 @@ class DatabaseQueueDriver:
 
     def complete_many(self, jobs: Iterable[Job]) -> int:
         """Complete many held jobs in one transaction; returns how many were held."""
-        return self._update_held(
-            jobs, {"status": JobStatus.COMPLETED.value, "finished_at": self.dialect.now(),
-                   "heartbeat_at": None, "result": sa.bindparam("job_result")},
-            lambda job: {"job_result": encode_result(job)})
+        with self._writer.begin() as conn:
+            return self._complete(conn, list(jobs))
+
+    def _complete(self, conn: sa.Connection, jobs: list[Job]) -> int:
+        """Jobs without a result are completed by one statement matching
+        ``(id, attempts)`` pairs: PyMySQL runs an executemany of UPDATEs as one
+        round trip per row, which made MariaDB completions cost a round trip each.
+        """
+        jobs = [job for job in jobs if job.id is not None]
+        values = {"status": JobStatus.COMPLETED.value, "finished_at": self.dialect.now(), "heartbeat_at": None}
+        with_result = [job for job in jobs if job.result is not None]
+        without = [job for job in jobs if job.result is None]
+        c = self.table.c
+        changed = 0
+        for start in range(0, len(without), 500):
+            pairs = [(job.id, job.attempts) for job in without[start:start + 500]]
+            statement = (self.table.update()
+                         .where(sa.tuple_(c.id, c.attempts).in_(pairs), c.reserved_by == self.worker_id,
+                                c.status == PROCESSING)
+                         .values(values))
+            changed += conn.execute(statement).rowcount
+        if with_result:
+            changed += self._update_held(conn, with_result, {**values, "result": sa.bindparam("job_result")},
+                                         lambda job: {"job_result": encode_result(job)})
+        return changed
 
     def unclaim(self, jobs: Iterable[Job]) -> int:
         """Give back held jobs that were never started: pending again, the attempt not counted.
@@ -269,8 +318,9 @@ class DatabaseQueueDriver:
         A worker that stops calls this for what it claimed but did not run.
         """
         c = self.table.c
-        return self._update_held(jobs, {"status": JobStatus.PENDING.value, "attempts": c.attempts - 1,
-                                        "reserved_by": None, "reserved_at": None, "heartbeat_at": None})
+        with self._writer.begin() as conn:
+            return self._update_held(conn, jobs, {"status": JobStatus.PENDING.value, "attempts": c.attempts - 1,
+                                                  "reserved_by": None, "reserved_at": None, "heartbeat_at": None})
 
     def heartbeat(self, jobs: Iterable[Job]) -> int:
         """Renew the lease of held jobs so stale recovery leaves them alone; returns how many."""
@@ -284,9 +334,9 @@ class DatabaseQueueDriver:
         with self._writer.begin() as conn:
             return conn.execute(statement).rowcount
 
-    def _update_held(self, jobs: Iterable[Job], values: dict[str, Any],
+    def _update_held(self, conn: sa.Connection, jobs: Iterable[Job], values: dict[str, Any],
                      extra: Callable[[Job], dict[str, Any]] = lambda job: {}) -> int:
-        """One statement run for each held job (ownership checked per row) in one transaction."""
+        """One statement run for each held job (ownership checked per row)."""
         c = self.table.c
         params = [{"job_id": job.id, "job_attempts": job.attempts, **extra(job)}
                   for job in jobs if job.id is not None]
@@ -298,8 +348,7 @@ class DatabaseQueueDriver:
                    c.reserved_by == self.worker_id, c.status == PROCESSING)
             .values(values)
         )
-        with self._writer.begin() as conn:
-            return conn.execute(statement, params).rowcount
+        return conn.execute(statement, params).rowcount
 
     def release(self, job: Job, *, delay: timedelta | float | None = None) -> bool:
         """Put a held job back as pending, with ``job.last_error``, for a later retry.

@@ -308,14 +308,13 @@ class Worker:
                 self._collect_finished()
                 self._expire_timeouts(now)
                 self._flush_failures()
-                self._flush_completions(force=stopping)
+                claimed = self._exchange(executor, stopping)
                 if now >= next_heartbeat:
                     self._heartbeat()
                     next_heartbeat = now + self.lease_timeout / 4
                 if now >= next_recovery:
                     self.stats.recovered += self.driver.recover_stale_jobs(self.lease_timeout)
                     next_recovery = now + self.lease_timeout / 2
-                claimed = 0 if stopping else self._claim(executor)
                 error_wait = 0.1
             except self._database_errors as error:
                 self.stats.database_errors += 1
@@ -364,20 +363,30 @@ class Worker:
             return 0
         return min(self.batch_size, int(self.concurrency * self.prefetch_seconds / max(self._run_time_ewma, 1e-6)))
 
-    def _claim(self, executor: _JobThreads) -> int:
-        room = self.concurrency + self._prefetch() - len(self._running)
-        # Top up when at least half a batch (or a free slot with no prefetch) is missing.
-        if room <= 0 or (len(self._running) >= self.concurrency and room < self._prefetch() // 2):
+    def _claim_room(self) -> int:
+        """How many jobs to claim now: 0 until a free slot or half a prefetch is missing."""
+        prefetch = self._prefetch()
+        room = self.concurrency + prefetch - len(self._running)
+        if room <= 0 or (len(self._running) >= self.concurrency and room < prefetch // 2):
             return 0
-        claimed = 0
-        for queue in self.queues:
-            if room - claimed <= 0:
-                break
-            for job in self.driver.pop_many(min(room - claimed, self.batch_size), queue):
-                claimed += 1
-                self._start(executor, job)
-        self.stats.claimed += claimed
-        return claimed
+        return min(room, self.batch_size)
+
+    def _exchange(self, executor: _JobThreads, stopping: bool) -> int:
+        """Write back finished jobs and claim more, in one transaction (one commit).
+
+        Completions ride along with every claim; on their own they wait for a
+        full batch or ``completion_delay``.  Returns how many jobs were claimed.
+        """
+        room = 0 if stopping else self._claim_room()
+        batch = self._to_complete[:self.completion_batch] if (room or self._completions_due(stopping)) else []
+        if not batch and not room:
+            return 0
+        written, jobs = self.driver.complete_and_pop(batch, room, self.queues)
+        self._completed(batch, written)
+        for job in jobs:
+            self._start(executor, job)
+        self.stats.claimed += len(jobs)
+        return len(jobs)
 
     def _start(self, executor: _JobThreads, job: Job) -> None:
         if not job.runnable:
@@ -472,14 +481,20 @@ class Worker:
                 log.warning("job %s was no longer held by this worker (lease lost?)", failure.job.id)
             self._to_fail.pop(0)
 
-    def _flush_completions(self, force: bool = False) -> None:
+    def _completions_due(self, force: bool) -> bool:
         if not self._to_complete:
+            return False
+        return (force or len(self._to_complete) >= self.completion_batch or self._stop_requested.is_set()
+                or time.monotonic() - self._first_done_at >= self.completion_delay)
+
+    def _flush_completions(self, force: bool = False) -> None:
+        if self._completions_due(force):
+            batch = self._to_complete[:self.completion_batch]
+            self._completed(batch, self.driver.complete_many(batch))
+
+    def _completed(self, batch: list[Job], written: int) -> None:
+        if not batch:
             return
-        due = force or len(self._to_complete) >= self.completion_batch or self._stop_requested.is_set()
-        if not due and time.monotonic() - self._first_done_at < self.completion_delay:
-            return
-        batch = self._to_complete[:self.completion_batch]
-        written = self.driver.complete_many(batch)
         if written < len(batch):
             log.warning("%d finished jobs were no longer held by this worker (lease lost?)", len(batch) - written)
         self.stats.completed += written
