@@ -95,18 +95,26 @@ class QueueDialect:
         ``rows`` hold column values plus ``due`` (None: due now); ``created_at``
         and a missing due time are the database's clock.
         """
-        now = self.now()
-        due = sa.func.coalesce(sa.bindparam("due", type_=table.c.available_at.type), now)
-        conn.execute(table.insert().values(created_at=now, available_at=due), rows)
+        conn.execute(table.insert(), self._clocked(conn, rows))
 
     def insert_new_keys(self, conn: sa.Connection, table: sa.Table, rows: list[dict[str, Any]]) -> None:
         """Insert keyed jobs, silently skipping those whose key is already in the table."""
         raise NotImplementedError
 
-    def _insert_ignoring(self, conn, table, rows, insert) -> None:
-        now = self.now()
-        due = sa.func.coalesce(sa.bindparam("due", type_=table.c.available_at.type), now)
-        conn.execute(insert.values(created_at=now, available_at=due), rows)
+    def _clocked(self, conn: sa.Connection, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Rows with the database's time filled in, read once per push.
+
+        Plain bound values only: PyMySQL turns an executemany INSERT into one
+        multi-row statement only when VALUES holds nothing but placeholders
+        (with ``UTC_TIMESTAMP()`` in it, it sent one statement per row).
+        """
+        now = conn.execute(sa.select(self.now())).scalar_one()
+        return [{**{k: v for k, v in row.items() if k != "due"}, "created_at": now,
+                 "available_at": row["due"] or now} for row in rows]
+
+    def update_by_id(self, table: sa.Table) -> sa.Update:
+        """An UPDATE of rows picked by id (the ownership-checked writes of held jobs)."""
+        return table.update()
 
     def claim(self, conn: sa.Connection, table: sa.Table, queue: str, limit: int,
               changes: dict[str, Any]) -> list[dict[str, Any]]:
@@ -166,27 +174,23 @@ class PostgresDialect(QueueDialect):
     def insert(self, conn, table, rows):
         if len(rows) < self.copy_threshold:
             return super().insert(conn, table, rows)
-        # COPY streams rows without a statement per row: about 2.5x executemany
-        # here.  now() is the transaction's start time, so reading it first
-        # gives exactly the value an INSERT in this transaction would store.
+        # COPY streams rows without a statement per row: about 2.5x executemany here.
         import psycopg.sql as pgsql
 
-        now = conn.execute(sa.select(sa.func.now())).scalar_one()
         columns = ["id", "name", "queue", "status", "attempts", "max_retries", "payload",
                    "job_key", "batch_id", "created_at", "available_at"]
         target = pgsql.Identifier(*([table.schema] if table.schema else []), table.name)
         statement = pgsql.SQL("COPY {} ({}) FROM STDIN").format(
             target, pgsql.SQL(", ").join(map(pgsql.Identifier, columns)))
+        rows = self._clocked(conn, rows)  # before COPY starts: no other statement may run during it
         with conn.connection.dbapi_connection.cursor() as cursor, cursor.copy(statement) as copy:
             for row in rows:
-                copy.write_row((row["id"], row["name"], row["queue"], row["status"], row["attempts"],
-                                row["max_retries"], row["payload"], row["job_key"], row["batch_id"],
-                                now, row["due"] or now))
+                copy.write_row([row[column] for column in columns])
 
     def insert_new_keys(self, conn, table, rows):
         from sqlalchemy.dialects.postgresql import insert
 
-        self._insert_ignoring(conn, table, rows, insert(table).on_conflict_do_nothing(index_elements=["job_key"]))
+        conn.execute(insert(table).on_conflict_do_nothing(index_elements=["job_key"]), self._clocked(conn, rows))
 
     def claim(self, conn, table, queue, limit, changes):
         # Lock the candidates, skipping rows another worker holds, then update
@@ -269,13 +273,20 @@ class MySQLDialect(QueueDialect):
     def now(self):
         return sa.type_coerce(sa.literal_column("UTC_TIMESTAMP(6)"), UTCDateTime())
 
+    def update_by_id(self, table):
+        # With "status = 'processing'" in the WHERE, InnoDB may range-scan the
+        # lease index instead of the primary key, locking every held row of
+        # every worker: concurrent completions then deadlock.  Pin the key.
+        return table.update().with_hint("FORCE INDEX (PRIMARY)", dialect_name="mysql").with_hint(
+            "FORCE INDEX (PRIMARY)", dialect_name="mariadb")
+
     def insert_new_keys(self, conn, table, rows):
         # No conflict target in MySQL, and INSERT IGNORE would hide other errors:
         # "id = id" changes nothing on any duplicate.  A duplicate id is thus
         # skipped too, and the driver's key lookup afterwards reports it.
         from sqlalchemy.dialects.mysql import insert
 
-        self._insert_ignoring(conn, table, rows, insert(table).on_duplicate_key_update(id=table.c.id))
+        conn.execute(insert(table).on_duplicate_key_update(id=table.c.id), self._clocked(conn, rows))
 
     def now_plus(self, seconds):
         microseconds = round(seconds * 1_000_000)
@@ -357,7 +368,7 @@ class SQLiteDialect(QueueDialect):
     def insert_new_keys(self, conn, table, rows):
         from sqlalchemy.dialects.sqlite import insert
 
-        self._insert_ignoring(conn, table, rows, insert(table).on_conflict_do_nothing(index_elements=["job_key"]))
+        conn.execute(insert(table).on_conflict_do_nothing(index_elements=["job_key"]), self._clocked(conn, rows))
 
     def claim(self, conn, table, queue, limit, changes):
         now = self.now()

@@ -277,7 +277,7 @@ class DatabaseQueueDriver:
         if job.id is None:
             return False
         with self._writer.begin() as conn:
-            changed = conn.execute(self.table.update().where(self._held(job)).values(values)).rowcount
+            changed = conn.execute(self.dialect.update_by_id(self.table).where(self._held(job)).values(values)).rowcount
         return changed == 1
 
     def complete(self, job: Job) -> bool:
@@ -302,7 +302,7 @@ class DatabaseQueueDriver:
         changed = 0
         for start in range(0, len(without), 500):
             pairs = [(job.id, job.attempts) for job in without[start:start + 500]]
-            statement = (self.table.update()
+            statement = (self.dialect.update_by_id(self.table)
                          .where(sa.tuple_(c.id, c.attempts).in_(pairs), c.reserved_by == self.worker_id,
                                 c.status == PROCESSING)
                          .values(values))
@@ -328,7 +328,7 @@ class DatabaseQueueDriver:
         if not ids:
             return 0
         c = self.table.c
-        statement = (self.table.update()
+        statement = (self.dialect.update_by_id(self.table)
                      .where(c.id.in_(ids), c.reserved_by == self.worker_id, c.status == PROCESSING)
                      .values(heartbeat_at=self.dialect.now()))
         with self._writer.begin() as conn:
@@ -343,7 +343,7 @@ class DatabaseQueueDriver:
         if not params:
             return 0
         statement = (
-            self.table.update()
+            self.dialect.update_by_id(self.table)
             .where(c.id == sa.bindparam("job_id"), c.attempts == sa.bindparam("job_attempts"),
                    c.reserved_by == self.worker_id, c.status == PROCESSING)
             .values(values)

@@ -12,7 +12,6 @@ import itertools
 import json
 import os
 import random
-import threading
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -118,20 +117,30 @@ class Job:
         """Called by the worker when a job goes to the dead letters."""
 
 
-_id_lock = threading.Lock()
 _id_counter = itertools.count()
+_process_bits = ""
+
+
+def _new_process_bits() -> None:
+    """56 random bits per process (drawn again in a forked child), not a syscall per id."""
+    global _process_bits
+    _process_bits = os.urandom(7).hex()
+
+
+_new_process_bits()
+os.register_at_fork(after_in_child=_new_process_bits)
 
 
 def new_job_id() -> str:
     """A 32-character hex id that sorts by creation time (like UUIDv7).
 
-    48 bits of milliseconds, then a per-process counter and random bits, so ids
-    made in one batch keep their order and never collide across machines.
+    48 bits of milliseconds, a 24-bit per-process counter (``next`` on a
+    ``count`` is atomic under the GIL) and 56 random bits drawn once per
+    process: ids made in one batch keep their order, and never collide across
+    processes or machines.
     """
     millis = time.time_ns() // 1_000_000
-    with _id_lock:
-        count = next(_id_counter) & 0xFFFFFF
-    return f"{millis:012x}{count:06x}{os.urandom(7).hex()}"
+    return f"{millis:012x}{next(_id_counter) & 0xFFFFFF:06x}{_process_bits}"
 
 
 def encode_payload(job: Job) -> str:
@@ -144,9 +153,13 @@ def encode_result(job: Job) -> str | None:
     return None if job.result is None else _encode(job.result, f"result of job {job.name!r}")
 
 
+#: Strict, compact JSON; one encoder reused (``json.dumps`` with options builds one per call).
+_ENCODER = json.JSONEncoder(allow_nan=False, separators=(",", ":"))
+
+
 def _encode(value: Any, what: str) -> str:
     try:
-        return json.dumps(value, allow_nan=False, separators=(",", ":"))
+        return _ENCODER.encode(value)
     except TypeError as error:
         raise TypeError(f"{what} is not JSON-serialisable: {error}") from error
     except ValueError as error:  # NaN/Infinity or a circular reference
