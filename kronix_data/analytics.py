@@ -2,15 +2,30 @@
 
 Every frame has a fixed set of columns and dtypes, also when it is empty, so
 notebook code such as ``df.groupby("queue")`` never needs a special case.
+
+``fetch_stats`` stays fast on a big table because it never aggregates
+timings over the whole history: counts per (queue, status) come from an
+index-only scan of the ``<table>_status`` index, the oldest pending job from
+the claim index, and wait/run timings only from the jobs finished in the
+window, found through the ``<table>_finished`` index.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping, Sequence
-from typing import Any
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
+import sqlalchemy as sa
+
+from .job import JobStatus
+from .schema import PENDING
+
+if TYPE_CHECKING:
+    from .driver import DatabaseQueueDriver
 
 STATS_COLUMNS = {
     "queue": "object",
@@ -19,9 +34,18 @@ STATS_COLUMNS = {
     "completed": "int64",
     "failed": "int64",
     "oldest_pending_age_s": "float64",
-    "avg_wait_s": "float64",
-    "avg_run_s": "float64",
+    "wait_s_mean": "float64",
+    "wait_s_p50": "float64",
+    "wait_s_p95": "float64",
+    "run_s_mean": "float64",
+    "run_s_p50": "float64",
+    "run_s_p95": "float64",
+    "throughput_per_s": "float64",
 }
+
+#: The columns read from the table for a dead letter (the frame adds the error split).
+DEAD_LETTER_SOURCE_COLUMNS = ["id", "name", "queue", "attempts", "max_retries", "last_error", "payload",
+                              "created_at", "finished_at", "reserved_by", "batch_id"]
 
 DEAD_LETTER_COLUMNS = {
     "id": "object",
@@ -34,9 +58,13 @@ DEAD_LETTER_COLUMNS = {
     "created_at": "datetime64[ns, UTC]",
     "finished_at": "datetime64[ns, UTC]",
     "reserved_by": "object",
+    "batch_id": "object",
+    "error_type": "object",
+    "error_message": "object",
 }
 
-_STATUSES = ("pending", "processing", "completed", "failed")
+_STATUSES = tuple(status.value for status in JobStatus)
+_TIMINGS = ("wait_s_mean", "wait_s_p50", "wait_s_p95", "run_s_mean", "run_s_p50", "run_s_p95")
 
 
 def typed_frame(records: Sequence[Mapping[str, Any]], columns: Mapping[str, str]) -> pd.DataFrame:
@@ -50,40 +78,155 @@ def typed_frame(records: Sequence[Mapping[str, Any]], columns: Mapping[str, str]
     return frame
 
 
-def stats_frame(rows: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
-    """Fold ``(queue, status)`` aggregate rows into one row per queue.
+def window_seconds(window: timedelta | float) -> float:
+    """A stats window in seconds; a clear error for anything but a positive span."""
+    seconds = window.total_seconds() if isinstance(window, timedelta) else window
+    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not seconds > 0:
+        raise ValueError(f"window must be a positive timedelta or number of seconds, got {window!r}")
+    return float(seconds)
 
-    ``avg_wait_s`` is claim time minus due time over every job claimed at
-    least once; ``avg_run_s`` is finish minus claim over completed jobs;
-    ``oldest_pending_age_s`` is how long the longest-waiting due job has been
-    due (0 when every pending job is scheduled for later, NaN with none).
+
+# -- fetch_stats ------------------------------------------------------------------
+
+
+def fetch_stats(driver: DatabaseQueueDriver, window: timedelta | float) -> pd.DataFrame:
+    """Per queue: counts of every row by status, the oldest pending age, and timings over ``window``.
+
+    ``wait_s_*`` is claim minus due time over jobs finished (completed or
+    dead-lettered) in the window; ``run_s_*`` is finish minus claim over jobs
+    completed in the window; ``throughput_per_s`` is completed-in-window
+    divided by the window's seconds.  Percentiles interpolate linearly
+    (``percentile_cont``, pandas' ``quantile``).  ``oldest_pending_age_s`` is
+    how long the longest-waiting due job has been due (0 when every pending
+    job is scheduled for later, NaN with none).
     """
+    seconds = window_seconds(window)
+    table, dialect = driver.table, driver.dialect
+    c = table.c
+    # Grouped in the order of the <table>_status index (status, queue): an index-only scan.
+    counts = sa.select(c.queue, c.status, sa.func.count().label("jobs")).group_by(c.status, c.queue)
+    # The literal lets PostgreSQL match the partial claim index even in a generic plan.
+    earliest = (sa.select(c.queue, sa.func.min(c.available_at).label("earliest_due"))
+                .where(c.status == PENDING).group_by(c.queue))
+    since = dialect.now_plus(-seconds)
+    wait = dialect.seconds_between(c.reserved_at, c.available_at)
+    run = sa.case((c.status == JobStatus.COMPLETED.value, dialect.seconds_between(c.finished_at, c.reserved_at)))
+    in_window = c.finished_at >= since
+    with driver._reader.connect() as conn:
+        now = conn.execute(sa.select(dialect.now())).scalar_one()
+        queues = _count_rows(conn.execute(counts).all())
+        for queue, due in conn.execute(earliest).all():
+            if due is not None and queue in queues:
+                queues[queue]["oldest_pending_age_s"] = max((now - due).total_seconds(), 0.0)
+        if dialect.percentiles([0.5], wait) is not None:
+            timings = _timings_in_database(conn, driver, wait, run, in_window)
+        else:
+            rows = conn.execute(sa.select(c.queue, wait.label("wait"), run.label("run")).where(in_window)).all()
+            timings = _timings_in_pandas(rows)
+    for queue, values in timings.items():
+        if queue in queues:
+            completed = values.pop("completed_in_window")
+            queues[queue].update(values, throughput_per_s=completed / seconds)
+    return typed_frame([queues[queue] for queue in sorted(queues)], STATS_COLUMNS)
+
+
+def _count_rows(rows: Sequence[Any]) -> dict[str, dict[str, Any]]:
     queues: dict[str, dict[str, Any]] = {}
-    for row in rows:
-        queue = queues.setdefault(row["queue"], {"queue": row["queue"], **dict.fromkeys(_STATUSES, 0),
-                                                 "oldest_pending_age_s": float("nan"),
-                                                 "wait": [0.0, 0], "run": [0.0, 0]})
-        if row["status"] in _STATUSES:
-            queue[row["status"]] += row["jobs"]
-        if row["status"] == "pending" and row["earliest_due"] is not None:
-            age = (row["db_now"] - row["earliest_due"]).total_seconds()
-            queue["oldest_pending_age_s"] = max(age, 0.0)
-        for key in ("wait", "run"):
-            if row[f"{key}_count"]:
-                queue[key][0] += float(row[f"{key}_sum"])
-                queue[key][1] += row[f"{key}_count"]
-    records = []
-    for queue in sorted(queues.values(), key=lambda q: q["queue"]):
-        for key in ("wait", "run"):
-            total, count = queue.pop(key)
-            queue[f"avg_{key}_s"] = total / count if count else float("nan")
-        records.append(queue)
-    return typed_frame(records, STATS_COLUMNS)
+    for queue, status, jobs in rows:
+        record = queues.setdefault(queue, {"queue": queue, **dict.fromkeys(_STATUSES, 0),
+                                           "oldest_pending_age_s": float("nan"),
+                                           **dict.fromkeys(_TIMINGS, float("nan")), "throughput_per_s": 0.0})
+        if status in _STATUSES:
+            record[status] += jobs
+    return queues
+
+
+def _timings_in_database(conn: sa.Connection, driver: DatabaseQueueDriver, wait, run, in_window) -> dict:
+    """Means and percentiles aggregated by the database (PostgreSQL), over the window's rows only."""
+    c, percentiles = driver.table.c, driver.dialect.percentiles
+    statement = (
+        sa.select(c.queue, sa.func.count(run).label("completed_in_window"),
+                  sa.func.avg(wait).label("wait_s_mean"), percentiles([0.5, 0.95], wait).label("wait"),
+                  sa.func.avg(run).label("run_s_mean"), percentiles([0.5, 0.95], run).label("run"))
+        .where(in_window).group_by(c.queue)
+    )
+    timings = {}
+    for row in conn.execute(statement).mappings():
+        values = {"completed_in_window": int(row["completed_in_window"]),
+                  "wait_s_mean": _float(row["wait_s_mean"]), "run_s_mean": _float(row["run_s_mean"])}
+        for name in ("wait", "run"):
+            p50, p95 = row[name] or (None, None)  # NULL when every value was NULL
+            values.update({f"{name}_s_p50": _float(p50), f"{name}_s_p95": _float(p95)})
+        timings[row["queue"]] = values
+    return timings
+
+
+def _timings_in_pandas(rows: Sequence[Any]) -> dict:
+    """The same figures from the window's rows, where the database has no percentile aggregate."""
+    frame = pd.DataFrame(rows, columns=["queue", "wait", "run"]).astype({"wait": "float64", "run": "float64"})
+    timings = {}
+    for queue, group in frame.groupby("queue", sort=False):
+        values = {"completed_in_window": int(group["run"].count())}
+        for column in ("wait", "run"):
+            series = group[column].dropna()
+            values[f"{column}_s_mean"] = series.mean() if len(series) else float("nan")
+            values[f"{column}_s_p50"] = series.quantile(0.5) if len(series) else float("nan")
+            values[f"{column}_s_p95"] = series.quantile(0.95) if len(series) else float("nan")
+        timings[queue] = values
+    return timings
+
+
+def _float(value: Any) -> float:
+    return float("nan") if value is None else float(value)
+
+
+# -- dead letters -----------------------------------------------------------------
+
+#: ``Type: message`` as the worker writes it (``type(error).__name__``, maybe dotted).
+_TYPED_ERROR = re.compile(r"([A-Za-z_][A-Za-z0-9_.]*): ?(.*)")
+#: Reasons the driver itself writes, which have no exception type.
+_DRIVER_REASONS = {"lease expired": "LeaseExpired", "could not rebuild job": "UnbuildableJob"}
+
+
+def split_error(last_error: str | None) -> tuple[str, str]:
+    """``(error_type, error_message)`` from the first line of ``last_error``.
+
+    The worker writes ``Type: message`` then the traceback; a lease that ran
+    out is ``LeaseExpired`` and a row whose job could not be rebuilt
+    ``UnbuildableJob`` (the whole line is the message); anything else is
+    ``UnknownError``, so ``groupby("error_type")`` never drops a row.
+    """
+    line = (last_error or "").split("\n", 1)[0].strip()
+    for prefix, error_type in _DRIVER_REASONS.items():
+        if line.startswith(prefix):
+            return error_type, line
+    match = _TYPED_ERROR.fullmatch(line)
+    if match:
+        return match.group(1), match.group(2)
+    return "UnknownError", line
+
+
+def dead_letter_jobs(driver: DatabaseQueueDriver, queue: str | None = None, batch: str | None = None) -> pd.DataFrame:
+    """The dead letters (of a queue and/or batch), newest first, payload decoded, error split."""
+    c = driver.table.c
+    statement = (sa.select(*(c[name] for name in DEAD_LETTER_SOURCE_COLUMNS))
+                 .where(c.status == JobStatus.FAILED.value).order_by(c.finished_at.desc(), c.id))
+    if queue is not None:
+        statement = statement.where(c.queue == queue)
+    if batch is not None:
+        statement = statement.where(c.batch_id == batch)
+    with driver._reader.connect() as conn:
+        rows = conn.execute(statement).mappings().all()
+    return dead_letter_frame(rows)
 
 
 def dead_letter_frame(rows: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
     """One row per dead letter, payload decoded (kept as text if it is not JSON)."""
-    records = [{**row, "payload": _decode_or_keep(row["payload"])} for row in rows]
+    records = []
+    for row in rows:
+        error_type, error_message = split_error(row["last_error"])
+        records.append({**row, "payload": _decode_or_keep(row["payload"]), "error_type": error_type,
+                        "error_message": error_message})
     return typed_frame(records, DEAD_LETTER_COLUMNS)
 
 
@@ -92,3 +235,21 @@ def _decode_or_keep(text: str | None) -> Any:
         return None if text is None else json.loads(text)
     except ValueError:
         return text
+
+
+def stats_html(frame: pd.DataFrame, title: str) -> str:
+    """A small HTML summary of a stats frame, for ``_repr_html_``."""
+    import html
+
+    shown = frame[["queue", *_STATUSES, "oldest_pending_age_s", "run_s_p50", "throughput_per_s"]]
+    body = shown.to_html(index=False, na_rep="-", float_format=lambda value: f"{value:.2f}") if len(frame) \
+        else "<p>no jobs</p>"
+    return f"<div><b>{html.escape(title)}</b>{body}</div>"
+
+
+def stats_html_error(title: str, error: Exception) -> str:
+    """What ``_repr_html_`` shows when the database cannot be read."""
+    import html
+
+    reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+    return f"<div><b>{html.escape(title)}</b><p>stats unavailable: {html.escape(reason)}</p></div>"

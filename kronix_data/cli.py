@@ -9,6 +9,8 @@ and every message and log line is scrubbed of it.
 environment:
   KRONIX_DATABASE_URL  database URL when --db is not given (else sqlite:///kronix.db)
   KRONIX_TABLE         table name when --table is not given (else kronix_jobs)
+  ('kronix demo' ignores both: it empties its table, so it only goes where --db/--table say,
+  else to sqlite:///kronix_demo.db in the current directory, table kronix_demo)
 
 exit codes:
   0  success
@@ -42,6 +44,10 @@ log = logging.getLogger(__name__)
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_CONFIGURATION, EXIT_DATABASE, EXIT_IMPORT = range(6)
 DEFAULT_URL = "sqlite:///kronix.db"
 DEFAULT_TABLE = "kronix_jobs"
+#: Where and how big 'kronix demo' runs by default (kronix_data/demo.py is imported only by that command,
+#: so no other command registers its task).
+DEMO_URL, DEMO_TABLE = "sqlite:///kronix_demo.db", "kronix_demo"
+DEMO_ROWS, DEMO_CHUNK_SIZE = 2_000_000, 50_000
 ERROR_WIDTH = 80
 _URL_PASSWORD = re.compile(r"(://[^/:@\s]*:)[^/\s]*@")  # greedy: an unescaped "@" in a password
 
@@ -241,6 +247,26 @@ def command_worker(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def command_demo(args: argparse.Namespace) -> int:
+    """Generate, enqueue, work and analyse a chunked ETL batch (see kronix_data/demo.py)."""
+    from . import demo  # imported here, so that no other command registers the demo's task
+
+    say = (lambda text: print(text, file=sys.stderr)) if args.json else print
+    with open_driver(args, require_table=False) as driver:
+        say(f"kronix demo: {args.rows:,} rows in chunks of {args.chunk_size:,} on {shown_url(args.db)}, "
+            f"table {args.table!r} (emptied first)")
+        try:
+            result = demo.run_demo(driver, rows=args.rows, chunk_size=args.chunk_size, processes=args.processes,
+                                   progress=True, timeout=args.timeout, say=say)
+        except demo.TableInUse as error:
+            raise CommandError(str(error), EXIT_FAILURE) from error
+        except TimeoutError as error:
+            raise CommandError(f"the demo batch did not finish within {args.timeout:g}s ({error}); "
+                               "see 'kronix stats' for where it stands", EXIT_FAILURE) from error
+    emit(args, demo.report(result), demo.summary(result))
+    return EXIT_OK
+
+
 def import_job_modules(modules: list[str]) -> None:
     """Import each module (from the current directory too), where jobs register themselves."""
     if os.getcwd() not in sys.path:
@@ -311,11 +337,24 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--burst", action="store_true", help="stop once the queues are empty")
     worker.add_argument("--lease-timeout", type=bounded(float, 0, inclusive=False), metavar="SECONDS",
                         help="how long a held job may go without a heartbeat (default: the Worker's)")
+    demo = add("demo", command_demo, "run a generated ETL batch in chunks on local worker processes and show "
+                                     "its stats and failures (on sqlite:///kronix_demo.db unless --db is given)")
+    demo.add_argument("--rows", type=bounded(int, 1), default=DEMO_ROWS, metavar="N",
+                      help=f"rows of generated sales (default: {DEMO_ROWS:,})")
+    demo.add_argument("--chunk-size", type=bounded(int, 1), default=DEMO_CHUNK_SIZE, metavar="N",
+                      help=f"rows per chunk job (default: {DEMO_CHUNK_SIZE:,})")
+    demo.add_argument("--processes", type=bounded(int, 1), default=2, metavar="N",
+                      help="local worker processes (default: 2)")
+    demo.add_argument("--timeout", type=bounded(float, 0, inclusive=False), default=600.0, metavar="SECONDS",
+                      help="give up if the batch has not finished by then (default: 600)")
     return parser
 
 
 def settle_global_options(args: argparse.Namespace) -> None:
     """Command line first, then the environment, then the built-in defaults."""
+    if args.command == "demo":  # it empties its table: never one chosen by the environment
+        args.db = getattr(args, "db", None) or DEMO_URL
+        args.table = getattr(args, "table", None) or DEMO_TABLE
     args.db = getattr(args, "db", None) or os.environ.get("KRONIX_DATABASE_URL") or DEFAULT_URL
     args.table = getattr(args, "table", None) or os.environ.get("KRONIX_TABLE") or DEFAULT_TABLE
     args.json = getattr(args, "json", False)

@@ -82,6 +82,14 @@ class QueueDialect:
         """``later - earlier`` in seconds, as a float expression."""
         raise NotImplementedError
 
+    def percentiles(self, fractions: list[float], expression: sa.ColumnElement) -> sa.ColumnElement | None:
+        """An aggregate of ``expression``'s linearly interpolated percentiles, as an array.
+
+        None where the database has no such aggregate (the stats then compute
+        them in pandas from the window's rows).
+        """
+        return None
+
     def notify(self, conn: sa.Connection, channel: str) -> None:
         """Wake listening workers when the transaction commits (no-op without LISTEN)."""
 
@@ -161,6 +169,12 @@ class PostgresDialect(QueueDialect):
 
     def seconds_between(self, later, earlier):
         return sa.cast(sa.extract("epoch", later - earlier), sa.Float)
+
+    def percentiles(self, fractions, expression):
+        # One ordered-set aggregate for all fractions: one sort of the window, not one per fraction.
+        from sqlalchemy.dialects.postgresql import ARRAY
+
+        return sa.func.percentile_cont(sa.literal(list(fractions), ARRAY(sa.Float))).within_group(expression)
 
     def notify(self, conn, channel):
         conn.execute(sa.select(sa.func.pg_notify(channel, "")))

@@ -13,16 +13,18 @@ import os
 import socket
 import time
 from collections.abc import Callable, Iterable, Sequence
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 import pandas as pd
 import sqlalchemy as sa
 
-from . import analytics
+from . import analytics, history
+from .batches import Batch, batches_frame, find_batch
+from .chunking import enqueue_chunks
 from .dialects import dialect_for, make_engine
 from .job import Job, JobStatus, decode_json, encode_payload, encode_result, new_job_id, validate_job
-from .tasks import task_factory
+from .tasks import Task, task_factory
 from .schema import PENDING, PROCESSING, build_table, create_or_upgrade
 
 log = logging.getLogger(__name__)
@@ -430,11 +432,12 @@ class DatabaseQueueDriver:
         """Give a dead-lettered job a fresh start (pending, attempts 0); False if no such job."""
         return self._retry_dead_letters(self.table.c.id == job_id) == 1
 
-    def retry_dead_letters(self, queue: str | None = None, name: str | None = None) -> int:
-        """Retry every dead letter (of one queue and/or job name); returns how many."""
+    def retry_dead_letters(self, queue: str | None = None, name: str | None = None, batch: str | None = None) -> int:
+        """Retry every dead letter (of one queue, job name and/or batch); returns how many."""
         c = self.table.c
         conditions = [c.queue == queue] if queue is not None else []
         conditions += [c.name == name] if name is not None else []
+        conditions += [c.batch_id == batch] if batch is not None else []
         return self._retry_dead_letters(*conditions)
 
     def _retry_dead_letters(self, *conditions: sa.ColumnElement[bool]) -> int:
@@ -459,32 +462,53 @@ class DatabaseQueueDriver:
             row = conn.execute(sa.select(self.table).where(self.table.c.id == job_id)).mappings().first()
         return None if row is None else self._job_from_row(dict(row), use_factory=False)
 
-    def dead_letter_jobs(self, queue: str | None = None) -> pd.DataFrame:
-        """The dead letters, newest first, one row per job (payload decoded)."""
-        c = self.table.c
-        statement = sa.select(*(c[name] for name in analytics.DEAD_LETTER_COLUMNS)).where(
-            c.status == JobStatus.FAILED.value).order_by(c.finished_at.desc(), c.id)
-        if queue is not None:
-            statement = statement.where(c.queue == queue)
-        with self._reader.connect() as conn:
-            rows = conn.execute(statement).mappings().all()
-        return analytics.dead_letter_frame(rows)
+    def dead_letter_jobs(self, queue: str | None = None, batch: str | None = None) -> pd.DataFrame:
+        """The dead letters (of a queue and/or batch), newest first, payload decoded.
 
-    def fetch_stats(self) -> pd.DataFrame:
-        """Per queue: counts by status, oldest pending age, average wait and run times."""
-        c = self.table.c
-        wait = self.dialect.seconds_between(c.reserved_at, c.available_at)
-        run = sa.case((c.status == JobStatus.COMPLETED.value,
-                       self.dialect.seconds_between(c.finished_at, c.reserved_at)))
-        statement = (
-            sa.select(c.queue, c.status, sa.func.count().label("jobs"),
-                      sa.func.min(c.available_at).label("earliest_due"),
-                      sa.func.sum(wait).label("wait_sum"), sa.func.count(wait).label("wait_count"),
-                      sa.func.sum(run).label("run_sum"), sa.func.count(run).label("run_count"),
-                      self.dialect.now().label("db_now"))
-            .group_by(c.queue, c.status)
-        )
-        with self._reader.connect() as conn:
-            rows = conn.execute(statement).mappings().all()
-        return analytics.stats_frame(rows)
+        Columns: see :data:`kronix_data.analytics.DEAD_LETTER_COLUMNS`; ``error_type``
+        and ``error_message`` come from ``last_error``'s first line, so
+        ``df.groupby("error_type")`` works.
+        """
+        return analytics.dead_letter_jobs(self, queue, batch)
 
+    def fetch_stats(self, window: timedelta | float = timedelta(hours=1)) -> pd.DataFrame:
+        """Per queue: counts by status, oldest pending age, wait/run means and percentiles and
+        throughput over the jobs finished in the last ``window`` (see :func:`kronix_data.analytics.fetch_stats`)."""
+        return analytics.fetch_stats(self, window)
+
+    def jobs(self, queue: str | None = None, name: str | None = None, status: str | Iterable[str] | None = None,
+             batch: str | None = None, since: datetime | timedelta | None = None,
+             until: datetime | timedelta | None = None, limit: int | None = 1000) -> pd.DataFrame:
+        """The jobs' history, newest first; ``since``/``until`` bound ``created_at``
+        (see :func:`kronix_data.history.jobs`)."""
+        return history.jobs(self, queue, name, status, batch, since, until, limit)
+
+    def prune(self, older_than: timedelta | float, *, dead_letters: bool = False,
+              chunk_size: int = history.PRUNE_CHUNK) -> int:
+        """Delete completed jobs (and dead letters if ``dead_letters``) finished more than
+        ``older_than`` ago, ``chunk_size`` rows per transaction; returns how many."""
+        return history.prune(self, older_than, dead_letters=dead_letters, chunk_size=chunk_size)
+
+    # -- batches ----------------------------------------------------------
+
+    def map(self, name: str | Task, data: Any, chunk_size: int = 10_000, *, queue: str | None = None,
+            batch: str | None = None, max_retries: int | None = None) -> Batch:
+        """Enqueue ``data`` in chunks as jobs ``name``; idempotent (see :func:`kronix_data.enqueue_chunks`)."""
+        return enqueue_chunks(self, name, data, chunk_size, queue=queue, batch=batch, max_retries=max_retries)
+
+    def batch(self, batch_id: str) -> Batch:
+        """The Batch with this id (after a kernel restart, say); LookupError if no job has it."""
+        return find_batch(self, batch_id)
+
+    def batches(self, since: datetime | timedelta | None = None) -> pd.DataFrame:
+        """One row per batch, newest first: counts by status, created_at, latest finished_at;
+        ``since`` keeps those with a job created since then (see :func:`kronix_data.batches.batches_frame`)."""
+        return batches_frame(self, since)
+
+    def _repr_html_(self) -> str:
+        url = self.engine.url.render_as_string(hide_password=True)
+        title = f"kronix queue: table {self.table_name} on {url}"
+        try:
+            return analytics.stats_html(self.fetch_stats(), title)
+        except sa.exc.SQLAlchemyError as error:  # a notebook repr must not raise
+            return analytics.stats_html_error(title, error)

@@ -127,7 +127,7 @@ def test_stats_counts_each_queue(tmp_path, sqlite_url, sqlite_driver):
     assert set(stats) == {"default", "emails"}
     assert [stats["default"][key] for key in ("pending", "processing", "completed", "failed")] == [2, 1, 0, 0]
     assert [stats["emails"][key] for key in ("pending", "processing", "completed", "failed")] == [1, 0, 0, 1]
-    assert stats["default"]["avg_run_s"] is None  # NaN (no completed job) is null
+    assert stats["default"]["run_s_mean"] is None  # NaN (no completed job) is null
     assert stats["default"]["oldest_pending_age_s"] >= 0
     header, *lines = human.stdout.splitlines()
     assert header.split()[:5] == ["queue", "pending", "processing", "completed", "failed"]

@@ -411,9 +411,9 @@ def test_fetch_stats_counts_each_status_per_queue(driver):
     default = stats.loc["default"]
     assert (default["pending"], default["processing"], default["completed"], default["failed"]) == (3, 1, 1, 1)
     assert stats.loc["other", "pending"] == 1 and stats.loc["other", "completed"] == 0
-    assert default["oldest_pending_age_s"] >= 0 and default["avg_wait_s"] >= 0
-    assert 0.01 <= default["avg_run_s"] < 5
-    assert pd.isna(stats.loc["other", "avg_run_s"])
+    assert default["oldest_pending_age_s"] >= 0 and default["wait_s_mean"] >= 0
+    assert 0.01 <= default["run_s_mean"] < 5
+    assert pd.isna(stats.loc["other", "run_s_mean"])
     assert running.id is not None
 
 

@@ -1,0 +1,133 @@
+"""How fast the DataFrame views stay on a big table: 1,000,000 finished jobs on PostgreSQL.
+
+    python benchmarks/stats_at_scale.py [--db URL] [--finished 1000000] [--runs 7]
+
+Fills a new table of its own (``INSERT ... SELECT generate_series``, about
+half a minute) with finished jobs spread over 30 days (1 in 1,000 a dead
+letter, in batches of 1,000 chunks), plus pending and running jobs, runs
+``VACUUM ANALYZE``, then prints the median wall time of each view over
+``--runs`` runs, and drops the table.  The URL defaults to
+``KRONIX_BENCH_POSTGRES_URL`` or this machine's server.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+import uuid
+from datetime import timedelta
+from pathlib import Path
+
+import sqlalchemy as sa
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
+
+from kronix_data import DatabaseQueueDriver  # noqa: E402
+
+DEFAULT_URL = os.environ.get("KRONIX_BENCH_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
+DAYS = 30
+BATCH_SIZE = 1_000
+
+
+def fill(driver: DatabaseQueueDriver, finished: int, pending: int, running: int) -> None:
+    """Finished jobs spread over DAYS (finish times evenly, waits 0-2 s, runs 0.1-5 s), then pending and running."""
+    table = driver.engine.dialect.identifier_preparer.format_table(driver.table)
+    span = DAYS * 86400.0
+    with driver.engine.begin() as conn:
+        conn.execute(sa.text(f"""
+            INSERT INTO {table} (id, name, queue, status, attempts, max_retries, payload, last_error,
+                                 created_at, available_at, reserved_at, finished_at, reserved_by,
+                                 result, job_key, batch_id)
+            SELECT 'f' || lpad(i::text, 9, '0'), 'etl.clean', CASE WHEN i % 4 = 0 THEN 'reports' ELSE 'default' END,
+                   CASE WHEN i % 1000 = 7 THEN 'failed' ELSE 'completed' END, 1, 3,
+                   '{{"chunk": ' || (i % {BATCH_SIZE}) || '}}',
+                   CASE WHEN i % 1000 = 7 THEN (ARRAY['ValueError: bad row ', 'KeyError: missing column ',
+                        'TimeoutError: slow chunk '])[1 + i % 3] || i || E'\\n\\nTraceback ...' END,
+                   done - run - wait, done - run - wait, done - run, done, 'bench-worker',
+                   CASE WHEN i % 1000 = 7 THEN NULL ELSE '{{"rows": 100}}' END,
+                   'b' || (i / {BATCH_SIZE}) || ':' || (i % {BATCH_SIZE}), 'b' || (i / {BATCH_SIZE})
+            FROM (SELECT i, now() - make_interval(secs => (:finished - i) * :step) AS done,
+                         make_interval(secs => (i % 2000) / 1000.0) AS wait,
+                         make_interval(secs => 0.1 + (i % 4900) / 1000.0) AS run
+                  FROM generate_series(1, :finished) AS i) AS generated
+        """), {"finished": finished, "step": span / finished})
+        conn.execute(sa.text(f"""
+            INSERT INTO {table} (id, name, queue, status, attempts, max_retries, payload, created_at, available_at)
+            SELECT 'p' || lpad(i::text, 9, '0'), 'etl.clean', 'default', 'pending', 0, 3, '{{}}',
+                   now() - make_interval(secs => i), now() - make_interval(secs => i)
+            FROM generate_series(1, :pending) AS i
+        """), {"pending": pending})
+        conn.execute(sa.text(f"""
+            INSERT INTO {table} (id, name, queue, status, attempts, max_retries, payload, created_at, available_at,
+                                 reserved_at, heartbeat_at, reserved_by)
+            SELECT 'r' || lpad(i::text, 9, '0'), 'etl.clean', 'default', 'processing', 1, 3, '{{}}',
+                   now() - interval '10 seconds', now() - interval '10 seconds', now(), now(), 'bench-worker'
+            FROM generate_series(1, :running) AS i
+        """), {"running": running})
+    with driver.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        conn.execute(sa.text(f"VACUUM ANALYZE {table}"))
+
+
+def median_ms(call, runs: int) -> tuple[float, object]:
+    call()  # warm the caches and the connection pool
+    times, result = [], None
+    for _ in range(runs):
+        started = time.perf_counter()
+        result = call()
+        times.append((time.perf_counter() - started) * 1000)
+    return statistics.median(times), result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--db", default=DEFAULT_URL, help="a PostgreSQL URL (default: %(default)s)")
+    parser.add_argument("--finished", type=int, default=1_000_000, help="finished jobs (default: %(default)s)")
+    parser.add_argument("--pending", type=int, default=10_000)
+    parser.add_argument("--running", type=int, default=50)
+    parser.add_argument("--runs", type=int, default=7)
+    args = parser.parse_args(argv)
+
+    table = f"bench_stats_{uuid.uuid4().hex[:10]}"
+    driver = DatabaseQueueDriver(args.db, table=table)
+    if driver.engine.dialect.name != "postgresql":
+        parser.error("this benchmark fills the table with PostgreSQL's generate_series; give a PostgreSQL URL")
+    driver.create_table()
+    try:
+        started = time.perf_counter()
+        fill(driver, args.finished, args.pending, args.running)
+        print(f"filled {table}: {args.finished:,} finished jobs over {DAYS} days, {args.pending:,} pending, "
+              f"{args.running} running in {time.perf_counter() - started:.1f}s (incl. VACUUM ANALYZE)")
+        batch = driver.batch(f"b{args.finished // BATCH_SIZE // 2}")
+        views = {
+            "fetch_stats()  [1 h window]": driver.fetch_stats,
+            "fetch_stats(window=24 h)": lambda: driver.fetch_stats(window=timedelta(hours=24)),
+            "dead_letter_jobs()": driver.dead_letter_jobs,
+            "jobs(limit=1000)": driver.jobs,
+            "jobs(status='failed', limit=1000)": lambda: driver.jobs(status="failed"),
+            "batch.progress()": batch.progress,
+            "batches(since=1 day)": lambda: driver.batches(since=timedelta(days=1)),
+            "batches()  [all 1,000]": driver.batches,
+        }
+        print(f"median of {args.runs} runs, PostgreSQL {'.'.join(map(str, driver.engine.dialect.server_version_info))}")
+        for label, call in views.items():
+            milliseconds, result = median_ms(call, args.runs)
+            size = f"{len(result):,} rows" if hasattr(result, "__len__") and not isinstance(result, dict) else result
+            print(f"  {label:<36} {milliseconds:8.1f} ms   ({size})")
+        stats = driver.fetch_stats().set_index("queue")
+        print(stats[["completed", "failed", "pending", "run_s_p50", "run_s_p95", "throughput_per_s"]].to_string())
+        started = time.perf_counter()
+        pruned = driver.prune(timedelta(days=DAYS - 3))
+        left = int(driver.fetch_stats()["completed"].sum())
+        print(f"prune(older_than=27 days): {pruned:,} rows in {time.perf_counter() - started:.1f}s "
+              f"(10,000 per transaction); {left:,} completed jobs left")
+    finally:
+        driver.drop_table()
+        driver.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,398 @@
+"""QueueMonitor: a live view of the queue inside Jupyter, built from ipywidgets.
+
+A notebook user who has just enqueued a batch wants to see it move without
+blocking the kernel: counts per queue, a progress bar per batch, throughput,
+the latest failures, and a button to retry them.  The monitor reads the same
+DataFrames the user can (``fetch_stats``, ``batches``, ``jobs``)
+on a daemon thread; a database error is shown in its status line and the next
+refresh tries again.  ipywidgets is imported only when a monitor is built, so
+the rest of the package works without it.
+"""
+
+from __future__ import annotations
+
+import html
+import logging
+import math
+import threading
+import time
+from collections.abc import Iterable
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+import pandas as pd
+
+from .analytics import split_error
+from .batches import Batch
+
+log = logging.getLogger(__name__)
+
+INSTALL_HINT = "QueueMonitor needs ipywidgets; install it with: pip install 'kronix-data[notebook]'"
+
+#: The counts table's columns (as fetch_stats names them) and their headings.
+COUNT_COLUMNS = {"queue": "queue", "pending": "pending", "processing": "running", "completed": "completed",
+                 "failed": "failed", "oldest_pending_age_s": "oldest pending (s)", "wait_s_p50": "wait p50 (s)",
+                 "run_s_p50": "run p50 (s)", "throughput_per_s": "jobs/s"}
+_BATCH_COUNTS = ("total", "pending", "processing", "completed", "failed")
+#: The failures table's columns, as dead_letter_jobs names them.
+FAILURE_COLUMNS = ["finished_at", "name", "error_type", "error_message"]
+MESSAGE_WIDTH = 120
+
+
+def _ipywidgets():
+    try:
+        import ipywidgets
+    except ImportError as error:
+        raise ImportError(INSTALL_HINT) from error
+    return ipywidgets
+
+
+class QueueMonitor:
+    """A live ipywidgets view of one queue table; refreshes every ``refresh`` seconds.
+
+    Parameters
+    ----------
+    driver
+        The queue to watch (any :class:`~kronix_data.DatabaseQueueDriver`).
+    refresh
+        Seconds between background refreshes.
+    batches
+        Batches (``Batch`` handles or batch ids) to show progress bars for;
+        by default the ``max_batches`` newest batches with a job created
+        within ``batches_since`` (a day): reading every batch of a big
+        table at each refresh would be slow.
+    window
+        The stats window: throughput is averaged over it.
+    failures
+        How many of the newest dead letters to list (0: no list).
+    start
+        Start the background refresh at once (``start()`` later otherwise).
+
+    Everything shown is also kept in plain attributes: ``stats``,
+    ``batch_progress``, ``failures``, ``throughput_window``,
+    ``throughput_recent``, ``refresh_count``, ``error_count``, ``last_error``.
+    ``refresh_now()`` refreshes once, synchronously; ``stop()`` (or
+    ``close()``) ends the background thread.
+    """
+
+    def __init__(self, driver, refresh: float = 1.0, batches: Iterable[Any] | None = None, *,
+                 window: timedelta = timedelta(minutes=1), failures: int = 5, max_batches: int = 10,
+                 batches_since: timedelta = timedelta(days=1), start: bool = True):
+        widgets = _ipywidgets()
+        refresh = float(refresh)
+        if not math.isfinite(refresh) or refresh <= 0:
+            raise ValueError(f"refresh must be a number of seconds > 0, got {refresh!r}")
+        for name, value in (("window", window), ("batches_since", batches_since)):
+            if not isinstance(value, timedelta) or value <= timedelta(0):
+                raise ValueError(f"{name} must be a positive timedelta, got {value!r}")
+        if failures < 0 or max_batches < 0:
+            raise ValueError(f"failures and max_batches must be >= 0, got {failures} and {max_batches}")
+        self.driver = driver
+        self.refresh = refresh
+        self.window = window
+        self.failure_limit = failures
+        self.max_batches = max_batches
+        self.batches_since = batches_since
+        self.batch_ids = None if batches is None else [_batch_id(batch) for batch in batches]
+
+        self.stats = pd.DataFrame(columns=list(COUNT_COLUMNS))
+        self.failures = pd.DataFrame(columns=FAILURE_COLUMNS)
+        #: batch id -> {"total", "pending", "processing", "completed", "failed"}
+        self.batch_progress: dict[str, dict[str, int]] = {}
+        #: Jobs completed per second over ``window`` (the stats' throughput, summed over queues).
+        self.throughput_window = float("nan")
+        #: Jobs completed per second between the last two refreshes.
+        self.throughput_recent = float("nan")
+        self.refresh_count = 0
+        self.error_count = 0
+        self.last_error: str | None = None
+        self.last_refreshed: datetime | None = None
+        self.last_retried: int | None = None
+        self._completed_before: tuple[float, int] | None = None  # (monotonic time, completed jobs)
+
+        self.title = widgets.HTML(f"<b>kronix queue</b> <code>{html.escape(driver.table_name)}</code>")
+        self.counts = widgets.HTML()
+        self.throughput = widgets.HTML()
+        self.batch_box = widgets.VBox()
+        self._no_batches = widgets.HTML("<i>no batches</i>")
+        #: batch id -> its progress bar
+        self.progress_bars: dict[str, Any] = {}
+        self._batch_rows: dict[str, Any] = {}
+        self.failure_table = widgets.HTML()
+        self.retry_button = widgets.Button(description="Retry dead letters", icon="redo",
+                                           tooltip="driver.retry_dead_letters(): every dead letter back to pending")
+        self.pause_button = widgets.ToggleButton(value=False, description="Pause", icon="pause",
+                                                 tooltip="pause or resume the background refresh")
+        self.status = widgets.HTML()
+        self.retry_button.on_click(self._on_retry)
+        self.pause_button.observe(self._on_pause, names="value")
+        self.widget = widgets.VBox([
+            self.title, self.counts, self.throughput,
+            widgets.HTML("<b>Batches</b>"), self.batch_box,
+            widgets.HTML("<b>Latest failures</b>"), self.failure_table,
+            widgets.HBox([self.retry_button, self.pause_button]), self.status,
+        ])
+        self._widgets = widgets
+        self._lock = threading.Lock()  # one refresh at a time: background thread vs button clicks
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._notice = ""
+        self.refresh_now()
+        if start:
+            self.start()
+
+    def __repr__(self) -> str:
+        state = "paused" if self.paused else "running" if self.running else "stopped"
+        return (f"QueueMonitor({self.driver.table_name!r}, {state}, every {self.refresh:g}s, "
+                f"{self.refresh_count} refreshes)")
+
+    # -- the background refresh ------------------------------------------------
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    @property
+    def paused(self) -> bool:
+        return bool(self.pause_button.value)
+
+    def start(self) -> QueueMonitor:
+        """Start refreshing every ``refresh`` seconds on a daemon thread (no-op if running)."""
+        if not self.running:
+            self._stop.clear()
+            self._thread = threading.Thread(target=self._run, name="kronix-queue-monitor", daemon=True)
+            self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """End the background refresh and wait up to ``timeout`` seconds for its thread.
+
+        A refresh under way (a slow query) is finished first; a thread still
+        stuck after ``timeout`` is left to end by itself (it is a daemon).
+        """
+        self._stop.set()
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout)
+            if thread.is_alive():
+                log.warning("the monitor's refresh thread is still in a query after %ss; it ends after it", timeout)
+        self._render_status()
+
+    def close(self) -> None:
+        """Stop refreshing and close the widgets (the view disappears from the notebook)."""
+        self.stop()
+        for widget in [self.widget, self._no_batches, *self._batch_rows.values()]:  # some may be out of view
+            _close_tree(widget)
+
+    def pause(self) -> None:
+        self.pause_button.value = True
+
+    def resume(self) -> None:
+        self.pause_button.value = False
+
+    def __enter__(self) -> QueueMonitor:
+        return self
+
+    def __exit__(self, *_exc) -> None:
+        self.stop()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.refresh):
+            if not self.paused:
+                self.refresh_now()
+
+    # -- one refresh -----------------------------------------------------------
+
+    def refresh_now(self) -> bool:
+        """Read the queue once and update every widget; False (and the status line) on an error."""
+        with self._lock:
+            try:
+                stats = self.driver.fetch_stats(window=self.window)
+                batches = self._read_batches()
+                # The newest few only: dead_letter_jobs() would read (and decode) every one each refresh.
+                failures = self.driver.jobs(status="failed", limit=self.failure_limit) if self.failure_limit \
+                    else None
+            except Exception as error:  # noqa: BLE001 - any database trouble is shown, never raised
+                self.error_count += 1
+                self.last_error = f"{type(error).__name__}: {_first_line(error)}"
+                self._render_status()
+                return False
+            self._show_stats(stats)
+            self._show_batches(batches)
+            self._show_failures(failures)
+            self.refresh_count += 1
+            self.last_error = None
+            self.last_refreshed = datetime.now(timezone.utc)
+            self._render_status()
+            return True
+
+    def _show_stats(self, stats: pd.DataFrame) -> None:
+        self.stats = stats
+        completed = int(stats["completed"].sum())
+        now = time.monotonic()
+        if self._completed_before is not None and now > self._completed_before[0]:
+            before_at, before = self._completed_before
+            self.throughput_recent = max(completed - before, 0) / (now - before_at)  # prune() may lower it
+        self._completed_before = (now, completed)
+        self.throughput_window = float(stats["throughput_per_s"].sum()) if len(stats) else 0.0
+        shown = stats[list(COUNT_COLUMNS)].rename(columns=COUNT_COLUMNS)
+        self.counts.value = (_html_table(shown, float_format=_number) if len(stats)
+                             else "<i>no jobs in this table yet</i>")
+        self.throughput.value = (
+            f"<b>Throughput</b>: {_number(self.throughput_window)} jobs/s over the last "
+            f"{_duration(self.window)} · {_number(self.throughput_recent)} jobs/s over the last refresh")
+
+    def _read_batches(self) -> dict[str, dict[str, int]]:
+        """Counts per batch: the batches asked for (by their index), else the newest recent ones."""
+        if self.batch_ids is not None:
+            return {batch_id: Batch(batch_id, self.driver).progress() for batch_id in self.batch_ids}
+        recent = self.driver.batches(since=self.batches_since).head(self.max_batches)  # newest first
+        return {record["batch_id"]: {key: int(record[key]) for key in _BATCH_COUNTS}
+                for record in recent.to_dict(orient="records")}
+
+    def _show_batches(self, progress: dict[str, dict[str, int]]) -> None:
+        for batch_id, counts in progress.items():
+            self._batch_row(batch_id, counts)
+        self.batch_progress = progress
+        rows = [self._batch_rows[batch_id] for batch_id in progress] or [self._no_batches]
+        if list(self.batch_box.children) != rows:
+            self.batch_box.children = rows
+
+    def _batch_row(self, batch_id: str, counts: dict[str, int]) -> None:
+        """Create or update one batch's bar: finished (completed + failed) out of total."""
+        widgets = self._widgets
+        if batch_id not in self.progress_bars:
+            self.progress_bars[batch_id] = widgets.IntProgress(min=0, description=batch_id[:16],
+                                                               layout=widgets.Layout(width="60%"))
+            label = widgets.HTML()
+            self._batch_rows[batch_id] = widgets.HBox([self.progress_bars[batch_id], label])
+        bar = self.progress_bars[batch_id]
+        finished = counts["completed"] + counts["failed"]
+        bar.max = max(counts["total"], 1)
+        bar.value = min(finished, bar.max)
+        bar.bar_style = ("danger" if counts["failed"] else
+                         "success" if counts["total"] and finished == counts["total"] else "info")
+        self._batch_rows[batch_id].children[1].value = (
+            f"{finished:,}/{counts['total']:,} done · {counts['completed']:,} completed · "
+            f"{counts['failed']:,} failed · {counts['processing']:,} running")
+
+    def _show_failures(self, dead_letters: pd.DataFrame | None) -> None:
+        """The newest dead letters (``jobs(status="failed")``), error split as in ``dead_letter_jobs()``."""
+        if dead_letters is None:
+            self.failures = pd.DataFrame(columns=FAILURE_COLUMNS)
+            self.failure_table.value = ""
+            return
+        errors = [split_error(text) for text in dead_letters["last_error"]]
+        latest = dead_letters.assign(error_type=[error_type for error_type, _ in errors],
+                                     error_message=[message for _, message in errors])
+        latest = latest.sort_values("finished_at", ascending=False, kind="stable")[FAILURE_COLUMNS]
+        self.failures = latest.reset_index(drop=True)
+        if not len(latest):
+            self.failure_table.value = "<i>no dead letters</i>"
+            return
+        shown = latest.assign(error_message=latest["error_message"].map(_one_line),
+                              finished_at=latest["finished_at"].dt.strftime("%Y-%m-%d %H:%M:%S"))
+        more = int(self.stats["failed"].sum()) - len(latest)
+        self.failure_table.value = _html_table(shown) + (
+            f"<i>… and {more:,} more: driver.dead_letter_jobs()</i>" if more > 0 else "")
+
+    # -- buttons and the status line ------------------------------------------
+
+    def retry_dead_letters(self) -> int:
+        """What the retry button does: every dead letter back to pending, then a refresh."""
+        count = self.driver.retry_dead_letters()
+        self.last_retried = count
+        self._notice = f"retried {count:,} dead letter{'s' * (count != 1)} at {datetime.now():%H:%M:%S}"
+        self.refresh_now()
+        return count
+
+    def _on_retry(self, _button) -> None:
+        try:
+            self.retry_dead_letters()
+        except Exception as error:  # noqa: BLE001 - shown in the status line, the kernel carries on
+            self.error_count += 1
+            self.last_error = f"retry failed: {type(error).__name__}: {_first_line(error)}"
+            self._render_status()
+
+    def _on_pause(self, change) -> None:
+        self.pause_button.description, self.pause_button.icon = ("Resume", "play") if change["new"] else (
+            "Pause", "pause")
+        self._render_status()
+
+    def _render_status(self) -> None:
+        if self._stop.is_set() or self._thread is None:
+            state = "stopped"
+        else:
+            state = "paused" if self.paused else f"refreshing every {self.refresh:g}s"
+        parts = [state]
+        if self.last_refreshed is not None:
+            parts.append(f"last refresh {self.last_refreshed.astimezone():%H:%M:%S}")
+        if self._notice:
+            parts.append(html.escape(self._notice))
+        text = " · ".join(parts)
+        if self.last_error:
+            text += f' · <span style="color: #c00">database error: {html.escape(self.last_error)}</span>'
+        self.status.value = text
+
+    # -- display ---------------------------------------------------------------
+
+    def display(self) -> None:
+        """Show the monitor in the current notebook cell's output."""
+        from IPython.display import display
+
+        display(self)
+
+    def _repr_mimebundle_(self, **kwargs) -> dict[str, Any]:
+        """The live widget, with a static HTML snapshot for frontends without widgets."""
+        bundle = dict(self.widget._repr_mimebundle_(**kwargs) or {})
+        bundle["text/html"] = self._repr_html_()
+        bundle["text/plain"] = repr(self)
+        return bundle
+
+    def _repr_html_(self) -> str:
+        batches = "".join(
+            f"<li><code>{html.escape(batch_id)}</code>: {counts['completed'] + counts['failed']:,}/"
+            f"{counts['total']:,} done, {counts['failed']:,} failed</li>"
+            for batch_id, counts in self.batch_progress.items())
+        return (f"{self.title.value}{self.counts.value}<p>{self.throughput.value}</p>"
+                f"<b>Batches</b><ul>{batches or '<li>none</li>'}</ul>"
+                f"<b>Latest failures</b>{self.failure_table.value}<p>{self.status.value}</p>")
+
+
+def _close_tree(widget: Any) -> None:
+    for child in getattr(widget, "children", ()):
+        _close_tree(child)
+    widget.close()
+
+
+def _batch_id(batch: Any) -> str:
+    batch_id = batch if isinstance(batch, str) else getattr(batch, "id", None)
+    if not isinstance(batch_id, str):
+        raise TypeError(f"batches takes Batch handles or batch ids, got {type(batch).__name__}")
+    return batch_id
+
+
+def _html_table(frame: pd.DataFrame, **options: Any) -> str:
+    return frame.to_html(index=False, na_rep="–", border=0, escape=True, **options)
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(getattr(error, "orig", None) or error).strip()
+    return _one_line(text.splitlines()[0] if text else "")
+
+
+def _one_line(text: Any, width: int = MESSAGE_WIDTH) -> str:
+    text = " ".join(str(text if text is not None else "").split())
+    return text if len(text) <= width else text[:width - 1] + "…"
+
+
+def _number(value: float) -> str:
+    """Three significant digits for small values (0.00417 jobs/s), one decimal for large ones."""
+    return "–" if value != value else f"{value:.3g}" if abs(value) < 100 else f"{value:,.1f}"
+
+
+def _duration(window: timedelta) -> str:
+    seconds = window.total_seconds()
+    if seconds >= 3600:
+        return f"{seconds / 3600:g} h"
+    return f"{seconds / 60:g} min" if seconds >= 60 else f"{seconds:g} s"

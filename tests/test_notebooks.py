@@ -1,0 +1,90 @@
+"""The notebooks in notebooks/, executed top to bottom in a real Jupyter kernel (nbclient).
+
+Each notebook checks its own results with ``assert`` cells; here we also look
+for the outputs a reader is meant to see.  The committed files must carry no
+outputs, so that git diffs stay readable and no stale results are shown.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import nbformat
+import pytest
+from nbclient import NotebookClient
+
+NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
+NAMES = ["01_quickstart.ipynb", "02_etl_in_chunks.ipynb", "03_failure_analysis.ipynb"]
+
+
+def test_the_three_notebooks_are_there_and_nothing_else():
+    assert sorted(path.name for path in NOTEBOOKS.glob("*.ipynb")) == NAMES
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_committed_notebooks_have_no_outputs(name):
+    notebook = nbformat.read(NOTEBOOKS / name, as_version=4)
+    nbformat.validate(notebook)
+    code = [cell for cell in notebook.cells if cell.cell_type == "code"]
+    assert code, f"{name} has no code"
+    assert [cell.outputs for cell in code] == [[] for _ in code], f"{name} has outputs: strip them"
+    assert [cell.execution_count for cell in code] == [None] * len(code), f"{name} has execution counts"
+    assert "widgets" not in notebook.metadata, f"{name} has saved widget state"
+
+
+def run(name: str, tmp_path: Path, monkeypatch) -> list[str]:
+    """Execute a notebook from its own directory; returns each code cell's output text.
+
+    The kernel's temporary directory is ``tmp_path``, so what the notebook leaves
+    behind there is its own.
+    """
+    monkeypatch.setenv("TMPDIR", str(tmp_path))  # the kernel inherits the environment
+    notebook = nbformat.read(NOTEBOOKS / name, as_version=4)
+    NotebookClient(notebook, timeout=120, kernel_name="python3",
+                   resources={"metadata": {"path": str(NOTEBOOKS)}}).execute()
+    texts = []
+    for cell in notebook.cells:
+        if cell.cell_type != "code":
+            continue
+        parts = []
+        for output in cell.outputs:
+            assert output.output_type != "error", f"{name}: {output.ename}: {output.evalue}"
+            parts.append(output.get("text", ""))
+            parts.extend(str(value) for value in output.get("data", {}).values())
+        texts.append("\n".join(parts))
+    assert f"sqlite:///{tmp_path}/kronix-" in texts[0]  # its database was in the temporary directory...
+    assert list(tmp_path.iterdir()) == [], f"{name} left files behind"  # ...which it cleaned up
+    return texts
+
+
+def test_quickstart(tmp_path, monkeypatch):
+    outputs = run("01_quickstart.ipynb", tmp_path, monkeypatch)
+    assert "pushed 20 jobs; 20 pending" in outputs[1]
+    assert "completed=19, retried=1, dead_lettered=1" in outputs[2]  # the WorkerStats
+    assert "ValueError  13 is unlucky  {'n': 13}" in outputs[5]
+    assert "{'n': 3, 'square': 9}" in outputs[6]
+    assert "{'total': 10, 'pending': 10," in outputs[7]
+    assert "chunk  rows    amount" in outputs[8]  # the chunks' records, concatenated
+    assert "True {'total': 10, 'pending': 0, 'processing': 0, 'completed': 10, 'failed': 0}" in outputs[9]
+
+
+def test_etl_in_chunks_across_worker_processes_with_the_monitor(tmp_path, monkeypatch):
+    outputs = run("02_etl_in_chunks.ipynb", tmp_path, monkeypatch)
+    assert "QueueMonitor('kronix_jobs', running, every 0.5s" in outputs[3]  # the monitor's text/plain
+    assert "'model_id'" in outputs[3]  # and its widget view
+    assert "LocalWorkers(0/2 alive" in outputs[4]  # burst workers left once the batch was done
+    assert "{'total': 20, 'pending': 0, 'processing': 0, 'completed': 20, 'failed': 0}" in outputs[5]
+    assert "jobs/s over the last minute" in outputs[5]
+    assert "{'total': 20, 'pending': 0, 'processing': 0, 'completed': 20, 'failed': 0}" in outputs[6]
+    assert "store        berlin" in outputs[7]
+
+
+def test_failure_analysis_fixes_and_retries_until_complete(tmp_path, monkeypatch):
+    outputs = run("03_failure_analysis.ipynb", tmp_path, monkeypatch)
+    assert "{'total': 20, 'pending': 0, 'processing': 0, 'completed': 16, 'failed': 4}" in outputs[2]
+    assert "KeyError      3" in outputs[3] and "ValueError    1" in outputs[3]  # the groupby
+    assert "'SEK'" in outputs[4] and "21/03/2026 09:57 is not ISO8601" in outputs[4]
+    assert outputs[5].startswith("ValueError: Time data 21/03/2026 09:57") and "Traceback" in outputs[5]
+    assert "ordered_at = pd.to_datetime(orders" in outputs[5]  # the traceback points at the line to fix
+    assert "retried 4 chunks" in outputs[7]
+    assert "{'total': 20, 'pending': 0, 'processing': 0, 'completed': 20, 'failed': 0}" in outputs[7]
