@@ -103,19 +103,20 @@ class QueueDialect:
         ``rows`` hold column values plus ``due`` (None: due now); ``created_at``
         and a missing due time are the database's clock.
         """
-        conn.execute(table.insert(), self._clocked(conn, rows))
+        self._insert(conn, table.insert(), rows)
 
     def insert_new_keys(self, conn: sa.Connection, table: sa.Table, rows: list[dict[str, Any]]) -> None:
         """Insert keyed jobs, silently skipping those whose key is already in the table."""
         raise NotImplementedError
 
-    def _clocked(self, conn: sa.Connection, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        """Rows with the database's time filled in, read once per push.
+    def _insert(self, conn: sa.Connection, statement: sa.Insert, rows: list[dict[str, Any]]) -> None:
+        """Run an INSERT of ``rows`` with the clock as SQL: no extra round trip."""
+        now = self.now()
+        due = sa.func.coalesce(sa.bindparam("due", type_=UTCDateTime()), now)
+        conn.execute(statement.values(created_at=now, available_at=due), rows)
 
-        Plain bound values only: PyMySQL turns an executemany INSERT into one
-        multi-row statement only when VALUES holds nothing but placeholders
-        (with ``UTC_TIMESTAMP()`` in it, it sent one statement per row).
-        """
+    def _clocked(self, conn: sa.Connection, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Rows with the database's time filled in, read once per push (for COPY and MySQL)."""
         now = conn.execute(sa.select(self.now())).scalar_one()
         return [{**{k: v for k, v in row.items() if k != "due"}, "created_at": now,
                  "available_at": row["due"] or now} for row in rows]
@@ -204,7 +205,7 @@ class PostgresDialect(QueueDialect):
     def insert_new_keys(self, conn, table, rows):
         from sqlalchemy.dialects.postgresql import insert
 
-        conn.execute(insert(table).on_conflict_do_nothing(index_elements=["job_key"]), self._clocked(conn, rows))
+        self._insert(conn, insert(table).on_conflict_do_nothing(index_elements=["job_key"]), rows)
 
     def claim(self, conn, table, queue, limit, changes):
         # Lock the candidates, skipping rows another worker holds, then update
@@ -300,7 +301,13 @@ class MySQLDialect(QueueDialect):
         # skipped too, and the driver's key lookup afterwards reports it.
         from sqlalchemy.dialects.mysql import insert
 
-        conn.execute(insert(table).on_duplicate_key_update(id=table.c.id), self._clocked(conn, rows))
+        self._insert(conn, insert(table).on_duplicate_key_update(id=table.c.id), rows)
+
+    def _insert(self, conn, statement, rows):
+        # Plain bound values only: PyMySQL folds an executemany INSERT into one
+        # multi-row statement only when VALUES holds nothing but placeholders
+        # (with UTC_TIMESTAMP() in it, it sent one statement per row).
+        conn.execute(statement, self._clocked(conn, rows))
 
     def now_plus(self, seconds):
         microseconds = round(seconds * 1_000_000)
@@ -382,7 +389,7 @@ class SQLiteDialect(QueueDialect):
     def insert_new_keys(self, conn, table, rows):
         from sqlalchemy.dialects.sqlite import insert
 
-        conn.execute(insert(table).on_conflict_do_nothing(index_elements=["job_key"]), self._clocked(conn, rows))
+        self._insert(conn, insert(table).on_conflict_do_nothing(index_elements=["job_key"]), rows)
 
     def claim(self, conn, table, queue, limit, changes):
         now = self.now()

@@ -35,7 +35,7 @@ def latency(payload):
 
 
 class KronixSystem(System):
-    defaults = {"concurrency": 100}
+    defaults = {"concurrency": 8}
 
     def __init__(self, url, namespace, options):
         super().__init__(url, namespace, options)
