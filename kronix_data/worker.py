@@ -272,7 +272,8 @@ class Worker:
             try:
                 backoff = 0.1
                 while not self._stop_requested.is_set():
-                    if listener.wait(0.5):
+                    # Short waits: stopping (run() joins this thread) takes at most one.
+                    if listener.wait(0.1):
                         self._wake.set()
             except Exception as error:  # noqa: BLE001
                 log.warning("LISTEN connection lost (%s); reconnecting", type(error).__name__)
