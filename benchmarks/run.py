@@ -159,7 +159,7 @@ def run_once(system_class, args, settings: scenarios.Settings, options: Options)
     seconds = figures.pop("seconds")
     jobs_per_s = figures.pop("jobs_per_s", round(settings.jobs / seconds, 1) if seconds > 0 else None)
     line = {"system": args.system, "scenario": args.scenario, "database": database, "server": version,
-            "jobs": settings.jobs, "processes": settings.processes, "seconds": round(seconds, 4),
+            "jobs": settings.jobs, "processes": settings.processes, "seconds": round(seconds, 6),
             "jobs_per_s": jobs_per_s}
     if settings.history:
         line["history"] = settings.history

@@ -7,11 +7,19 @@ arithmetic, and the atomic claim; it never tests the database's name itself.
 
 from __future__ import annotations
 
+import os
+import threading
 from datetime import timedelta
+from functools import partial
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy import event
+
+try:
+    import fcntl
+except ImportError:  # Windows: writers rely on sqlite's busy timeout alone
+    fcntl = None
 
 from .schema import CLAIMED_COLUMNS, PENDING, UTCDateTime
 
@@ -124,6 +132,16 @@ class QueueDialect:
     def update_by_id(self, table: sa.Table) -> sa.Update:
         """An UPDATE of rows picked by id (the ownership-checked writes of held jobs)."""
         return table.update()
+
+    def skips_locked(self, conn: sa.Connection) -> bool:
+        """Whether ``FOR UPDATE SKIP LOCKED`` works here (SQLite has no row locks to skip)."""
+        return True
+
+    def lock_rows(self, conn: sa.Connection, table: sa.Table, condition: sa.ColumnElement[bool],
+                  limit: int) -> list[Any]:
+        """Lock up to ``limit`` rows matching ``condition``, skipping rows others hold; their ids."""
+        select = sa.select(table.c.id).where(condition).limit(limit)
+        return conn.execute(select.with_for_update(skip_locked=self.skips_locked(conn))).scalars().all()
 
     def claim(self, conn: sa.Connection, table: sa.Table, queue: str, limit: int,
               changes: dict[str, Any]) -> list[dict[str, Any]]:
@@ -285,6 +303,9 @@ class MySQLDialect(QueueDialect):
         version = conn.dialect.server_version_info or (0,)
         return version >= ((10, 6) if conn.dialect.is_mariadb else (8, 0, 1))
 
+    def skips_locked(self, conn):
+        return self._has_skip_locked(conn)
+
     def now(self):
         return sa.type_coerce(sa.literal_column("UTC_TIMESTAMP(6)"), UTCDateTime())
 
@@ -365,13 +386,16 @@ class SQLiteDialect(QueueDialect):
         return sa.create_engine(url, connect_args={"timeout": cls.busy_timeout_s})
 
     def prepare_engine(self, engine):
+        self._reader = engine.execution_options(kronix_sqlite_begin="BEGIN DEFERRED")
         if getattr(engine, "_kronix_sqlite_prepared", False):
             return
+        turns = WriterTurns.for_database(engine.url.database)
         event.listen(engine, "connect", _sqlite_on_connect)
-        event.listen(engine, "begin", _sqlite_on_begin)
+        event.listen(engine, "begin", partial(_sqlite_on_begin, turns))
+        event.listen(engine, "commit", partial(_sqlite_end_turn, "COMMIT"))
+        event.listen(engine, "rollback", partial(_sqlite_end_turn, "ROLLBACK"))
         engine._kronix_sqlite_prepared = True
         engine.dispose()  # pooled connections made before the listeners lack the pragmas
-        self._reader = engine.execution_options(kronix_sqlite_begin="BEGIN DEFERRED")
 
     def reader(self, engine):
         return self._reader
@@ -412,5 +436,95 @@ def _sqlite_on_connect(dbapi_connection, _record) -> None:
     cursor.close()
 
 
-def _sqlite_on_begin(conn: sa.Connection) -> None:
-    conn.exec_driver_sql(conn.get_execution_options().get("kronix_sqlite_begin", "BEGIN IMMEDIATE"))
+def _sqlite_on_begin(turns: WriterTurns | None, conn: sa.Connection) -> None:
+    begin = conn.get_execution_options().get("kronix_sqlite_begin", "BEGIN IMMEDIATE")
+    if turns is None or begin != "BEGIN IMMEDIATE":
+        conn.exec_driver_sql(begin)
+        return
+    turn = turns.wait()
+    try:
+        conn.exec_driver_sql(begin)
+    except BaseException:
+        turn.release()
+        raise
+    conn.info["kronix_turn"] = turn
+
+
+def _sqlite_end_turn(statement: str, conn: sa.Connection) -> None:
+    turn = conn.info.pop("kronix_turn", None)
+    if turn is None:
+        return
+    try:  # end the transaction here, so the turn passes only once it is over (pysqlite's own call is then a no-op)
+        dbapi_connection = conn.connection.dbapi_connection
+        if dbapi_connection.in_transaction:
+            dbapi_connection.execute(statement)
+    finally:
+        turn.release()
+
+
+class WriterTurns:
+    """Writers to one SQLite file take turns through an flock on a sidecar file.
+
+    SQLite's busy handler sleeps and polls (1 ms, growing to 100 ms) instead of
+    queueing: a process that commits and begins again at once keeps winning the
+    write lock while the others sleep.  With 4 processes the shares of the work
+    came out between 7 % and 48 % and single waits passed a second (issue 6).
+    A blocked flock is handed over by the kernel the moment it is released, so
+    waiting writers get their turn.  The turn is taken before BEGIN IMMEDIATE
+    and passed on right after COMMIT/ROLLBACK; sqlite's busy timeout stays the
+    backstop (for writers that do not take turns, such as other programs).
+    Closing the descriptor, or the death of the process, drops the lock.  The
+    turn is re-entrant per thread and file (whatever the engine), so a thread
+    that nests writes gets sqlite's "database is locked", never a hang.
+    """
+
+    _by_path: dict[str, WriterTurns] = {}
+    _by_path_lock = threading.Lock()
+
+    def __init__(self, path: str):
+        self.path = path
+        self._local = threading.local()
+
+    @classmethod
+    def for_database(cls, database: str | None) -> WriterTurns | None:
+        """The turns of a database file, or None (in-memory, URI filenames, no flock)."""
+        if fcntl is None or not database or database == ":memory:" or database.startswith("file:"):
+            return None
+        path = os.path.abspath(database) + ".kronix-lock"
+        with cls._by_path_lock:
+            return cls._by_path.setdefault(path, cls(path))
+
+    def wait(self) -> _Turn:
+        """Block until this thread may write."""
+        turn = getattr(self._local, "turn", None)
+        if turn is None or turn.pid != os.getpid():  # a new thread, or a forked child
+            turn = self._local.turn = _Turn(self.path)
+        turn.take()
+        return turn
+
+
+class _Turn:
+    """One thread's hold on the lock file: opened and locked on the first take, closed on the last release."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.pid = os.getpid()
+        self.depth = 0
+        self.fd: int | None = None
+
+    def take(self) -> None:
+        if self.depth == 0:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            except BaseException:
+                os.close(fd)
+                raise
+            self.fd = fd
+        self.depth += 1
+
+    def release(self) -> None:
+        self.depth -= 1
+        if self.depth == 0:
+            os.close(self.fd)  # drops the lock
+            self.fd = None

@@ -23,7 +23,8 @@ from . import analytics, history
 from .batches import Batch, batches_frame, find_batch
 from .chunking import enqueue_chunks
 from .dialects import dialect_for, make_engine
-from .job import Job, JobStatus, decode_json, encode_payload, encode_result, new_job_id, validate_job
+from .job import (Job, JobStatus, decode_json, encode_payload, encode_result, new_job_id, possible_job_id,
+                  validate_job, validate_queue)
 from .tasks import Task, task_factory
 from .schema import PENDING, PROCESSING, build_table, create_or_upgrade
 
@@ -35,6 +36,10 @@ JobFactory = Callable[[Any], Job]
 def default_worker_id() -> str:
     """Host, process id and a random part: unique across machines and restarts."""
     return f"{socket.gethostname()}:{os.getpid()}:{os.urandom(4).hex()}"
+
+
+#: Stale jobs recovered per transaction.
+_RECOVERY_BATCH = 1000
 
 
 def _seconds(value: timedelta | float) -> float:
@@ -226,6 +231,7 @@ class DatabaseQueueDriver:
         return self._jobs_from_claimed(rows), len(rows)
 
     def _claim_rows(self, conn: sa.Connection, n: int, queue: str) -> list[dict[str, Any]]:
+        validate_queue(queue)
         changes = {"status": JobStatus.PROCESSING.value, "reserved_by": self.worker_id}
         rows = self.dialect.claim(conn, self.table, queue, n, changes)
         rows.sort(key=lambda row: (row["available_at"], row["id"]))
@@ -389,9 +395,10 @@ class DatabaseQueueDriver:
         exhausted = c.attempts > c.max_retries
         note = sa.literal(f"lease expired: no heartbeat for {seconds:g}s from worker ") + sa.func.coalesce(
             c.reserved_by, "?")
+        stale = sa.and_(c.status == PROCESSING, c.heartbeat_at < self.dialect.now_plus(-seconds))
         statement = (
-            self.table.update()
-            .where(c.status == PROCESSING, c.heartbeat_at < self.dialect.now_plus(-seconds))
+            self.dialect.update_by_id(self.table)
+            .where(stale, c.id.in_(sa.bindparam("stale_ids", expanding=True)))
             # Ordered: MySQL evaluates SET left to right, so reserved_by is read before it is cleared.
             .ordered_values(
                 (c.last_error, sa.case((exhausted, note + sa.literal("; attempts used up")), else_=note)),
@@ -402,11 +409,19 @@ class DatabaseQueueDriver:
                 (c.heartbeat_at, sa.null()),
             )
         )
-        with self._writer.begin() as conn:
-            return conn.execute(statement).rowcount
+        changed = 0
+        while True:  # in batches: the ids are bound parameters, and drivers cap how many a statement takes
+            with self._writer.begin() as conn:
+                # Rows another transaction holds are passed by, never waited for: a worker cut off
+                # mid-transaction keeps its locks until the server drops its session.
+                ids = self.dialect.lock_rows(conn, self.table, stale, limit=_RECOVERY_BATCH)
+                changed += conn.execute(statement, {"stale_ids": ids}).rowcount if ids else 0
+            if len(ids) < _RECOVERY_BATCH:
+                return changed
 
     def size(self, queue: str = "default") -> int:
         """How many jobs of ``queue`` are pending (due now or later)."""
+        validate_queue(queue)
         c = self.table.c
         with self._reader.connect() as conn:
             return conn.execute(
@@ -415,6 +430,7 @@ class DatabaseQueueDriver:
 
     def clear(self, queue: str = "default") -> int:
         """Delete the pending jobs of ``queue``; jobs being run are never touched."""
+        validate_queue(queue)
         c = self.table.c
         with self._writer.begin() as conn:
             return conn.execute(self.table.delete().where(c.queue == queue, c.status == PENDING)).rowcount
@@ -430,6 +446,8 @@ class DatabaseQueueDriver:
 
     def retry_dead_letter(self, job_id: str) -> bool:
         """Give a dead-lettered job a fresh start (pending, attempts 0); False if no such job."""
+        if not possible_job_id(job_id):
+            return False
         return self._retry_dead_letters(self.table.c.id == job_id) == 1
 
     def retry_dead_letters(self, queue: str | None = None, name: str | None = None, batch: str | None = None) -> int:
@@ -458,6 +476,8 @@ class DatabaseQueueDriver:
 
     def get_job(self, job_id: str) -> Job | None:
         """The job with this id as stored (a plain Job, result decoded), or None."""
+        if not possible_job_id(job_id):
+            return None
         with self._reader.connect() as conn:
             row = conn.execute(sa.select(self.table).where(self.table.c.id == job_id)).mappings().first()
         return None if row is None else self._job_from_row(dict(row), use_factory=False)

@@ -24,6 +24,12 @@ MAX_ID_LENGTH = 128
 #: Longest idempotency key and batch id (indexed columns too).
 MAX_KEY_LENGTH = 255
 MAX_BATCH_ID_LENGTH = 128
+#: Largest payload or result, in bytes of stored JSON (ASCII: non-ASCII is escaped).
+#: MariaDB's default ``max_allowed_packet`` is 16 MiB and the client's escaping
+#: can double a text in the statement; past that the server drops the
+#: connection ("server has gone away") and a worker would retry the write for
+#: ever.  Put bulk data in files or tables and pass a reference.
+MAX_JSON_BYTES = 8_000_000
 
 
 class JobStatus(str, enum.Enum):
@@ -159,13 +165,17 @@ _ENCODER = json.JSONEncoder(allow_nan=False, separators=(",", ":"))
 
 def _encode(value: Any, what: str) -> str:
     try:
-        return _ENCODER.encode(value)
+        text = _ENCODER.encode(value)
     except TypeError as error:
         raise TypeError(f"{what} is not JSON-serialisable: {error}") from error
     except ValueError as error:  # NaN/Infinity or a circular reference
         raise ValueError(f"{what} is not valid JSON: {error}") from error
     except RecursionError as error:
         raise ValueError(f"{what} is nested too deeply to store as JSON") from error
+    if len(text) > MAX_JSON_BYTES:
+        raise ValueError(f"{what} is {len(text):,} bytes of JSON, over the limit of {MAX_JSON_BYTES:,}: "
+                         "store bulk data elsewhere and pass a reference")
+    return text
 
 
 def decode_json(text: str | None) -> Any:
@@ -191,6 +201,22 @@ def validate_job(job: Job, queue: str) -> None:
         raise ValueError(
             f"available_at of job {job.name!r} must be a timezone-aware datetime, got {job.available_at!r}"
         )
+
+
+def validate_queue(queue: Any) -> None:
+    """Reject a queue name no job can have (PostgreSQL cannot even compare a text holding NUL)."""
+    _check_text("queue name", queue, MAX_QUEUE_LENGTH)
+
+
+def possible_job_id(job_id: Any) -> bool:
+    """Whether a stored job could have this id; a non-str is a caller's mistake, named."""
+    if not isinstance(job_id, str):
+        raise TypeError(f"job id must be a str, got {type(job_id).__name__}")
+    try:
+        _check_text("job id", job_id, MAX_ID_LENGTH)
+    except ValueError:
+        return False
+    return True
 
 
 def _check_text(what: str, value: Any, limit: int) -> None:

@@ -1,0 +1,359 @@
+"""Nobody gets in: no unsafe deserialisation, no SQL built from values, no password shown,
+and a row written straight into the table cannot make a worker run unregistered code."""
+
+from __future__ import annotations
+
+import ast
+import json
+import logging
+import os
+import pickle
+import subprocess
+import sys
+import uuid
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+
+from db_faults import kill_session, session_id
+from kronix_data import DatabaseQueueDriver, Job, JobStatus, Worker, task
+
+from conftest import SERVER_URLS, database_url, drop_table, unique_table
+
+REPOSITORY = Path(__file__).resolve().parents[1]
+PACKAGE = REPOSITORY / "kronix_data"
+#: Modules that turn bytes into objects or run commands: none belongs in a queue of JSON.
+UNSAFE_MODULES = {"pickle", "_pickle", "cPickle", "marshal", "shelve", "dill", "cloudpickle", "jsonpickle",
+                  "yaml", "subprocess", "pty"}
+UNSAFE_BUILTINS = {"eval", "exec", "compile", "__import__", "breakpoint"}
+UNSAFE_OS_CALLS = ("system", "popen", "exec", "spawn", "fork", "posix_spawn")
+#: Importing by name is fine only where the name comes from the operator (``-m``), never from a row.
+IMPORTS_BY_NAME_ALLOWED = {"cli.py", "local.py"}
+
+
+def kronix_in_parallel(*commands: list[str], cwd: Path, table: str | None = None) -> list[subprocess.CompletedProcess]:
+    """Run ``kronix`` commands as subprocesses at once, without the developer's KRONIX_* settings."""
+    environment = {key: value for key, value in os.environ.items() if not key.startswith("KRONIX_")}
+    environment["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPOSITORY), os.environ.get("PYTHONPATH")]))
+    if table:
+        environment["KRONIX_TABLE"] = table
+    processes = [subprocess.Popen([sys.executable, "-m", "kronix_data.cli", *command], cwd=cwd, env=environment,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for command in commands]
+    results = []
+    for process in processes:
+        stdout, stderr = process.communicate(timeout=120)
+        results.append(subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr))
+    return results
+
+
+# -- the code itself -------------------------------------------------------------------
+
+def package_trees() -> dict[str, ast.Module]:
+    return {path.name: ast.parse(path.read_text(), str(path)) for path in sorted(PACKAGE.glob("*.py"))}
+
+
+def test_the_package_never_imports_a_deserialiser_or_a_command_runner():
+    found = []
+    for name, tree in package_trees().items():
+        for node in ast.walk(tree):
+            modules = ([alias.name for alias in node.names] if isinstance(node, ast.Import)
+                       else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            found += [f"{name}:{node.lineno} imports {module}" for module in modules
+                      if module.split(".")[0] in UNSAFE_MODULES]
+    assert found == []
+    assert len(package_trees()) >= 10  # the check really read the package
+
+
+def test_the_package_never_evaluates_or_executes_text_and_imports_by_name_only_from_the_operator():
+    found = []
+    for name, tree in package_trees().items():
+        for node in ast.walk(tree):
+            if not isinstance(node, ast.Call):
+                continue
+            function = node.func
+            called = function.id if isinstance(function, ast.Name) else getattr(function, "attr", "")
+            owner = function.value.id if isinstance(function, ast.Attribute) and isinstance(function.value,
+                                                                                           ast.Name) else None
+            if (isinstance(function, ast.Name) and called in UNSAFE_BUILTINS) or (
+                    owner in ("os", "builtins") and called.startswith(UNSAFE_OS_CALLS + tuple(UNSAFE_BUILTINS))):
+                found.append(f"{name}:{node.lineno} calls {called}")
+            if called == "import_module" and name not in IMPORTS_BY_NAME_ALLOWED:
+                found.append(f"{name}:{node.lineno} imports a module by name")
+    assert found == []
+
+
+def test_stored_text_is_only_ever_decoded_as_json():
+    """Every decode of a payload or result goes through json.loads (the grep that proves no other path)."""
+    sources = {path.name: path.read_text() for path in PACKAGE.glob("*.py")}
+    assert "json.loads" in sources["job.py"]
+    for name, source in sources.items():
+        for forbidden in ("pickle.", "marshal.", "yaml.", "literal_eval", "eval(", "exec("):
+            assert forbidden not in source, f"{name} uses {forbidden}"
+
+
+# -- values are bound, identifiers validated ----------------------------------------------------
+
+MARKER = "KRONIX_INJECTED_9f4e"
+HOSTILE = f"{MARKER}'); DROP TABLE kronix_jobs; --\"`\\"
+
+
+def test_hostile_values_reach_the_database_only_as_bound_parameters(db_url, table_name):
+    """Every driver method runs with hostile text in every value; none of it appears in any SQL text."""
+    statements, parameters = [], []
+    driver = DatabaseQueueDriver(db_url, table=table_name, worker_id=f"worker {HOSTILE}")
+    driver.create_table()
+
+    @sa.event.listens_for(driver.engine, "before_cursor_execute")
+    def capture(_conn, _cursor, statement, params, _context, _executemany):
+        statements.append(statement)
+        parameters.append(repr(params))
+
+    queue = f"q {HOSTILE}"[:128]
+    ids = driver.push_many([Job(f"name {HOSTILE}", {HOSTILE: [HOSTILE]}, queue=queue, id=f"id {HOSTILE} {i}")
+                            for i in range(4)])
+    first, second, third, fourth = driver.pop_many(4, queue)
+    first.result = {HOSTILE: HOSTILE}
+    driver.complete(first)
+    second.last_error = HOSTILE
+    driver.release(second, delay=0)
+    third.last_error = HOSTILE
+    driver.fail(third)
+    driver.heartbeat([fourth])
+    driver.unclaim([fourth])
+    driver.retry_dead_letter(third.id)
+    driver.retry_dead_letters(queue=queue, name=third.name)
+    driver.size(queue)
+    driver.get_job(ids[0])
+    driver.fetch_stats()
+    driver.dead_letter_jobs(queue)
+    driver.recover_stale_jobs(0)
+    driver.clear_dead_letters(queue)
+    driver.clear(queue)
+    driver.close()
+
+    assert len(statements) >= 15
+    assert [statement for statement in statements if MARKER in statement] == []
+    assert sum(MARKER in params for params in parameters) >= 10  # the values were really sent, as parameters
+
+
+def test_a_malicious_table_name_never_reaches_the_database(db_url, driver, table_name):
+    driver.push(Job("precious"))
+    engine = sa.create_engine(db_url)
+    statements = []
+    sa.event.listen(engine, "before_cursor_execute", lambda _c, _cur, statement, *_: statements.append(statement))
+    for name in (f"{table_name}; DROP TABLE {table_name}", f"x\"; DROP TABLE \"{table_name}", f"{table_name} --"):
+        with pytest.raises(ValueError, match="invalid table name"):
+            DatabaseQueueDriver(engine, table=name).create_table()
+    engine.dispose()
+    assert statements == [] and driver.size() == 1
+
+
+# -- passwords ---------------------------------------------------------------------------
+
+PASSWORD = "Pa55-w0rd-kr0nix"
+
+
+def url_with_password(backend: str, password: str = PASSWORD) -> str:
+    return sa.make_url(SERVER_URLS[backend]).set(password=password).render_as_string(hide_password=False)
+
+
+@pytest.mark.parametrize("url", [url_with_password("postgresql"), url_with_password("mariadb"),
+                                 url_with_password("postgresql").replace("postgresql+psycopg", "postgresql"),
+                                 "mysql://app:Pa55-w0rd-kr0nix@db.example:3306/jobs"])
+def test_reprs_never_show_the_password(url):
+    driver = DatabaseQueueDriver(url, table="app.jobs")
+    worker = Worker(driver)
+    shown = [repr(driver), str(driver.engine.url), repr(driver.engine), repr(worker), repr(driver.engine.pool)]
+    assert [PASSWORD in text for text in shown] == [False] * len(shown)
+    assert "***" in repr(driver)
+
+
+def test_logs_never_show_the_password_even_when_the_connection_fails(tmp_path, caplog):
+    """PostgreSQL here trusts local logins, so a URL with a password connects; its session is then killed."""
+    url = url_with_password("postgresql")
+    database_url("postgresql", tmp_path)
+    table = unique_table()
+    caplog.set_level(logging.DEBUG)
+    driver = DatabaseQueueDriver(url, table=table)
+    try:
+        driver.create_table()
+        killed = []
+
+        @sa.event.listens_for(driver.engine, "before_cursor_execute")
+        def kill_before_first_completion(conn, _cursor, statement, *_):
+            if statement.startswith("UPDATE") and "result" in statement and not killed:
+                killed.append(session_id(conn.connection.driver_connection))
+                kill_session(SERVER_URLS["postgresql"], killed[0])
+
+        @task(name="security.log_me")
+        def log_me(payload):
+            logging.getLogger("security.job").warning("job sees %s", payload)
+            return payload
+
+        driver.push_many([log_me.job(i) for i in range(3)])
+        worker = Worker(driver, burst=True, lease_timeout=10)
+        worker.run()
+        assert worker.stats.completed == 3 and worker.stats.database_errors >= 1
+    finally:
+        driver.close()
+        drop_table(SERVER_URLS["postgresql"], table)
+    assert "database error" in caplog.text and "job sees 2" in caplog.text  # the logs did capture the trouble
+    assert PASSWORD not in caplog.text
+    assert all(PASSWORD not in str(record.args) for record in caplog.records)
+
+
+def test_the_cli_never_prints_the_password(tmp_path):
+    """Every command, verbose, against a server that accepts the URL, one that refuses it, and a failing job."""
+    database_url("postgresql", tmp_path)
+    database_url("mariadb", tmp_path)
+    (tmp_path / "secret_jobs.py").write_text(
+        "import kronix_data\n\n"
+        "@kronix_data.task(name='security.fails', max_retries=0)\n"
+        "def fails(payload):\n    raise RuntimeError('could not reach the warehouse')\n")
+    url = url_with_password("postgresql")
+    escaped = url_with_password("postgresql", "p@ss:w0rd-kr0nix")  # written p%40ss%3Aw0rd-kr0nix in the URL
+    assert "p%40ss%3Aw0rd-kr0nix@" in escaped
+    table = unique_table()
+    with DatabaseQueueDriver(url, table=table) as driver:
+        driver.create_table()
+        driver.push_many([Job("security.fails"), Job("security.fails")])
+    try:
+        commands = [["-v", "--db", url, "worker", "-m", "secret_jobs", "--burst"]]
+        commands += [["-v", "--db", db, *command] for db in (url, escaped) for command in (
+            ["init"], ["stats"], ["dead-letters"], ["retry", "no-such-id"], ["recover"])]
+        commands += [["--db", url_with_password("mariadb"), "-v", "stats"],  # MariaDB refuses this password
+                     ["--db", url.replace("127.0.0.1", "no-such-host.invalid"), "-v", "stats"]]
+        results = kronix_in_parallel(*commands[:1], cwd=tmp_path, table=table)
+        results += kronix_in_parallel(*commands[1:], cwd=tmp_path, table=table)
+    finally:
+        drop_table(SERVER_URLS["postgresql"], table)
+
+    codes = [result.returncode for result in results]
+    assert codes == [0] + [0, 0, 0, 1, 0] * 2 + [4, 4], [(r.args[3:], r.returncode, r.stderr) for r in results]
+    assert "RuntimeError" in results[3].stdout and "***@" in results[0].stderr
+    assert "Access denied" in results[-2].stderr
+    for result in results:
+        shown = result.stdout + result.stderr
+        assert PASSWORD not in shown and "p@ss:w0rd" not in shown and "p%40ss" not in shown, result.args
+
+
+# -- rows written by an attacker -------------------------------------------------------------
+
+EVIL_MODULE = "kronix_evil_{tag}"
+
+
+def attacker_rows(marker: Path, evil_module: str) -> dict[str, tuple[str, str]]:
+    """Rows an attacker with write access to the table could insert: id -> (name, payload text)."""
+    touch = f"touch {marker}"
+
+    class Exploit:
+        def __reduce__(self):
+            return (__import__("os").system, (touch,))
+
+    pickled = pickle.dumps(Exploit(), protocol=0).decode("latin-1")  # protocol 0 is text: fits the column
+    return {
+        "os-system": ("os.system", json.dumps(touch)),
+        "posix-system": ("posix.system", json.dumps(touch)),
+        "subprocess": ("subprocess.run", json.dumps(["touch", str(marker)])),
+        "builtins-eval": ("builtins.eval", json.dumps(f"__import__('os').system({touch!r})")),
+        "builtins-exec": ("exec", json.dumps(f"open({str(marker)!r}, 'w')")),
+        "dotted-import": (f"{evil_module}.run", json.dumps({"path": str(marker)})),
+        "module-path": (evil_module, "null"),
+        "module-colon": (f"{evil_module}:run", "null"),
+        "kronix-internals": ("kronix_data.cli.main", json.dumps(["--help"])),
+        "lookalike": ("security.cаnary", "{}"),  # Cyrillic 'а'
+        "trailing-space": ("security.canary ", "{}"),
+        "pickled-payload": ("security.canary", pickled),
+        "pickle-base64": ("security.canary", "gASVIAAAAAAAAACMBXBvc2l4lIwGc3lzdGVtlJOUjAV0b3VjaJSFlFKULg=="),
+    }
+
+
+def insert_rows_with_sql(driver: DatabaseQueueDriver, rows: dict[str, tuple[str, str]]) -> None:
+    """Write rows straight into the table, bypassing push and its validation, as an attacker would."""
+    due = datetime.now(timezone.utc) - timedelta(minutes=5)
+    with driver.engine.begin() as conn:
+        conn.execute(driver.table.insert(), [
+            {"id": job_id, "name": name, "queue": "default", "status": "pending", "attempts": 0, "max_retries": 3,
+             "payload": payload, "created_at": due, "available_at": due} for job_id, (name, payload) in rows.items()])
+
+
+def expected_reason(name: str, payload: str) -> str:
+    try:
+        json.loads(payload)
+    except ValueError:
+        return f"could not rebuild job {name!r}: JSONDecodeError"
+    return f"LookupError: no task or job factory is registered for {name!r}"
+
+
+@pytest.fixture
+def evil_module(tmp_path, monkeypatch):
+    """An importable module whose import, or whose run(), leaves a marker file."""
+    name = EVIL_MODULE.format(tag=uuid.uuid4().hex[:8])
+    marker = tmp_path / "PWNED"
+    (tmp_path / f"{name}.py").write_text(
+        f"open({str(marker)!r}, 'w').write('imported')\n\n"
+        f"def run(payload=None):\n    open({str(marker)!r}, 'w').write('ran')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    yield name, marker
+    sys.modules.pop(name, None)
+
+
+def check_attack_failed(driver: DatabaseQueueDriver, rows, marker: Path, evil_module: str, canary_ids) -> None:
+    assert not marker.exists(), f"an attacker's row ran code: {marker.read_text()}"
+    assert evil_module not in sys.modules
+    dead = driver.dead_letter_jobs().set_index("id")
+    assert sorted(dead.index) == sorted(rows)
+    for job_id, (name, payload) in rows.items():
+        assert dead.loc[job_id, "last_error"].startswith(expected_reason(name, payload)), dead.loc[job_id, "last_error"]
+    canaries = [driver.get_job(job_id) for job_id in canary_ids]
+    assert [(job.status, job.result) for job in canaries] == [(JobStatus.COMPLETED, {"seen": i}) for i in range(3)]
+
+
+@task(name="security.canary")
+def canary(payload):
+    """The one registered job: it only echoes its payload, so any other effect came from elsewhere."""
+    return {"seen": payload}
+
+
+def test_rows_crafted_in_the_table_cannot_run_unregistered_code_in_a_worker(driver, evil_module):
+    name, marker = evil_module
+    rows = attacker_rows(marker, name)
+    insert_rows_with_sql(driver, rows)
+    canary_ids = driver.push_many([canary.job(i) for i in range(3)])
+    worker = Worker(driver, burst=True, lease_timeout=10, listen=False)
+    worker.run()
+
+    not_json = sum(expected_reason(name, payload).startswith("could not") for name, payload in rows.values())
+    assert not_json == 2  # dead-lettered by pop itself; the worker dead-letters the rest
+    assert (worker.stats.completed, worker.stats.dead_lettered) == (3, len(rows) - not_json)
+    check_attack_failed(driver, rows, marker, name, canary_ids)
+
+
+def test_rows_crafted_in_the_table_cannot_run_code_in_a_kronix_worker_command(driver, db_url, table_name,
+                                                                              evil_module):
+    """The command puts the current directory on sys.path: the attacker's module sits right there."""
+    name, marker = evil_module
+    rows = attacker_rows(marker, name)
+    insert_rows_with_sql(driver, rows)
+    (marker.parent / "security_jobs.py").write_text(
+        "import kronix_data\n\n@kronix_data.task(name='security.canary')\n"
+        "def canary(payload):\n    return {'seen': payload}\n")
+    canary_ids = driver.push_many([canary.job(i) for i in range(3)])
+    [result] = kronix_in_parallel(["--db", db_url, "--table", table_name, "worker", "-m", "security_jobs", "--burst"],
+                                  cwd=marker.parent)
+    assert result.returncode == 0, result.stderr
+    check_attack_failed(driver, rows, marker, name, canary_ids)
+
+
+def test_a_payload_shaped_like_an_object_reaches_a_registered_job_as_plain_data(driver, tmp_path):
+    marker = tmp_path / "PWNED"
+    shapes = [{"py/object": "os.system", "py/reduce": [f"touch {marker}"]},
+              {"__reduce__": ["os.system", [f"touch {marker}"]]}, {"$type": "System.Diagnostics.Process"},
+              {"__class__": "subprocess.Popen", "args": ["touch", str(marker)]}, "os.system", f"touch {marker}"]
+    ids = driver.push_many([canary.job(shape) for shape in shapes])
+    Worker(driver, burst=True, lease_timeout=10, listen=False).run()
+    assert [driver.get_job(job_id).result for job_id in ids] == [{"seen": shape} for shape in shapes]
+    assert not marker.exists()
