@@ -297,14 +297,10 @@ class MySQLDialect(QueueDialect):
     def reader(self, engine):
         return self._engine
 
-    @staticmethod
-    def _has_skip_locked(conn: sa.Connection) -> bool:
+    def skips_locked(self, conn):
         """MariaDB >= 10.6 and MySQL >= 8.0.1; older servers get a plain (still atomic) FOR UPDATE."""
         version = conn.dialect.server_version_info or (0,)
         return version >= ((10, 6) if conn.dialect.is_mariadb else (8, 0, 1))
-
-    def skips_locked(self, conn):
-        return self._has_skip_locked(conn)
 
     def now(self):
         return sa.type_coerce(sa.literal_column("UTC_TIMESTAMP(6)"), UTCDateTime())
@@ -348,7 +344,7 @@ class MySQLDialect(QueueDialect):
             .where(table.c.queue == queue, table.c.status == PENDING, table.c.available_at <= self.now())
             .order_by(table.c.available_at, table.c.id)
             .limit(limit)
-            .with_for_update(skip_locked=self._has_skip_locked(conn))
+            .with_for_update(skip_locked=self.skips_locked(conn))
         )
         rows = [dict(zip((*CLAIMED_COLUMNS, "now"), row)) for row in conn.execute(select)]
         if not rows:
