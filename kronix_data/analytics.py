@@ -19,13 +19,12 @@ from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 import pandas as pd
-import sqlalchemy as sa
 
+from .errors import InvalidInputError
 from .job import JobStatus
-from .schema import PENDING
 
 if TYPE_CHECKING:
-    from .driver import DatabaseQueueDriver
+    from .store import JobStore
 
 STATS_COLUMNS = {
     "queue": "object",
@@ -82,14 +81,14 @@ def window_seconds(window: timedelta | float) -> float:
     """A stats window in seconds; a clear error for anything but a positive span."""
     seconds = window.total_seconds() if isinstance(window, timedelta) else window
     if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not seconds > 0:
-        raise ValueError(f"window must be a positive timedelta or number of seconds, got {window!r}")
+        raise InvalidInputError(f"window must be a positive timedelta or number of seconds, got {window!r}")
     return float(seconds)
 
 
 # -- fetch_stats ------------------------------------------------------------------
 
 
-def fetch_stats(driver: DatabaseQueueDriver, window: timedelta | float) -> pd.DataFrame:
+def fetch_stats(store: JobStore, window: timedelta | float) -> pd.DataFrame:
     """Per queue: counts of every row by status, the oldest pending age, and timings over ``window``.
 
     ``wait_s_*`` is claim minus due time over jobs finished (completed or
@@ -101,28 +100,15 @@ def fetch_stats(driver: DatabaseQueueDriver, window: timedelta | float) -> pd.Da
     job is scheduled for later, NaN with none).
     """
     seconds = window_seconds(window)
-    table, dialect = driver.table, driver.dialect
-    c = table.c
-    # Grouped in the order of the <table>_status index (status, queue): an index-only scan.
-    counts = sa.select(c.queue, c.status, sa.func.count().label("jobs")).group_by(c.status, c.queue)
-    # The literal lets PostgreSQL match the partial claim index even in a generic plan.
-    earliest = (sa.select(c.queue, sa.func.min(c.available_at).label("earliest_due"))
-                .where(c.status == PENDING).group_by(c.queue))
-    since = dialect.now_plus(-seconds)
-    wait = dialect.seconds_between(c.reserved_at, c.available_at)
-    run = sa.case((c.status == JobStatus.COMPLETED.value, dialect.seconds_between(c.finished_at, c.reserved_at)))
-    in_window = c.finished_at >= since
-    with driver._reader.connect() as conn:
-        now = conn.execute(sa.select(dialect.now())).scalar_one()
-        queues = _count_rows(conn.execute(counts).all())
-        for queue, due in conn.execute(earliest).all():
-            if due is not None and queue in queues:
-                queues[queue]["oldest_pending_age_s"] = max((now - due).total_seconds(), 0.0)
-        if dialect.percentiles([0.5], wait) is not None:
-            timings = _timings_in_database(conn, driver, wait, run, in_window)
-        else:
-            rows = conn.execute(sa.select(c.queue, wait.label("wait"), run.label("run")).where(in_window)).all()
-            timings = _timings_in_pandas(rows)
+    read = store.read_queue_stats(seconds)
+    queues = _count_rows(read.counts)
+    for queue, due in read.earliest_due:
+        if due is not None and queue in queues:
+            queues[queue]["oldest_pending_age_s"] = max((read.now - due).total_seconds(), 0.0)
+    if read.timing_summary is not None:
+        timings = {queue: _timings_from_summary(row) for queue, row in read.timing_summary.items()}
+    else:
+        timings = _timings_in_pandas(read.timing_rows)
     for queue, values in timings.items():
         if queue in queues:
             completed = values.pop("completed_in_window")
@@ -141,24 +127,14 @@ def _count_rows(rows: Sequence[Any]) -> dict[str, dict[str, Any]]:
     return queues
 
 
-def _timings_in_database(conn: sa.Connection, driver: DatabaseQueueDriver, wait, run, in_window) -> dict:
-    """Means and percentiles aggregated by the database (PostgreSQL), over the window's rows only."""
-    c, percentiles = driver.table.c, driver.dialect.percentiles
-    statement = (
-        sa.select(c.queue, sa.func.count(run).label("completed_in_window"),
-                  sa.func.avg(wait).label("wait_s_mean"), percentiles([0.5, 0.95], wait).label("wait"),
-                  sa.func.avg(run).label("run_s_mean"), percentiles([0.5, 0.95], run).label("run"))
-        .where(in_window).group_by(c.queue)
-    )
-    timings = {}
-    for row in conn.execute(statement).mappings():
-        values = {"completed_in_window": int(row["completed_in_window"]),
-                  "wait_s_mean": _float(row["wait_s_mean"]), "run_s_mean": _float(row["run_s_mean"])}
-        for name in ("wait", "run"):
-            p50, p95 = row[name] or (None, None)  # NULL when every value was NULL
-            values.update({f"{name}_s_p50": _float(p50), f"{name}_s_p95": _float(p95)})
-        timings[row["queue"]] = values
-    return timings
+def _timings_from_summary(row: Mapping[str, Any]) -> dict[str, Any]:
+    """The figures of one queue as the database aggregated them (PostgreSQL)."""
+    values = {"completed_in_window": int(row["completed_in_window"]),
+              "wait_s_mean": _float(row["wait_s_mean"]), "run_s_mean": _float(row["run_s_mean"])}
+    for name in ("wait", "run"):
+        p50, p95 = row[name] or (None, None)  # NULL when every value was NULL
+        values.update({f"{name}_s_p50": _float(p50), f"{name}_s_p95": _float(p95)})
+    return values
 
 
 def _timings_in_pandas(rows: Sequence[Any]) -> dict:
@@ -206,18 +182,9 @@ def split_error(last_error: str | None) -> tuple[str, str]:
     return "UnknownError", line
 
 
-def dead_letter_jobs(driver: DatabaseQueueDriver, queue: str | None = None, batch: str | None = None) -> pd.DataFrame:
+def dead_letter_jobs(store: JobStore, queue: str | None = None, batch: str | None = None) -> pd.DataFrame:
     """The dead letters (of a queue and/or batch), newest first, payload decoded, error split."""
-    c = driver.table.c
-    statement = (sa.select(*(c[name] for name in DEAD_LETTER_SOURCE_COLUMNS))
-                 .where(c.status == JobStatus.FAILED.value).order_by(c.finished_at.desc(), c.id))
-    if queue is not None:
-        statement = statement.where(c.queue == queue)
-    if batch is not None:
-        statement = statement.where(c.batch_id == batch)
-    with driver._reader.connect() as conn:
-        rows = conn.execute(statement).mappings().all()
-    return dead_letter_frame(rows)
+    return dead_letter_frame(store.read_dead_letters(DEAD_LETTER_SOURCE_COLUMNS, queue, batch))
 
 
 def dead_letter_frame(rows: Sequence[Mapping[str, Any]]) -> pd.DataFrame:

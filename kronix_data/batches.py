@@ -1,4 +1,10 @@
-"""The Batch handle: follow, wait for and collect the chunk jobs of one enqueue.
+"""Batches: enqueue data in chunks as one batch, then follow, wait for and collect its jobs.
+
+A notebook user enqueues a whole ETL in one call (:func:`enqueue_chunks`, or
+``driver.map``) and gets a :class:`Batch` back.  The call is idempotent: the
+batch id is a hash of what is enqueued and every chunk carries the key
+``f"{batch_id}:{n}"``, so re-running the same cell finds the stored chunks and
+enqueues nothing.
 
 A Batch is only an id and a driver; everything it shows is read from the
 table (through the ``<table>_batch`` index on ``(batch_id, status)``), so a
@@ -9,19 +15,30 @@ as much as the one ``enqueue_chunks`` returned.
 from __future__ import annotations
 
 import html
+import math
 import time
 from collections.abc import Mapping, Sequence
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import pandas as pd
-import sqlalchemy as sa
 
-from .analytics import typed_frame
-from .job import JobStatus, decode_json
+from .analytics import dead_letter_frame, dead_letter_jobs, typed_frame
+from .chunking import checked_batch_id, chunks, default_batch_id, frame_batch_id
+from .errors import InvalidInputError, NotFoundError
+from .history import time_bound
+from .job import Job, JobStatus, decode_json
+from .tasks import Task
 
 if TYPE_CHECKING:
-    from .driver import DatabaseQueueDriver
+    from .store import JobStore
+
+
+class QueueHandle(Protocol):
+    """What a batch needs of its queue: the store under it (a ``DatabaseQueueDriver`` has one)."""
+
+    store: JobStore
+    table_name: str
 
 _STATUSES = tuple(status.value for status in JobStatus)
 
@@ -47,22 +64,26 @@ class Batch:
     id
         The batch id; ``driver.batch(id)`` finds the batch again later.
     driver
-        The queue its jobs are in.
+        The queue its jobs are in (the ``DatabaseQueueDriver`` that made or found it).
     name
         The job name of its chunks (None if unknown).
     """
 
-    def __init__(self, id: str, driver: DatabaseQueueDriver, name: str | None = None):
+    def __init__(self, id: str, driver: QueueHandle, name: str | None = None):
         self.id = id
         self.driver = driver
         self.name = name
+
+    @property
+    def store(self) -> JobStore:
+        return self.driver.store
 
     def __repr__(self) -> str:
         return f"Batch({self.id!r}, name={self.name!r}, table={self.driver.table_name!r})"
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, Batch) and (self.id, self.driver.table_name, str(self.driver.engine.url)) == (
-            other.id, other.driver.table_name, str(other.driver.engine.url))
+        return isinstance(other, Batch) and (self.id, self.driver.table_name, self.store.url_shown) == (
+            other.id, other.driver.table_name, other.store.url_shown)
 
     def __hash__(self) -> int:
         return hash((self.id, self.driver.table_name))
@@ -71,10 +92,7 @@ class Batch:
 
     def progress(self) -> dict[str, int]:
         """Chunk counts: ``{"total", "pending", "processing", "completed", "failed"}``."""
-        c = self.driver.table.c
-        statement = sa.select(c.status, sa.func.count()).where(c.batch_id == self.id).group_by(c.status)
-        with self.driver._reader.connect() as conn:
-            counts = dict(conn.execute(statement).all())
+        counts = self.store.count_batch_by_status(self.id)
         result = {"total": sum(counts.values())}
         result.update({status: int(counts.get(status, 0)) for status in _STATUSES})
         return result
@@ -97,7 +115,7 @@ class Batch:
             Not done after ``timeout`` seconds (the chunks keep running).
         """
         if poll_interval <= 0:
-            raise ValueError(f"poll_interval must be > 0, got {poll_interval!r}")
+            raise InvalidInputError(f"poll_interval must be > 0, got {poll_interval!r}")
         deadline = None if timeout is None else time.monotonic() + timeout
         bar = _progress_bar(self) if progress else None
         try:
@@ -126,46 +144,37 @@ class Batch:
         the results are concatenated into one DataFrame instead, with a
         ``chunk`` column first.
         """
-        c = self.driver.table.c
-        statement = (sa.select(c.id, c.job_key, c.result)
-                     .where(c.batch_id == self.id, c.status == JobStatus.COMPLETED.value))
-        with self.driver._reader.connect() as conn:
-            rows = conn.execute(statement).all()
+        rows = self.store.read_batch_results(self.id)
         chunk_of = self._chunk_numbers(rows)
-        records = sorted(({"chunk": chunk_of[row.id], "job_id": row.id, "result": decode_json(row.result)}
-                          for row in rows), key=lambda record: (record["chunk"], record["job_id"]))
+        records = sorted(({"chunk": chunk_of[job_id], "job_id": job_id, "result": decode_json(result)}
+                          for job_id, _, result in rows), key=lambda record: (record["chunk"], record["job_id"]))
         combined = _concatenate(records)
         if combined is not None:
             return combined
         return typed_frame(records, {"chunk": "int64", "job_id": "object", "result": "object"})
 
-    def _chunk_numbers(self, rows: Sequence[Any]) -> dict[str, int]:
+    def _chunk_numbers(self, rows: Sequence[tuple[str, str | None, Any]]) -> dict[str, int]:
         """Chunk numbers from the keys ``f"{batch_id}:{n}"``; from the payload for a job pushed by hand."""
         numbers, unkeyed = {}, []
         prefix = f"{self.id}:"
-        for row in rows:
-            suffix = row.job_key[len(prefix):] if row.job_key and row.job_key.startswith(prefix) else ""
+        for job_id, key, _ in rows:
+            suffix = key[len(prefix):] if key and key.startswith(prefix) else ""
             if suffix.isdigit():
-                numbers[row.id] = int(suffix)
+                numbers[job_id] = int(suffix)
             else:
-                unkeyed.append(row.id)
-        if unkeyed:
-            c = self.driver.table.c
-            with self.driver._reader.connect() as conn:
-                for start in range(0, len(unkeyed), 1000):
-                    for job_id, payload in conn.execute(sa.select(c.id, c.payload).where(
-                            c.id.in_(unkeyed[start:start + 1000]))):
-                        chunk = decode_json(payload).get("chunk") if payload and payload.startswith("{") else None
-                        numbers[job_id] = int(chunk) if isinstance(chunk, int) else -1
+                unkeyed.append(job_id)
+        for job_id, payload in self.store.read_payloads(unkeyed).items() if unkeyed else ():
+            chunk = decode_json(payload).get("chunk") if payload and payload.startswith("{") else None
+            numbers[job_id] = int(chunk) if isinstance(chunk, int) else -1
         return numbers
 
     def failures(self) -> pd.DataFrame:
         """The dead-lettered chunks, same columns as ``driver.dead_letter_jobs()``."""
-        return self.driver.dead_letter_jobs(batch=self.id)
+        return dead_letter_jobs(self.store, batch=self.id)
 
     def retry_failures(self) -> int:
         """Run the dead-lettered chunks again (pending, attempts 0); returns how many."""
-        return self.driver.retry_dead_letters(batch=self.id)
+        return self.store.retry_dead_letters(batch=self.id)
 
     # -- display ------------------------------------------------------------
 
@@ -225,19 +234,17 @@ def _show(bar, counts: Mapping[str, int]) -> None:
 # -- finding batches ------------------------------------------------------------
 
 
-def find_batch(driver: DatabaseQueueDriver, batch_id: str) -> Batch:
-    """The Batch with this id (after a kernel restart, say); LookupError if no job has it."""
+def find_batch(driver: QueueHandle, batch_id: str) -> Batch:
+    """The Batch with this id (after a kernel restart, say); NotFoundError if no job has it."""
     if not isinstance(batch_id, str):
-        raise TypeError(f"batch_id must be a str, got {type(batch_id).__name__}")
-    c = driver.table.c
-    with driver._reader.connect() as conn:
-        names = conn.execute(sa.select(c.name).where(c.batch_id == batch_id).distinct().limit(2)).scalars().all()
+        raise InvalidInputError(f"batch_id must be a str, got {type(batch_id).__name__}")
+    names = driver.store.names_in_batch(batch_id)
     if not names:
-        raise LookupError(f"no job has batch id {batch_id!r} in table {driver.table_name!r}")
+        raise NotFoundError(f"no job has batch id {batch_id!r} in table {driver.table_name!r}")
     return Batch(batch_id, driver, names[0] if len(names) == 1 else None)
 
 
-def batches_frame(driver: DatabaseQueueDriver, since: datetime | timedelta | None = None) -> pd.DataFrame:
+def batches_frame(store: JobStore, since: datetime | timedelta | None = None) -> pd.DataFrame:
     """One row per batch, newest first: counts by status, first creation, latest finish.
 
     ``since`` keeps the batches with a job created since then (a timezone-aware
@@ -245,25 +252,7 @@ def batches_frame(driver: DatabaseQueueDriver, since: datetime | timedelta | Non
     ``created_at`` index, then counted through the batch index, so a monitor
     refreshing it stays cheap on a big table.
     """
-    from .history import time_bound
-
-    c = driver.table.c
-    statement = (sa.select(c.batch_id, c.status, sa.func.count().label("jobs"), sa.func.min(c.name).label("name"),
-                           sa.func.max(c.name).label("other_name"),
-                           sa.func.min(c.created_at).label("created_at"),
-                           sa.func.max(c.finished_at).label("finished_at"))
-                 .group_by(c.batch_id, c.status))
-    with driver._reader.connect() as conn:
-        if since is None:
-            rows = conn.execute(statement.where(c.batch_id.is_not(None))).mappings().all()
-        else:
-            # Two steps, not a subquery: the planner cannot guess how few batches are
-            # recent and would scan the whole table to join them.
-            recent = conn.execute(sa.select(c.batch_id).distinct().where(
-                c.batch_id.is_not(None), c.created_at >= time_bound(driver, since, "since"))).scalars().all()
-            rows = []
-            for start in range(0, len(recent), 1000):
-                rows += conn.execute(statement.where(c.batch_id.in_(recent[start:start + 1000]))).mappings().all()
+    rows = store.summarise_batches(None if since is None else time_bound(since, "since"))
     return typed_frame(_fold_batches(rows), BATCH_COLUMNS)
 
 
@@ -287,3 +276,59 @@ def _fold_batches(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
 
 def _extreme(pick, current, value):
     return value if current is None else current if value is None else pick(current, value)
+
+
+# -- enqueueing ------------------------------------------------------------------
+
+
+def enqueue_chunks(driver: QueueHandle, name: str | Task, data: Any, chunk_size: int = 10_000, *,
+                   queue: str | None = None, batch: str | None = None, max_retries: int | None = None) -> Batch:
+    """Enqueue ``data`` as chunk jobs named ``name`` in one transaction and return their Batch.
+
+    Parameters
+    ----------
+    driver
+        The queue.
+    name
+        The job name, or a ``@task`` (its name, queue and max_retries are the defaults).
+    data, chunk_size
+        What to cut and how finely, as for :func:`chunks`.
+    queue, max_retries
+        Override the task's (or ``"default"`` and 3).
+    batch
+        The batch id.  By default a hash of ``(name, queue, the chunks' content)``:
+        enqueueing the same chunks again (a re-run notebook cell) enqueues nothing
+        and returns the same Batch.  Name a batch (``"nightly-2026-11-28"``) to
+        find it easily; its chunks are keyed ``f"{batch}:{n}"``, so chunk numbers
+        already stored under that name are skipped whatever their data.
+
+    Raises
+    ------
+    InvalidInputError
+        ``data`` has no chunk at all (a batch of nothing could never be found
+        again), or a value is not JSON; nothing is written then.
+    """
+    task = name if isinstance(name, Task) else None
+    job_name = task.name if task else name
+    if not isinstance(job_name, str):
+        raise InvalidInputError(f"name must be a job name (str) or a @task, got {type(name).__name__}")
+    queue = queue if queue is not None else task.queue if task else "default"
+    max_retries = max_retries if max_retries is not None else task.max_retries if task else 3
+    cut = chunks(data, chunk_size)  # checks data and chunk_size now, cuts lazily
+    frame = data if isinstance(data, pd.DataFrame) else None
+    batch_id = checked_batch_id(batch) if batch is not None else frame_batch_id(job_name, queue, frame, chunk_size)
+    payloads = None if batch_id and frame is not None else list(cut)
+    if batch_id is None:
+        batch_id = default_batch_id(job_name, queue, payloads)
+    expected = math.ceil(len(frame) / chunk_size) if payloads is None else len(payloads)
+    if not expected:
+        raise InvalidInputError(f"data ({type(data).__name__}) is empty: there is nothing to enqueue")
+    # A re-run cell finds every chunk stored and stops here, before cutting and
+    # encoding a big DataFrame again (seconds for millions of rows).
+    store = driver.store
+    if store.count_stored_keys(batch_id, [f"{batch_id}:{n}" for n in range(expected)]) < expected:
+        make = task.job if task else lambda payload, **options: Job(job_name, payload, **options)
+        store.insert_jobs([store.row_for_push(make(payload, queue=queue, max_retries=max_retries,
+                                                   key=f"{batch_id}:{payload['chunk']}", batch_id=batch_id))
+                           for payload in (cut if payloads is None else payloads)])
+    return Batch(batch_id, driver, job_name)

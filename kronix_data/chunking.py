@@ -1,10 +1,9 @@
-"""Cut data into chunk jobs: a DataFrame by rows, a range by bounds, anything else by items.
+"""Cut data into chunk payloads and restore them: a DataFrame by rows, a range by bounds, anything else by items.
 
-A notebook user enqueues a whole ETL in one call (:func:`enqueue_chunks`, or
-``driver.map``) and gets a :class:`~kronix_data.batches.Batch` back.  The
-call is idempotent: the batch id is a hash of what is enqueued and every
-chunk carries the key ``f"{batch_id}:{n}"``, so re-running the same cell
-finds the stored chunks and enqueues nothing.
+Pure: nothing here touches the database.  :func:`kronix_data.batches.enqueue_chunks`
+(``driver.map``) pushes the chunks as jobs of one batch, whose id
+(:func:`default_batch_id`, :func:`frame_batch_id`) is a hash of what is
+enqueued, so re-running the same cell enqueues nothing.
 
 Payloads are plain JSON, so a worker in another process (or on another
 machine, with another pandas) can read them:
@@ -28,17 +27,13 @@ import os
 from collections.abc import Iterable, Iterator, Mapping
 from datetime import date, datetime, time as clock_time
 from itertools import islice
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from .job import MAX_BATCH_ID_LENGTH, Job
-from .tasks import Task
-
-if TYPE_CHECKING:
-    from .batches import Batch
-    from .driver import DatabaseQueueDriver
+from .errors import InvalidInputError
+from .job import MAX_BATCH_ID_LENGTH
 
 #: How many characters of the job name a generated batch id keeps (readable, yet short).
 _NAME_PART = 64
@@ -57,20 +52,20 @@ def chunks(data: Any, chunk_size: int) -> Iterator[dict[str, Any]]:
         Rows, range members or items per chunk (the last chunk may be smaller).
     """
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, (int, np.integer)) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be an int >= 1, got {chunk_size!r}")
+        raise InvalidInputError(f"chunk_size must be an int >= 1, got {chunk_size!r}")
     chunk_size = int(chunk_size)
     if isinstance(data, pd.DataFrame):
         return _frame_chunks(data, chunk_size)
     if isinstance(data, range):
         return _range_chunks(data, chunk_size)
     if isinstance(data, (str, bytes, bytearray)):
-        raise TypeError(f"data is a {type(data).__name__}, which would be cut into characters; "
+        raise InvalidInputError(f"data is a {type(data).__name__}, which would be cut into characters; "
                         "pass a list of them instead, e.g. [path]")
     if isinstance(data, Mapping):
-        raise TypeError("data is a mapping, which would be cut into its keys; pass list(data.items()) "
+        raise InvalidInputError("data is a mapping, which would be cut into its keys; pass list(data.items()) "
                         "or a DataFrame instead")
     if not isinstance(data, Iterable):
-        raise TypeError(f"data must be a DataFrame, a range or an iterable, got {type(data).__name__}")
+        raise InvalidInputError(f"data must be a DataFrame, a range or an iterable, got {type(data).__name__}")
     return _item_chunks(data, chunk_size)
 
 
@@ -98,7 +93,7 @@ def _json_value(value: Any, where: str) -> Any:
         return value
     if isinstance(value, float):
         if not math.isfinite(value):
-            raise ValueError(f"{where} is {value!r}, which JSON cannot hold; drop it or use None")
+            raise InvalidInputError(f"{where} is {value!r}, which JSON cannot hold; drop it or use None")
         return value
     if value is pd.NaT or value is pd.NA:
         return None
@@ -114,9 +109,9 @@ def _json_value(value: Any, where: str) -> Any:
         return [_json_value(item, f"{where}[{i}]") for i, item in enumerate(value)]
     if isinstance(value, Mapping):
         if not all(isinstance(key, str) for key in value):
-            raise TypeError(f"{where} is a dict with non-str keys; JSON objects need str keys")
+            raise InvalidInputError(f"{where} is a dict with non-str keys; JSON objects need str keys")
         return {key: _json_value(item, f"{where}[{key!r}]") for key, item in value.items()}
-    raise TypeError(f"{where} has type {type(value).__name__}, which is not JSON; "
+    raise InvalidInputError(f"{where} has type {type(value).__name__}, which is not JSON; "
                     "convert it to str, a number, a list or a dict first")
 
 
@@ -125,10 +120,10 @@ def _json_value(value: Any, where: str) -> Any:
 
 def _frame_chunks(frame: pd.DataFrame, chunk_size: int) -> Iterator[dict[str, Any]]:
     if isinstance(frame.columns, pd.MultiIndex) or isinstance(frame.index, pd.MultiIndex):
-        raise ValueError("DataFrames with a MultiIndex cannot be chunked; reset_index() or flatten the columns first")
+        raise InvalidInputError("DataFrames with a MultiIndex cannot be chunked; reset_index() or flatten the columns first")
     for label in frame.columns:
         if isinstance(label, bool) or not isinstance(label, (str, int, np.integer)):
-            raise TypeError(f"column label {label!r} must be a str or an int to travel as JSON")
+            raise InvalidInputError(f"column label {label!r} must be a str or an int to travel as JSON")
     columns = [label if isinstance(label, str) else int(label) for label in frame.columns]
     dtypes = {"columns": [_dtype_spec(dtype) for dtype in frame.dtypes], "index": str(frame.index.dtype),
               "index_name": frame.index.name if isinstance(frame.index.name, str) else None}
@@ -170,7 +165,7 @@ def _column_values(series: pd.Series, where: str) -> list[Any]:
     if pd.api.types.is_float_dtype(dtype) and not isinstance(dtype, pd.api.extensions.ExtensionDtype):
         array = series.to_numpy()
         if np.isinf(array).any():
-            raise ValueError(f"{where} holds infinity, which JSON cannot hold")
+            raise InvalidInputError(f"{where} holds infinity, which JSON cannot hold")
         values = array.tolist()
         return [None if gap else value for value, gap in zip(values, missing)] if missing.any() else values
     if (pd.api.types.is_integer_dtype(dtype) or pd.api.types.is_bool_dtype(dtype)) and not missing.any():
@@ -187,7 +182,7 @@ def as_frame(payload: Mapping[str, Any]) -> pd.DataFrame:
     """
     if not isinstance(payload, Mapping) or "frame" not in payload:
         keys = sorted(payload) if isinstance(payload, Mapping) else type(payload).__name__
-        raise ValueError(f"as_frame takes the payload of a DataFrame chunk (with a 'frame' key), got {keys}")
+        raise InvalidInputError(f"as_frame takes the payload of a DataFrame chunk (with a 'frame' key), got {keys}")
     split = payload["frame"]
     if isinstance(split, str):  # the JSON text of orient="split", as pandas writes it
         split = json.loads(split)
@@ -213,77 +208,10 @@ def _restore(series: pd.Series, dtype: str | dict[str, Any]) -> pd.Series:
             return pd.to_timedelta(series.astype("float64"), unit="s").astype(dtype)
         return series.astype(dtype)
     except (TypeError, ValueError) as error:
-        raise ValueError(f"column {series.name!r} cannot be restored to dtype {dtype}: {error}") from error
+        raise InvalidInputError(f"column {series.name!r} cannot be restored to dtype {dtype}: {error}") from error
 
 
-# -- enqueueing ---------------------------------------------------------------
-
-
-def enqueue_chunks(driver: DatabaseQueueDriver, name: str | Task, data: Any, chunk_size: int = 10_000, *,
-                   queue: str | None = None, batch: str | None = None, max_retries: int | None = None) -> Batch:
-    """Enqueue ``data`` as chunk jobs named ``name`` in one transaction and return their Batch.
-
-    Parameters
-    ----------
-    driver
-        The queue.
-    name
-        The job name, or a ``@task`` (its name, queue and max_retries are the defaults).
-    data, chunk_size
-        What to cut and how finely, as for :func:`chunks`.
-    queue, max_retries
-        Override the task's (or ``"default"`` and 3).
-    batch
-        The batch id.  By default a hash of ``(name, queue, the chunks' content)``:
-        enqueueing the same chunks again (a re-run notebook cell) enqueues nothing
-        and returns the same Batch.  Name a batch (``"nightly-2026-11-28"``) to
-        find it easily; its chunks are keyed ``f"{batch}:{n}"``, so chunk numbers
-        already stored under that name are skipped whatever their data.
-
-    Raises
-    ------
-    ValueError
-        ``data`` has no chunk at all (a batch of nothing could never be found
-        again), or a value is not JSON; nothing is written then.
-    """
-    from .batches import Batch
-
-    task = name if isinstance(name, Task) else None
-    job_name = task.name if task else name
-    if not isinstance(job_name, str):
-        raise TypeError(f"name must be a job name (str) or a @task, got {type(name).__name__}")
-    queue = queue if queue is not None else task.queue if task else "default"
-    max_retries = max_retries if max_retries is not None else task.max_retries if task else 3
-    cut = chunks(data, chunk_size)  # checks data and chunk_size now, cuts lazily
-    frame = data if isinstance(data, pd.DataFrame) else None
-    batch_id = _checked_batch_id(batch) if batch is not None else frame_batch_id(job_name, queue, frame, chunk_size)
-    payloads = None if batch_id and frame is not None else list(cut)
-    if batch_id is None:
-        batch_id = default_batch_id(job_name, queue, payloads)
-    expected = math.ceil(len(frame) / chunk_size) if payloads is None else len(payloads)
-    if not expected:
-        raise ValueError(f"data ({type(data).__name__}) is empty: there is nothing to enqueue")
-    # A re-run cell finds every chunk stored and stops here, before cutting and
-    # encoding a big DataFrame again (seconds for millions of rows).
-    if _stored_chunks(driver, batch_id, expected) < expected:
-        make = task.job if task else lambda payload, **options: Job(job_name, payload, **options)
-        driver.push_many(make(payload, queue=queue, max_retries=max_retries, key=f"{batch_id}:{payload['chunk']}",
-                              batch_id=batch_id) for payload in (cut if payloads is None else payloads))
-    return Batch(batch_id, driver, job_name)
-
-
-def _stored_chunks(driver: DatabaseQueueDriver, batch_id: str, expected: int) -> int:
-    """How many of the chunk keys ``batch_id:0 .. expected-1`` are already in the table."""
-    import sqlalchemy as sa
-
-    c = driver.table.c
-    stored = 0
-    with driver._reader.connect() as conn:
-        for start in range(0, expected, 1000):  # under every database's bound-parameter limit
-            keys = [f"{batch_id}:{n}" for n in range(start, min(start + 1000, expected))]
-            stored += conn.execute(sa.select(sa.func.count()).select_from(driver.table)
-                                   .where(c.batch_id == batch_id, c.job_key.in_(keys))).scalar_one()
-    return stored
+# -- batch ids ----------------------------------------------------------------
 
 
 def _digest(name: str, queue: str) -> Any:
@@ -322,9 +250,9 @@ def frame_batch_id(name: str, queue: str, frame: pd.DataFrame | None, chunk_size
     return f"{name[:_NAME_PART]}-{digest.hexdigest()[:16]}"
 
 
-def _checked_batch_id(batch: Any) -> str:
+def checked_batch_id(batch: Any) -> str:
     if not isinstance(batch, str):
-        raise TypeError(f"batch must be a str, got {type(batch).__name__}")
+        raise InvalidInputError(f"batch must be a str, got {type(batch).__name__}")
     if not batch or len(batch) > MAX_BATCH_ID_LENGTH or not batch.isprintable():
-        raise ValueError(f"batch {batch[:40]!r} must have 1 to {MAX_BATCH_ID_LENGTH} printable characters")
+        raise InvalidInputError(f"batch {batch[:40]!r} must have 1 to {MAX_BATCH_ID_LENGTH} printable characters")
     return batch

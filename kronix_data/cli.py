@@ -124,20 +124,14 @@ def open_driver(args: argparse.Namespace, *, require_table: bool = True) -> Iter
                            f"table {args.table!r})", EXIT_CONFIGURATION) from error
     log.info("using table %r in %s", args.table, shown_url(args.db))
     with driver:
-        if require_table and table_parts(driver) is None:
+        missing = driver.store.missing_database() if require_table else None
+        if missing:
+            raise CommandError(f"{missing} (nothing was created); 'kronix init' with the same --db creates it",
+                               EXIT_DATABASE)
+        if require_table and driver.store.table_parts() is None:
             raise CommandError(f"table {args.table!r} does not exist in {shown_url(args.db)}; "
                                "create it with 'kronix init'", EXIT_DATABASE)
         yield driver
-
-
-def table_parts(driver: DatabaseQueueDriver) -> set[str] | None:
-    """The jobs table's columns and indexes as the database has them, or None without a table."""
-    inspector = sa.inspect(driver.engine)
-    name, schema = driver.table.name, driver.table.schema
-    if not inspector.has_table(name, schema=schema):
-        return None
-    columns = {f"column {column['name']}" for column in inspector.get_columns(name, schema=schema)}
-    return columns | {f"index {index['name']}" for index in inspector.get_indexes(name, schema=schema)}
 
 
 def emit(args: argparse.Namespace, human: str, document: Any) -> None:
@@ -176,9 +170,9 @@ def text_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
 def command_init(args: argparse.Namespace) -> int:
     """Create the table, or upgrade it, and say which of the two happened."""
     with open_driver(args, require_table=False) as driver:
-        before = table_parts(driver)
+        before = driver.store.table_parts()
         driver.create_table()
-        added = sorted((table_parts(driver) or set()) - (before or set()))
+        added = sorted((driver.store.table_parts() or set()) - (before or set()))
     if before is None:
         action, message = "created", f"created table {args.table!r} in {shown_url(args.db)}"
     elif added:

@@ -18,10 +18,10 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import sqlalchemy as sa
 
-from .driver import DatabaseQueueDriver
 from .chunking import as_frame
+from .driver import DatabaseQueueDriver
+from .errors import InvalidInputError
 from .job import RetryPolicy
 from .local import start_local_workers
 from .tasks import task
@@ -82,7 +82,7 @@ def generate_sales(rows: int, seed: int = 2026) -> tuple[pd.DataFrame, BadRows]:
     bad, so a few chunks of the default run fail.
     """
     if rows < 1:
-        raise ValueError(f"rows must be >= 1, got {rows}")
+        raise InvalidInputError(f"rows must be >= 1, got {rows}")
     rng = np.random.default_rng(seed)
     sales = pd.DataFrame({
         "order_id": np.arange(1, rows + 1, dtype=np.int64),
@@ -106,10 +106,8 @@ class TableInUse(ValueError):
 
 def reset_table(driver: DatabaseQueueDriver) -> None:
     """Start from an empty table, refusing one that holds jobs other than the demo's."""
-    if sa.inspect(driver.engine).has_table(driver.table.name, schema=driver.table.schema):
-        c = driver.table.c
-        with driver.engine.connect() as conn:
-            foreign = conn.execute(sa.select(c.name).where(c.name != TASK_NAME).limit(1)).scalar()
+    if driver.store.table_parts() is not None:
+        foreign = driver.store.job_name_other_than(TASK_NAME)
         if foreign is not None:
             raise TableInUse(f"table {driver.table_name!r} holds jobs that are not the demo's (e.g. {foreign!r}); "
                              "the demo empties its table, so give it one of its own with --table")

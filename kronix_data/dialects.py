@@ -7,8 +7,11 @@ arithmetic, and the atomic claim; it never tests the database's name itself.
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
+import time
+from collections.abc import Sequence
 from datetime import timedelta
 from functools import partial
 from typing import Any
@@ -21,7 +24,10 @@ try:
 except ImportError:  # Windows: writers rely on sqlite's busy timeout alone
     fcntl = None
 
-from .schema import CLAIMED_COLUMNS, PENDING, UTCDateTime
+from .errors import InvalidInputError
+from .schema import CLAIMED_COLUMNS, PENDING, UTCDateTime, create_or_upgrade
+
+log = logging.getLogger(__name__)
 
 #: Short driver-less URL schemes mapped to the drivers kronix-data installs.
 _DEFAULT_DRIVERS = {"postgresql": "postgresql+psycopg", "postgres": "postgresql+psycopg",
@@ -33,7 +39,7 @@ def make_engine(db: sa.Engine | str) -> sa.Engine:
     if isinstance(db, sa.Engine):
         return db
     if not isinstance(db, (str, sa.URL)):
-        raise TypeError(f"db must be a SQLAlchemy Engine or a database URL, got {type(db).__name__}")
+        raise InvalidInputError(f"db must be a SQLAlchemy Engine or a database URL, got {type(db).__name__}")
     url = sa.make_url(db)
     if url.drivername in _DEFAULT_DRIVERS:
         url = url.set(drivername=_DEFAULT_DRIVERS[url.drivername])
@@ -41,11 +47,11 @@ def make_engine(db: sa.Engine | str) -> sa.Engine:
 
 
 def dialect_class(backend: str) -> type[QueueDialect]:
-    """The dialect for a SQLAlchemy backend name, or a ValueError naming it."""
+    """The dialect for a SQLAlchemy backend name, or an InvalidInputError naming it."""
     for cls in (PostgresDialect, MySQLDialect, SQLiteDialect):
         if backend in cls.backends:
             return cls
-    raise ValueError(f"unsupported database {backend!r}: use PostgreSQL, MySQL/MariaDB or SQLite")
+    raise InvalidInputError(f"unsupported database {backend!r}: use PostgreSQL, MySQL/MariaDB or SQLite")
 
 
 def dialect_for(engine: sa.Engine) -> QueueDialect:
@@ -77,6 +83,31 @@ class QueueDialect:
     def reader(self, engine: sa.Engine) -> sa.Engine:
         """The engine to run read-only queries on."""
         return engine
+
+    def missing_database(self, engine: sa.Engine) -> str | None:
+        """Why the database itself is not there, found without creating it (None: it may be)."""
+        return None
+
+    #: How often creating the table is tried when another process creates it at the same time.
+    schema_attempts = 5
+
+    def create_or_upgrade(self, engine: sa.Engine, table: sa.Table) -> None:
+        """Create or upgrade the table, safe from many processes at once.
+
+        A lost race (PostgreSQL: two CREATE TABLEs collide in the catalog; MySQL:
+        DDL is not transactional, so another process may add the same index
+        between our look and our write) is tried again against what the winner made.
+        """
+        for attempt in range(1, self.schema_attempts + 1):
+            try:
+                with engine.begin() as conn:
+                    create_or_upgrade(conn, table, self.now())
+                return
+            except sa.exc.DBAPIError:
+                if attempt == self.schema_attempts:
+                    raise
+                log.info("creating table %s lost a race with another process; checking again", table.fullname)
+                time.sleep(0.05 * attempt)
 
     def now(self) -> sa.ColumnElement:
         """The database's current time (UTC, microseconds where it has them)."""
@@ -113,8 +144,13 @@ class QueueDialect:
         """
         self._insert(conn, table.insert(), rows)
 
-    def insert_new_keys(self, conn: sa.Connection, table: sa.Table, rows: list[dict[str, Any]]) -> None:
-        """Insert keyed jobs, silently skipping those whose key is already in the table."""
+    def insert_new_keys(self, conn: sa.Connection, table: sa.Table, rows: list[dict[str, Any]]) -> dict[str, str]:
+        """Insert keyed jobs whose key is new (the others are skipped); every row's key mapped to its stored id."""
+        self._insert(conn, self.insert_skipping_stored_keys(table), rows)
+        return stored_ids_by_key(conn, table, [row["job_key"] for row in rows])
+
+    def insert_skipping_stored_keys(self, table: sa.Table) -> sa.Insert:
+        """An INSERT that skips a row whose ``job_key`` is already stored, and fails on anything else."""
         raise NotImplementedError
 
     def _insert(self, conn: sa.Connection, statement: sa.Insert, rows: list[dict[str, Any]]) -> None:
@@ -132,6 +168,10 @@ class QueueDialect:
     def update_by_id(self, table: sa.Table) -> sa.Update:
         """An UPDATE of rows picked by id (the ownership-checked writes of held jobs)."""
         return table.update()
+
+    def set_in_order(self, update: sa.Update, assignments: Sequence[tuple[sa.Column, Any]]) -> sa.Update:
+        """SET ``assignments``, each reading the row as it was before the UPDATE."""
+        return update.values({column: value for column, value in assignments})
 
     def skips_locked(self, conn: sa.Connection) -> bool:
         """Whether ``FOR UPDATE SKIP LOCKED`` works here (SQLite has no row locks to skip)."""
@@ -152,6 +192,15 @@ class QueueDialect:
         :data:`CLAIMED_COLUMNS`.
         """
         raise NotImplementedError
+
+
+def stored_ids_by_key(conn: sa.Connection, table: sa.Table, keys: list[str]) -> dict[str, str]:
+    """The ids of the stored jobs with these keys, read in slices under every database's parameter limit."""
+    stored: dict[str, str] = {}
+    for start in range(0, len(keys), 1000):
+        part = keys[start:start + 1000]
+        stored.update(conn.execute(sa.select(table.c.job_key, table.c.id).where(table.c.job_key.in_(part))).all())
+    return stored
 
 
 def _due_pending(table: sa.Table, queue: str, now: sa.ColumnElement, limit: int) -> sa.Select:
@@ -220,10 +269,10 @@ class PostgresDialect(QueueDialect):
             for row in rows:
                 copy.write_row([row[column] for column in columns])
 
-    def insert_new_keys(self, conn, table, rows):
+    def insert_skipping_stored_keys(self, table):
         from sqlalchemy.dialects.postgresql import insert
 
-        self._insert(conn, insert(table).on_conflict_do_nothing(index_elements=["job_key"]), rows)
+        return insert(table).on_conflict_do_nothing(index_elements=["job_key"])
 
     def claim(self, conn, table, queue, limit, changes):
         # Lock the candidates, skipping rows another worker holds, then update
@@ -312,13 +361,25 @@ class MySQLDialect(QueueDialect):
         return table.update().with_hint("FORCE INDEX (PRIMARY)", dialect_name="mysql").with_hint(
             "FORCE INDEX (PRIMARY)", dialect_name="mariadb")
 
-    def insert_new_keys(self, conn, table, rows):
+    def insert_skipping_stored_keys(self, table):
         # No conflict target in MySQL, and INSERT IGNORE would hide other errors:
-        # "id = id" changes nothing on any duplicate.  A duplicate id is thus
-        # skipped too, and the driver's key lookup afterwards reports it.
+        # "id = id" changes nothing on any duplicate, a duplicate id included,
+        # which insert_new_keys then finds and reports.
         from sqlalchemy.dialects.mysql import insert
 
-        self._insert(conn, insert(table).on_duplicate_key_update(id=table.c.id), rows)
+        return insert(table).on_duplicate_key_update(id=table.c.id)
+
+    def insert_new_keys(self, conn, table, rows):
+        stored = super().insert_new_keys(conn, table, rows)
+        for row in rows:
+            if row["job_key"] not in stored:  # skipped for its id, not its key
+                raise InvalidInputError(f"job id {row['id']!r} is already in table {table.fullname!r}")
+        return stored
+
+    def set_in_order(self, update, assignments):
+        # MySQL evaluates SET left to right, each assignment seeing the ones before
+        # it: in the order given, a column is read before it is changed.
+        return update.ordered_values(*assignments)
 
     def _insert(self, conn, statement, rows):
         # Plain bound values only: PyMySQL folds an executemany INSERT into one
@@ -396,6 +457,13 @@ class SQLiteDialect(QueueDialect):
     def reader(self, engine):
         return self._reader
 
+    def missing_database(self, engine):
+        # Connecting would create the file: an inspection of a mistyped path must not.
+        database = engine.url.database
+        if not database or database == ":memory:" or database.startswith("file:") or os.path.exists(database):
+            return None
+        return f"SQLite database file {os.path.abspath(database)!r} does not exist"
+
     def now(self):
         return sa.type_coerce(sa.literal_column(self._now_sql), UTCDateTime())
 
@@ -406,10 +474,10 @@ class SQLiteDialect(QueueDialect):
     def seconds_between(self, later, earlier):
         return (sa.func.julianday(later) - sa.func.julianday(earlier)) * 86400.0
 
-    def insert_new_keys(self, conn, table, rows):
+    def insert_skipping_stored_keys(self, table):
         from sqlalchemy.dialects.sqlite import insert
 
-        self._insert(conn, insert(table).on_conflict_do_nothing(index_elements=["job_key"]), rows)
+        return insert(table).on_conflict_do_nothing(index_elements=["job_key"])
 
     def claim(self, conn, table, queue, limit, changes):
         now = self.now()

@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, ClassVar
 
+from .errors import InvalidInputError
+
 #: Longest accepted job name, queue name and job id (they are indexed columns).
 MAX_NAME_LENGTH = 255
 MAX_QUEUE_LENGTH = 128
@@ -60,7 +62,7 @@ class RetryPolicy:
 
     def __post_init__(self):
         if self.delay < 0 or self.backoff < 1 or self.max_delay < 0 or not 0 <= self.jitter <= 1:
-            raise ValueError(f"invalid {self!r}: need delay >= 0, backoff >= 1, max_delay >= 0, 0 <= jitter <= 1")
+            raise InvalidInputError(f"invalid {self!r}: need delay >= 0, backoff >= 1, max_delay >= 0, 0 <= jitter <= 1")
 
     def delay_after(self, attempt: int) -> float:
         """Seconds to wait before running again after failed attempt ``attempt`` (1-based)."""
@@ -167,13 +169,13 @@ def _encode(value: Any, what: str) -> str:
     try:
         text = _ENCODER.encode(value)
     except TypeError as error:
-        raise TypeError(f"{what} is not JSON-serialisable: {error}") from error
+        raise InvalidInputError(f"{what} is not JSON-serialisable: {error}") from error
     except ValueError as error:  # NaN/Infinity or a circular reference
-        raise ValueError(f"{what} is not valid JSON: {error}") from error
+        raise InvalidInputError(f"{what} is not valid JSON: {error}") from error
     except RecursionError as error:
-        raise ValueError(f"{what} is nested too deeply to store as JSON") from error
+        raise InvalidInputError(f"{what} is nested too deeply to store as JSON") from error
     if len(text) > MAX_JSON_BYTES:
-        raise ValueError(f"{what} is {len(text):,} bytes of JSON, over the limit of {MAX_JSON_BYTES:,}: "
+        raise InvalidInputError(f"{what} is {len(text):,} bytes of JSON, over the limit of {MAX_JSON_BYTES:,}: "
                          "store bulk data elsewhere and pass a reference")
     return text
 
@@ -194,11 +196,11 @@ def validate_job(job: Job, queue: str) -> None:
     if job.batch_id is not None:
         _check_text("batch id", job.batch_id, MAX_BATCH_ID_LENGTH)
     if not isinstance(job.max_retries, int) or isinstance(job.max_retries, bool) or job.max_retries < 0:
-        raise ValueError(f"max_retries of job {job.name!r} must be an int >= 0, got {job.max_retries!r}")
+        raise InvalidInputError(f"max_retries of job {job.name!r} must be an int >= 0, got {job.max_retries!r}")
     if job.available_at is not None and (
         not isinstance(job.available_at, datetime) or job.available_at.tzinfo is None
     ):
-        raise ValueError(
+        raise InvalidInputError(
             f"available_at of job {job.name!r} must be a timezone-aware datetime, got {job.available_at!r}"
         )
 
@@ -211,7 +213,7 @@ def validate_queue(queue: Any) -> None:
 def possible_job_id(job_id: Any) -> bool:
     """Whether a stored job could have this id; a non-str is a caller's mistake, named."""
     if not isinstance(job_id, str):
-        raise TypeError(f"job id must be a str, got {type(job_id).__name__}")
+        raise InvalidInputError(f"job id must be a str, got {type(job_id).__name__}")
     try:
         _check_text("job id", job_id, MAX_ID_LENGTH)
     except ValueError:
@@ -221,9 +223,9 @@ def possible_job_id(job_id: Any) -> bool:
 
 def _check_text(what: str, value: Any, limit: int) -> None:
     if not isinstance(value, str):
-        raise TypeError(f"{what} must be a str, got {type(value).__name__}")
+        raise InvalidInputError(f"{what} must be a str, got {type(value).__name__}")
     if not value or len(value) > limit:
-        raise ValueError(f"{what} must have 1 to {limit} characters, got {len(value)}")
+        raise InvalidInputError(f"{what} must have 1 to {limit} characters, got {len(value)}")
     if "\x00" in value or not value.isprintable():
-        raise ValueError(f"{what} {value[:40]!r} contains control characters")
+        raise InvalidInputError(f"{what} {value[:40]!r} contains control characters")
 

@@ -17,6 +17,8 @@ import sys
 from typing import Any
 
 from .driver import DatabaseQueueDriver
+from .errors import InvalidInputError
+from .worker_options import WorkerOptions
 
 log = logging.getLogger(__name__)
 
@@ -38,9 +40,10 @@ class LocalWorkers:
 
     def __init__(self, driver: DatabaseQueueDriver, processes: int = 2, *, modules: tuple[str, ...] = (),
                  **worker_options: Any):
-        if processes < 1:
-            raise ValueError(f"processes must be >= 1, got {processes}")
-        self.url = driver.engine.url.render_as_string(hide_password=False)
+        if isinstance(processes, bool) or not isinstance(processes, int) or processes < 1:
+            raise InvalidInputError(f"processes must be an int >= 1, got {processes!r}")
+        WorkerOptions(**worker_options)  # a bad option fails here, not in every child
+        self.url = driver.store.url_with_password
         self.table = driver.table_name
         self.modules = list(modules)
         self.worker_options = worker_options

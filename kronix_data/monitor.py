@@ -24,6 +24,7 @@ import pandas as pd
 
 from .analytics import split_error
 from .batches import Batch
+from .errors import InvalidInputError
 
 log = logging.getLogger(__name__)
 
@@ -81,12 +82,12 @@ class QueueMonitor:
         widgets = _ipywidgets()
         refresh = float(refresh)
         if not math.isfinite(refresh) or refresh <= 0:
-            raise ValueError(f"refresh must be a number of seconds > 0, got {refresh!r}")
+            raise InvalidInputError(f"refresh must be a number of seconds > 0, got {refresh!r}")
         for name, value in (("window", window), ("batches_since", batches_since)):
             if not isinstance(value, timedelta) or value <= timedelta(0):
-                raise ValueError(f"{name} must be a positive timedelta, got {value!r}")
+                raise InvalidInputError(f"{name} must be a positive timedelta, got {value!r}")
         if failures < 0 or max_batches < 0:
-            raise ValueError(f"failures and max_batches must be >= 0, got {failures} and {max_batches}")
+            raise InvalidInputError(f"failures and max_batches must be >= 0, got {failures} and {max_batches}")
         self.driver = driver
         self.refresh = refresh
         self.window = window
@@ -368,7 +369,7 @@ def _close_tree(widget: Any) -> None:
 def _batch_id(batch: Any) -> str:
     batch_id = batch if isinstance(batch, str) else getattr(batch, "id", None)
     if not isinstance(batch_id, str):
-        raise TypeError(f"batches takes Batch handles or batch ids, got {type(batch).__name__}")
+        raise InvalidInputError(f"batches takes Batch handles or batch ids, got {type(batch).__name__}")
     return batch_id
 
 

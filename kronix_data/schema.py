@@ -13,6 +13,7 @@ from datetime import datetime, timezone
 import sqlalchemy as sa
 from sqlalchemy.dialects import mysql
 
+from .errors import InvalidInputError
 from .job import MAX_BATCH_ID_LENGTH, MAX_ID_LENGTH, MAX_KEY_LENGTH, MAX_NAME_LENGTH, MAX_QUEUE_LENGTH
 
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,47}")
@@ -36,10 +37,10 @@ def parse_table_name(name: str) -> tuple[str | None, str]:
     SQL in a table name never reach the database.
     """
     if not isinstance(name, str):
-        raise ValueError(f"table name must be a str, got {type(name).__name__}")
+        raise InvalidInputError(f"table name must be a str, got {type(name).__name__}")
     parts = name.split(".")
     if len(parts) > 2 or not all(_IDENTIFIER.fullmatch(part) for part in parts):
-        raise ValueError(
+        raise InvalidInputError(
             f"invalid table name {name!r}: use letters, digits and underscores "
             "(at most 48, not starting with a digit), optionally as schema.table"
         )

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from .errors import InvalidInputError
 from .job import Job, RetryPolicy
 
 Hook = Callable[[Job, BaseException], None]
@@ -83,7 +84,7 @@ def task(name: str | None = None, *, queue: str = "default", max_retries: int = 
                           max_retries, timeout, retry or RetryPolicy(), on_failure, on_permanent_failure)
         existing = _registry.get(registered.name)
         if existing is not None and not _same_function(existing.function, function):
-            raise ValueError(f"task name {registered.name!r} is already registered to "
+            raise InvalidInputError(f"task name {registered.name!r} is already registered to "
                              f"{existing.function.__module__}.{existing.function.__qualname__}")
         _registry[registered.name] = registered
         return registered

@@ -25,10 +25,10 @@ import queue as queue_module
 from dataclasses import dataclass, field
 from typing import Any
 
-import sqlalchemy as sa
-
 from .driver import DatabaseQueueDriver
+from .errors import InvalidInputError
 from .job import Job, encode_result
+from .worker_options import WorkerOptions
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +69,7 @@ class _Failure:
 @dataclass
 class _Outcome:
     job: Job
+    result_json: str | None = None  # encoded once, on the job's thread
     error: BaseException | None = None
     formatted: str = ""
     finished_at: float = field(default_factory=time.monotonic)
@@ -134,38 +135,34 @@ class Worker:
     grace_period
         On the first SIGTERM/SIGINT (or :meth:`stop`), how long running jobs
         may take to finish before the worker stops hard.
+    poll_interval
+        The longest wait between two looks at an idle queue (without LISTEN).
+    completion_batch, completion_delay
+        Finished jobs are written back in batches of up to ``completion_batch``,
+        at the latest ``completion_delay`` seconds after the first finished.
+    batch_size, prefetch_seconds
+        Jobs claimed at most at once, and how many seconds of short jobs to hold
+        beyond the free slots.
+    listen
+        Wait for pushes with LISTEN where the database has it (PostgreSQL).
+
+    Every option is checked when the worker is built
+    (:class:`~kronix_data.worker_options.WorkerOptions`): a wrong type or value,
+    or an unknown option, is an ``InvalidInputError`` naming it.
     """
 
-    def __init__(self, driver: DatabaseQueueDriver, queues: tuple[str, ...] | list[str] = ("default",),
-                 concurrency: int = 4, *, burst: bool = False, lease_timeout: float = 60.0,
-                 grace_period: float = 30.0, poll_interval: float = 1.0, completion_batch: int = 100,
-                 completion_delay: float = 0.02, listen: bool = True, batch_size: int = 100,
-                 prefetch_seconds: float = 0.05):
-        if isinstance(queues, str):
-            queues = (queues,)
-        if not queues:
-            raise ValueError("a worker needs at least one queue")
-        if concurrency < 1:
-            raise ValueError(f"concurrency must be >= 1, got {concurrency}")
-        if lease_timeout <= 0 or grace_period < 0 or poll_interval <= 0:
-            raise ValueError("lease_timeout and poll_interval must be > 0 and grace_period >= 0")
+    def __init__(self, driver: DatabaseQueueDriver, queues: tuple[str, ...] | list[str] | str = ("default",),
+                 concurrency: int = 4, **options: Any):
+        unknown = sorted(set(options) - set(WorkerOptions.names()))
+        if unknown:
+            raise InvalidInputError(f"unknown worker option {unknown[0]!r}; the options are "
+                                    f"{', '.join(WorkerOptions.names())}")
         self.driver = driver
-        self.queues = tuple(queues)
-        self.concurrency = concurrency
-        self.burst = burst
-        self.lease_timeout = lease_timeout
-        self.grace_period = grace_period
-        self.poll_interval = poll_interval
-        self.completion_batch = completion_batch
-        self.completion_delay = completion_delay
-        self.listen = listen
-        self.batch_size = batch_size
-        self.prefetch_seconds = prefetch_seconds
+        #: The validated settings (kronix_data.worker_options.WorkerOptions).
+        self.options = WorkerOptions(queues=queues, concurrency=concurrency, **options)
         self._run_time_ewma: float | None = None  # seconds per job, for sizing claims
         self.stats = WorkerStats()
-        # Database errors the worker rides out by backing off and reconnecting: SQLAlchemy's,
-        # and the driver's own, which can escape unwrapped from a rollback on a dead connection.
-        self._database_errors = (sa.exc.DBAPIError, driver.engine.dialect.loaded_dbapi.Error)
+        self._database_errors = driver.store.database_errors  # ridden out by backing off and reconnecting
         self._wake = threading.Event()
         self._stop_requested = threading.Event()
         self._hard_stop = threading.Event()
@@ -174,7 +171,7 @@ class Worker:
         self._running: dict[tuple[str, int], _Running] = {}
         self._finished: list[_Outcome] = []  # guarded by _lock; filled by pool threads
         self._lock = threading.Lock()
-        self._to_complete: list[Job] = []
+        self._to_complete: list[tuple[Job, str | None]] = []  # finished jobs and their JSON results
         self._first_done_at = 0.0  # when the oldest job in _to_complete finished
         self._retries_due_at = 0.0  # when the last retry this worker scheduled becomes due (burst waits)
         self._to_fail: list[_Failure] = []
@@ -182,7 +179,7 @@ class Worker:
         self._signals = 0
 
     def __repr__(self) -> str:
-        return f"Worker({self.driver.worker_id!r}, queues={self.queues}, concurrency={self.concurrency})"
+        return f"Worker({self.driver.worker_id!r}, queues={self.options.queues}, concurrency={self.options.concurrency})"
 
     # -- control -----------------------------------------------------------
 
@@ -195,7 +192,7 @@ class Worker:
         """
         handlers = self._install_signal_handlers()
         listener = self._start_listener()
-        executor = _JobThreads(self.concurrency, self._execute)
+        executor = _JobThreads(self.options.concurrency, self._execute)
         log.info("%r started", self)
         try:
             self._loop(executor)
@@ -245,14 +242,14 @@ class Worker:
 
     def _take_signals(self) -> None:
         if self._signals and not self._stop_requested.is_set():
-            log.warning("signal received: finishing running jobs (up to %ss), claiming no more", self.grace_period)
+            log.warning("signal received: finishing running jobs (up to %ss), claiming no more", self.options.grace_period)
             self._stop_requested.set()
         if self._signals > 1 and not self._hard_stop.is_set():
             log.warning("second signal: stopping hard")
             self._hard_stop.set()
 
     def _start_listener(self) -> threading.Thread | None:
-        if not self.listen:
+        if not self.options.listen:
             return None
         thread = threading.Thread(target=self._listen, name="kronix-listen", daemon=True)
         thread.start()
@@ -263,7 +260,7 @@ class Worker:
         backoff = 0.1
         while not self._stop_requested.is_set():
             try:
-                listener = self.driver.dialect.listener(self.driver.engine, self.driver.channel)
+                listener = self.driver.store.listener()
             except Exception as error:  # noqa: BLE001 - any failure means "poll instead"
                 log.info("LISTEN unavailable (%s); polling", type(error).__name__)
                 listener = None
@@ -289,8 +286,8 @@ class Worker:
 
     def _loop(self, executor: _JobThreads) -> None:
         now = time.monotonic()
-        next_heartbeat = now + self.lease_timeout / 4
-        next_recovery = now + random.uniform(0, self.lease_timeout / 2)
+        next_heartbeat = now + self.options.lease_timeout / 4
+        next_recovery = now + random.uniform(0, self.options.lease_timeout / 2)
         idle_wait, error_wait = 0.01, 0.1
         grace_deadline: float | None = None
         while True:
@@ -298,7 +295,7 @@ class Worker:
             now = time.monotonic()
             stopping = self._stop_requested.is_set()
             if stopping and grace_deadline is None:
-                grace_deadline = now + self.grace_period
+                grace_deadline = now + self.options.grace_period
                 self._unclaim_unstarted(executor)
             if self._hard_stop.is_set() or (grace_deadline is not None and now >= grace_deadline):
                 self._hard_stop.set()
@@ -312,10 +309,10 @@ class Worker:
                 claimed = self._exchange(executor, stopping)
                 if now >= next_heartbeat:
                     self._heartbeat()
-                    next_heartbeat = now + self.lease_timeout / 4
+                    next_heartbeat = now + self.options.lease_timeout / 4
                 if now >= next_recovery:
-                    self.stats.recovered += self.driver.recover_stale_jobs(self.lease_timeout)
-                    next_recovery = now + self.lease_timeout / 2
+                    self.stats.recovered += self.driver.recover_stale_jobs(self.options.lease_timeout)
+                    next_recovery = now + self.options.lease_timeout / 2
                 error_wait = 0.1
             except self._database_errors as error:
                 self.stats.database_errors += 1
@@ -327,13 +324,13 @@ class Worker:
             busy = self._busy()
             if stopping and not busy:
                 return
-            if self.burst and not claimed and not busy and now >= self._retries_due_at:
+            if self.options.burst and not claimed and not busy and now >= self._retries_due_at:
                 return
             if claimed:
                 idle_wait = 0.01
                 continue
             self._wait(min(idle_wait, next_heartbeat - now, next_recovery - now))
-            idle_wait = min(idle_wait * 2, self.poll_interval)
+            idle_wait = min(idle_wait * 2, self.options.poll_interval)
 
     def _busy(self) -> bool:
         # Timed-out threads count too: their slots are taken until they really end.
@@ -341,7 +338,7 @@ class Worker:
 
     def _wait(self, timeout: float) -> None:
         if self._to_complete:
-            timeout = min(timeout, self.completion_delay)
+            timeout = min(timeout, self.options.completion_delay)
         self._wake.wait(max(timeout, 0.001))
         self._wake.clear()
 
@@ -362,15 +359,15 @@ class Worker:
         """
         if self._run_time_ewma is None:
             return 0
-        return min(self.batch_size, int(self.concurrency * self.prefetch_seconds / max(self._run_time_ewma, 1e-6)))
+        return min(self.options.batch_size, int(self.options.concurrency * self.options.prefetch_seconds / max(self._run_time_ewma, 1e-6)))
 
     def _claim_room(self) -> int:
         """How many jobs to claim now: 0 until a free slot or half a prefetch is missing."""
         prefetch = self._prefetch()
-        room = self.concurrency + prefetch - len(self._running)
-        if room <= 0 or (len(self._running) >= self.concurrency and room < prefetch // 2):
+        room = self.options.concurrency + prefetch - len(self._running)
+        if room <= 0 or (len(self._running) >= self.options.concurrency and room < prefetch // 2):
             return 0
-        return min(room, self.batch_size)
+        return min(room, self.options.batch_size)
 
     def _exchange(self, executor: _JobThreads, stopping: bool) -> int:
         """Write back finished jobs and claim more, in one transaction (one commit).
@@ -379,10 +376,11 @@ class Worker:
         full batch or ``completion_delay``.  Returns how many jobs were claimed.
         """
         room = 0 if stopping else self._claim_room()
-        batch = self._to_complete[:self.completion_batch] if (room or self._completions_due(stopping)) else []
+        batch = self._to_complete[:self.options.completion_batch] if (room or self._completions_due(stopping)) else []
         if not batch and not room:
             return 0
-        written, jobs = self.driver.complete_and_pop(batch, room, self.queues)
+        written, jobs = self.driver.complete_and_pop([job for job, _ in batch], room, self.options.queues,
+                                                     results=[result for _, result in batch])
         self._completed(batch, written)
         for job in jobs:
             self._start(executor, job)
@@ -405,7 +403,7 @@ class Worker:
         running.started = time.monotonic()
         try:
             job.result = job.handle()
-            encode_result(job)  # a result that cannot be stored is the job's failure, found here
+            outcome.result_json = encode_result(job)  # a result that cannot be stored is the job's failure
         except Exception as error:  # noqa: BLE001 - a job's failure is data
             outcome.error = error
             outcome.formatted = "".join(traceback.format_exception(error))
@@ -440,7 +438,7 @@ class Worker:
             if outcome.error is None:
                 if not self._to_complete:
                     self._first_done_at = outcome.finished_at
-                self._to_complete.append(outcome.job)
+                self._to_complete.append((outcome.job, outcome.result_json))
             else:
                 self._record_failure(outcome.job, outcome.error, outcome.formatted)
 
@@ -485,15 +483,16 @@ class Worker:
     def _completions_due(self, force: bool) -> bool:
         if not self._to_complete:
             return False
-        return (force or len(self._to_complete) >= self.completion_batch or self._stop_requested.is_set()
-                or time.monotonic() - self._first_done_at >= self.completion_delay)
+        return (force or len(self._to_complete) >= self.options.completion_batch or self._stop_requested.is_set()
+                or time.monotonic() - self._first_done_at >= self.options.completion_delay)
 
     def _flush_completions(self, force: bool = False) -> None:
         if self._completions_due(force):
-            batch = self._to_complete[:self.completion_batch]
-            self._completed(batch, self.driver.complete_many(batch))
+            batch = self._to_complete[:self.options.completion_batch]
+            self._completed(batch, self.driver.complete_many([job for job, _ in batch],
+                                                             results=[result for _, result in batch]))
 
-    def _completed(self, batch: list[Job], written: int) -> None:
+    def _completed(self, batch: list[tuple[Job, str | None]], written: int) -> None:
         if not batch:
             return
         if written < len(batch):
@@ -504,6 +503,6 @@ class Worker:
 
     def _heartbeat(self) -> None:
         held = [running.job for running in self._running.values()]
-        held += self._to_complete + [failure.job for failure in self._to_fail]
+        held += [job for job, _ in self._to_complete] + [failure.job for failure in self._to_fail]
         if held:
             self.driver.heartbeat(held)

@@ -15,8 +15,7 @@ from kronix_data.history import JOB_COLUMNS
 
 
 def db_now(driver) -> datetime:
-    with driver.engine.connect() as conn:
-        return conn.execute(sa.select(driver.dialect.now())).scalar_one()
+    return driver.store.database_now()
 
 
 def set_times(driver, job_id: str, **values) -> None:

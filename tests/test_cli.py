@@ -99,11 +99,28 @@ def test_a_fresh_database_needs_init_and_then_has_no_jobs(tmp_path):
 
 
 def test_every_reading_command_needs_the_table(tmp_path, sqlite_url):
+    with DatabaseQueueDriver(sqlite_url, table="other_jobs") as driver:
+        driver.create_table()  # the database file exists, the table kronix_jobs does not
     results = kronix_in_parallel(["dead-letters"], ["retry", "--all"], ["retry", "some-id"], ["recover"],
                                  cwd=tmp_path, environment=cli_environment(KRONIX_DATABASE_URL=sqlite_url))
     for result in results:
         assert result.returncode == 4, result.args
         assert "table 'kronix_jobs' does not exist" in result.stderr and "kronix init" in result.stderr
+
+
+def test_every_inspecting_command_on_a_sqlite_file_that_does_not_exist_says_so_and_creates_nothing(tmp_path):
+    missing = tmp_path / "typo.db"
+    commands = [["stats"], ["dead-letters"], ["retry", "--all"], ["retry", "some-id"], ["recover"],
+                ["worker", "--burst"]]
+    results = kronix_in_parallel(*commands, cwd=tmp_path,
+                                 environment=cli_environment(KRONIX_DATABASE_URL=f"sqlite:///{missing}"))
+    for result in results:
+        assert result.returncode == 4, (result.args, result.stderr)
+        assert f"SQLite database file '{missing}' does not exist" in result.stderr, result.stderr
+        assert "kronix init" in result.stderr
+    assert sorted(path.name for path in tmp_path.iterdir()) == []
+    created = kronix("--db", f"sqlite:///{missing}", "init", cwd=tmp_path)
+    assert created.returncode == 0 and missing.exists()
 
 
 def test_init_upgrades_a_table_that_lacks_columns(tmp_path, sqlite_url, sqlite_driver):

@@ -194,7 +194,7 @@ def test_a_result_that_is_not_json_fails_the_job(driver):
 
     driver.push(bad_result.job())
     run_burst(driver)
-    assert driver.dead_letter_jobs()["last_error"].iloc[0].startswith("TypeError: result of job 'w.bad_result'")
+    assert driver.dead_letter_jobs()["last_error"].iloc[0].startswith("InvalidInputError: result of job 'w.bad_result'")
 
 
 class Resize(Job):

@@ -1,0 +1,617 @@
+"""The job store: every statement kronix-data runs on its table, each under a name.
+
+Reading this module tells what the library asks of the database.  The store
+owns the engine, the dialect (:mod:`kronix_data.dialects`, for what differs
+between PostgreSQL, MariaDB/MySQL and SQLite), the reader and writer engines,
+the table (:mod:`kronix_data.schema`) and the mapping between a :class:`Job`
+and a row.  The driver, worker, batches and analytics call these methods and
+build no SQL themselves.
+
+Two rules hold for every statement:
+
+- **Ownership.** A write to a held job matches ``reserved_by`` (the worker),
+  ``attempts`` (that very attempt) and ``status = 'processing'``, so a late or
+  duplicate write from a worker that lost the job changes nothing.
+- **Short transactions.** Nothing waits on another transaction's row locks:
+  claims and recovery skip locked rows, and every loop over many rows commits
+  in bounded slices.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import sqlalchemy as sa
+
+from .dialects import Listener, dialect_for, make_engine
+from .errors import DatabaseUnavailableError, InvalidInputError
+from .job import Job, JobStatus, decode_json, encode_payload, new_job_id, validate_job
+from .schema import PENDING, PROCESSING, build_table
+
+#: Stale jobs recovered per transaction.
+RECOVERY_BATCH = 1000
+#: Values bound in one ``IN (...)``: under every database's bound-parameter limit.
+IN_LIST_LIMIT = 1000
+#: ``(id, attempts)`` pairs completed by one statement.
+COMPLETION_SLICE = 500
+
+COMPLETED = JobStatus.COMPLETED.value
+FAILED = JobStatus.FAILED.value
+
+#: A job's columns as ``Job`` attributes of the same name.
+_JOB_ATTRIBUTES = ("id", "queue", "attempts", "max_retries", "last_error", "created_at", "available_at",
+                   "reserved_by", "reserved_at", "finished_at", "batch_id")
+
+JobFactory = Callable[[Any], Job]
+
+
+@dataclass
+class QueueStatsRows:
+    """What ``fetch_stats`` reads, from one connection: the analytics module shapes it into a frame.
+
+    ``timing_summary`` is the database's own aggregate per queue where it has
+    percentiles (PostgreSQL); elsewhere it is None and ``timing_rows`` holds
+    the window's ``(queue, wait, run)`` rows for pandas.
+    """
+
+    now: datetime
+    counts: list[tuple[str, str, int]]
+    earliest_due: list[tuple[str, datetime | None]]
+    timing_summary: dict[str, dict[str, Any]] | None
+    timing_rows: list[tuple[str, float | None, float | None]]
+
+
+class JobStore:
+    """One jobs table in one database, and every statement run on it.
+
+    Parameters
+    ----------
+    db
+        A SQLAlchemy ``Engine`` or a database URL (see :func:`kronix_data.dialects.make_engine`).
+    table
+        The table name, optionally ``schema.table``; validated as an identifier.
+    """
+
+    def __init__(self, db: sa.Engine | str, table: str = "kronix_jobs"):
+        self.engine = make_engine(db)
+        self.dialect = dialect_for(self.engine)
+        self.table = build_table(table, partial_indexes=self.dialect.partial_indexes,
+                                 now_default=self.dialect.now_default)
+        self.table_name = table
+        #: Where workers are woken when jobs arrive (PostgreSQL LISTEN/NOTIFY).
+        self.channel = f"kronix_{table.replace('.', '_')}"[:63]
+        #: The errors a worker rides out by backing off and reconnecting: SQLAlchemy's, and the
+        #: database driver's own, which can escape unwrapped from a rollback on a dead connection.
+        self.database_errors: tuple[type[BaseException], ...] = (sa.exc.DBAPIError,
+                                                                  self.engine.dialect.loaded_dbapi.Error)
+        self._writer = self.dialect.writer(self.engine)
+        self._reader = self.dialect.reader(self.engine)
+
+    def __repr__(self) -> str:
+        return f"JobStore({self.url_shown!r}, table={self.table_name!r})"
+
+    @property
+    def url_shown(self) -> str:
+        """The database URL with its password hidden."""
+        return self.engine.url.render_as_string(hide_password=True)
+
+    @property
+    def url_with_password(self) -> str:
+        """The database URL to hand to a worker process on this machine (never print it)."""
+        return self.engine.url.render_as_string(hide_password=False)
+
+    def close(self) -> None:
+        """Close the pooled connections."""
+        self.engine.dispose()
+
+    # -- connections ---------------------------------------------------------------
+
+    @contextmanager
+    def _transaction(self) -> Iterator[sa.Connection]:
+        """A read-write transaction, committed at the end (SQLite: the write lock from its start)."""
+        with self._connected(self._writer) as conn, conn.begin():
+            yield conn
+
+    @contextmanager
+    def _reading(self) -> Iterator[sa.Connection]:
+        """A connection for reads (SQLite: a deferred transaction, never blocked by writers under WAL)."""
+        with self._connected(self._reader) as conn:
+            yield conn
+
+    @staticmethod
+    @contextmanager
+    def _connected(engine: sa.Engine) -> Iterator[sa.Connection]:
+        """A pooled connection; not reaching the database, or losing it mid-call, is DatabaseUnavailableError."""
+        try:
+            conn = engine.connect()
+        except sa.exc.DBAPIError as error:
+            raise DatabaseUnavailableError.from_error(error) from error
+        try:
+            with conn:
+                yield conn
+        except sa.exc.DBAPIError as error:
+            if error.connection_invalidated and not isinstance(error, DatabaseUnavailableError):
+                raise DatabaseUnavailableError.from_error(error) from error
+            raise
+
+    def listener(self) -> Listener | None:
+        """A connection of its own that waits for pushes (PostgreSQL LISTEN), or None where there is none."""
+        return self.dialect.listener(self.engine, self.channel)
+
+    # -- schema --------------------------------------------------------------------
+
+    def create_or_upgrade_table(self) -> None:
+        """CREATE the table and its indexes, or ALTER an older one in place (safe from many processes)."""
+        self.dialect.create_or_upgrade(self._writer, self.table)
+
+    def drop_table(self) -> None:
+        """DROP the table and everything in it, if it exists."""
+        with self._transaction() as conn:
+            self.table.drop(conn, checkfirst=True)
+
+    def missing_database(self) -> str | None:
+        """Why the database is not there (a SQLite file that does not exist), asked without creating it."""
+        return self.dialect.missing_database(self.engine)
+
+    def table_parts(self) -> set[str] | None:
+        """The table's columns and indexes as the database has them (``"column x"``, ``"index y"``), or None."""
+        with self._reading() as conn:
+            inspector = sa.inspect(conn)
+            name, schema = self.table.name, self.table.schema
+            if not inspector.has_table(name, schema=schema):
+                return None
+            columns = {f"column {column['name']}" for column in inspector.get_columns(name, schema=schema)}
+            return columns | {f"index {index['name']}" for index in inspector.get_indexes(name, schema=schema)}
+
+    def database_now(self) -> datetime:
+        """The database's clock (UTC), which every due time and lease is measured by."""
+        with self._reading() as conn:
+            return conn.execute(sa.select(self.dialect.now())).scalar_one()
+
+    # -- jobs and rows ----------------------------------------------------------------
+
+    def row_for_push(self, job: Job, queue: str | None = None) -> dict[str, Any]:
+        """The row a new job is stored as: validated, payload encoded, id assigned (nothing is written)."""
+        if not isinstance(job, Job):
+            raise InvalidInputError(f"push takes Job objects, got {type(job).__name__}")
+        queue = job.queue if queue is None else queue
+        validate_job(job, queue)
+        return {
+            "id": job.id or new_job_id(),
+            "name": job.name,
+            "queue": queue,
+            "status": JobStatus.PENDING.value,
+            "attempts": 0,
+            "max_retries": job.max_retries,
+            "payload": encode_payload(job),
+            "job_key": job.key,
+            "batch_id": job.batch_id,
+            "due": job.available_at,
+        }
+
+    @staticmethod
+    def job_from_row(row: dict[str, Any], factory: JobFactory | None = None) -> Job:
+        """The Job a row stands for: built by ``factory(payload)`` if given, else a plain Job.
+
+        Raises whatever decoding or the factory raises: the caller decides what
+        a row that cannot be rebuilt means.
+        """
+        payload = decode_json(row["payload"])
+        job = factory(payload) if factory else Job(row["name"], payload)
+        if not isinstance(job, Job):
+            raise TypeError(f"factory returned {type(job).__name__}, not a Job")
+        job.name = row["name"]
+        job.payload = payload
+        for column in _JOB_ATTRIBUTES:
+            setattr(job, column, row[column])
+        job.key = row["job_key"]
+        job.status = JobStatus(row["status"])
+        job.result = decode_json(row["result"])
+        return job
+
+    # -- producing --------------------------------------------------------------------
+
+    def insert_jobs(self, rows: list[dict[str, Any]]) -> list[str]:
+        """INSERT new jobs in one transaction and NOTIFY listeners once; returns their ids, in order.
+
+        A row whose ``job_key`` is already stored is not inserted: its id is the
+        stored job's.  A taken id fails the whole push (nothing is written).
+        """
+        keyed = [row for row in rows if row["job_key"] is not None]
+        if len({row["job_key"] for row in keyed}) < len(keyed):
+            raise InvalidInputError("two jobs in one push share a key; keys must be unique")
+        plain = [row for row in rows if row["job_key"] is None]
+        try:
+            with self._transaction() as conn:
+                if plain:
+                    self.dialect.insert(conn, self.table, plain)
+                if keyed:
+                    stored = self.dialect.insert_new_keys(conn, self.table, keyed)
+                    for row in keyed:
+                        row["id"] = stored[row["job_key"]]
+                self.dialect.notify(conn, self.channel)  # one wake-up per push, not per row
+        except sa.exc.IntegrityError as error:
+            raise InvalidInputError(f"a job id is already in table {self.table_name!r}: {error.orig}") from error
+        return [row["id"] for row in rows]
+
+    def count_stored_keys(self, batch_id: str, keys: Sequence[str]) -> int:
+        """COUNT the jobs of a batch whose key is among ``keys`` (a re-run enqueue stops at this)."""
+        c = self.table.c
+        stored = 0
+        with self._reading() as conn:
+            for start in range(0, len(keys), IN_LIST_LIMIT):
+                part = list(keys[start:start + IN_LIST_LIMIT])
+                stored += conn.execute(sa.select(sa.func.count()).select_from(self.table)
+                                       .where(c.batch_id == batch_id, c.job_key.in_(part))).scalar_one()
+        return stored
+
+    # -- consuming --------------------------------------------------------------------
+
+    def claim(self, worker_id: str, n: int, queue: str) -> list[dict[str, Any]]:
+        """Atomically take up to ``n`` due pending jobs of ``queue`` for a worker, oldest first."""
+        with self._transaction() as conn:
+            return self._claim(conn, worker_id, n, queue)
+
+    def complete_and_claim(self, worker_id: str, completions: Sequence[tuple[Job, str | None]], n: int,
+                           queues: Sequence[str]) -> tuple[int, list[dict[str, Any]]]:
+        """Complete held jobs and claim up to ``n`` more (queues in order), in one transaction: one commit.
+
+        Returns how many completions were held, and the claimed rows.
+        """
+        rows: list[dict[str, Any]] = []
+        with self._transaction() as conn:
+            held = self._complete(conn, worker_id, completions) if completions else 0
+            for queue in queues:
+                if len(rows) >= n:
+                    break
+                rows += self._claim(conn, worker_id, n - len(rows), queue)
+        return held, rows
+
+    def _claim(self, conn: sa.Connection, worker_id: str, n: int, queue: str) -> list[dict[str, Any]]:
+        """The claimed rows, in claim order, with what the claim set filled in (not read back)."""
+        changes = {"status": JobStatus.PROCESSING.value, "reserved_by": worker_id}
+        rows = self.dialect.claim(conn, self.table, queue, n, changes)
+        rows.sort(key=lambda row: (row["available_at"], row["id"]))
+        for row in rows:
+            row.update(status=JobStatus.PROCESSING.value, reserved_by=worker_id, finished_at=None, result=None)
+        return rows
+
+    # -- finishing held jobs ------------------------------------------------------------
+
+    def _held(self, worker_id: str, job: Job) -> sa.ColumnElement[bool]:
+        """The ownership rule: this worker still holds this very attempt."""
+        c = self.table.c
+        return sa.and_(c.id == job.id, c.reserved_by == worker_id, c.attempts == job.attempts,
+                       c.status == PROCESSING)
+
+    def complete(self, worker_id: str, completions: Sequence[tuple[Job, str | None]]) -> int:
+        """Mark held jobs completed with their JSON results, in one transaction; returns how many were held."""
+        with self._transaction() as conn:
+            return self._complete(conn, worker_id, completions)
+
+    def _complete(self, conn: sa.Connection, worker_id: str, completions: Sequence[tuple[Job, str | None]]) -> int:
+        """Jobs without a result are completed by one statement matching ``(id, attempts)`` pairs:
+        PyMySQL runs an executemany of UPDATEs as one round trip per row."""
+        c = self.table.c
+        values = {"status": COMPLETED, "finished_at": self.dialect.now(), "heartbeat_at": None}
+        without = [job for job, result in completions if result is None and job.id is not None]
+        with_result = [(job, result) for job, result in completions if result is not None and job.id is not None]
+        changed = 0
+        for start in range(0, len(without), COMPLETION_SLICE):
+            pairs = [(job.id, job.attempts) for job in without[start:start + COMPLETION_SLICE]]
+            statement = (self.dialect.update_by_id(self.table)
+                         .where(sa.tuple_(c.id, c.attempts).in_(pairs), c.reserved_by == worker_id,
+                                c.status == PROCESSING)
+                         .values(values))
+            changed += conn.execute(statement).rowcount
+        if with_result:
+            changed += self._update_each_held(conn, worker_id, [job for job, _ in with_result],
+                                              {**values, "result": sa.bindparam("job_result")},
+                                              [{"job_result": result} for _, result in with_result])
+        return changed
+
+    def release(self, worker_id: str, job: Job, delay_s: float | None = None) -> bool:
+        """Put a held job back as pending with its ``last_error``, due after ``delay_s`` (database clock)
+        or at ``job.available_at`` or now."""
+        if delay_s is not None:
+            due = self.dialect.now_plus(delay_s)
+        elif job.available_at is not None:
+            due = job.available_at
+        else:
+            due = self.dialect.now()
+        return self._finish_one(worker_id, job, {"status": JobStatus.PENDING.value, "available_at": due,
+                                                 "last_error": job.last_error, "reserved_by": None,
+                                                 "reserved_at": None, "heartbeat_at": None})
+
+    def dead_letter(self, worker_id: str, job: Job) -> bool:
+        """Move a held job to the dead letters (status failed) with its ``last_error``."""
+        return self._finish_one(worker_id, job, {"status": FAILED, "last_error": job.last_error,
+                                                 "finished_at": self.dialect.now(), "heartbeat_at": None})
+
+    def _finish_one(self, worker_id: str, job: Job, values: dict[str, Any]) -> bool:
+        if job.id is None:
+            return False
+        statement = self.dialect.update_by_id(self.table).where(self._held(worker_id, job)).values(values)
+        with self._transaction() as conn:
+            return conn.execute(statement).rowcount == 1
+
+    def unclaim(self, worker_id: str, jobs: Iterable[Job]) -> int:
+        """Give held jobs that never started back: pending again, the attempt not counted."""
+        c = self.table.c
+        with self._transaction() as conn:
+            return self._update_each_held(conn, worker_id, list(jobs), {
+                "status": JobStatus.PENDING.value, "attempts": c.attempts - 1, "reserved_by": None,
+                "reserved_at": None, "heartbeat_at": None})
+
+    def renew_leases(self, worker_id: str, jobs: Iterable[Job]) -> int:
+        """Set ``heartbeat_at`` to now on the jobs this worker holds, so recovery leaves them alone."""
+        ids = [job.id for job in jobs if job.id is not None]
+        if not ids:
+            return 0
+        c = self.table.c
+        changed = 0
+        with self._transaction() as conn:
+            for start in range(0, len(ids), IN_LIST_LIMIT):
+                statement = (self.dialect.update_by_id(self.table)
+                             .where(c.id.in_(ids[start:start + IN_LIST_LIMIT]), c.reserved_by == worker_id,
+                                    c.status == PROCESSING)
+                             .values(heartbeat_at=self.dialect.now()))
+                changed += conn.execute(statement).rowcount
+        return changed
+
+    def _update_each_held(self, conn: sa.Connection, worker_id: str, jobs: list[Job], values: dict[str, Any],
+                          extra: list[dict[str, Any]] | None = None) -> int:
+        """One UPDATE run for each held job (executemany), ownership checked per row."""
+        c = self.table.c
+        params = [{"job_id": job.id, "job_attempts": job.attempts, **(extra[i] if extra else {})}
+                  for i, job in enumerate(jobs) if job.id is not None]
+        if not params:
+            return 0
+        statement = (
+            self.dialect.update_by_id(self.table)
+            .where(c.id == sa.bindparam("job_id"), c.attempts == sa.bindparam("job_attempts"),
+                   c.reserved_by == worker_id, c.status == PROCESSING)
+            .values(values)
+        )
+        return conn.execute(statement, params).rowcount
+
+    # -- maintenance ------------------------------------------------------------------
+
+    def recover_expired_leases(self, timeout_s: float) -> int:
+        """Return held jobs whose lease is older than ``timeout_s`` to pending, or to the dead letters
+        once their attempts are used up; returns how many changed.
+
+        Works in slices of :data:`RECOVERY_BATCH`; rows another transaction holds
+        are passed by, never waited for (a worker cut off mid-transaction keeps
+        its locks until the server drops its session).
+        """
+        c = self.table.c
+        exhausted = c.attempts > c.max_retries
+        note = sa.literal(f"lease expired: no heartbeat for {timeout_s:g}s from worker ") + sa.func.coalesce(
+            c.reserved_by, "?")
+        stale = sa.and_(c.status == PROCESSING, c.heartbeat_at < self.dialect.now_plus(-timeout_s))
+        statement = self.dialect.set_in_order(
+            self.dialect.update_by_id(self.table).where(stale, c.id.in_(sa.bindparam("stale_ids", expanding=True))),
+            [(c.last_error, sa.case((exhausted, note + sa.literal("; attempts used up")), else_=note)),
+             (c.status, sa.case((exhausted, FAILED), else_=JobStatus.PENDING.value)),
+             (c.finished_at, sa.case((exhausted, self.dialect.now()), else_=sa.null())),
+             (c.reserved_by, sa.case((exhausted, c.reserved_by), else_=sa.null())),
+             (c.reserved_at, sa.case((exhausted, c.reserved_at), else_=sa.null())),
+             (c.heartbeat_at, sa.null())])
+        changed = 0
+        while True:
+            with self._transaction() as conn:
+                ids = self.dialect.lock_rows(conn, self.table, stale, limit=RECOVERY_BATCH)
+                changed += conn.execute(statement, {"stale_ids": ids}).rowcount if ids else 0
+            if len(ids) < RECOVERY_BATCH:
+                return changed
+
+    def count_pending(self, queue: str) -> int:
+        """COUNT the pending jobs of a queue (due now or later)."""
+        c = self.table.c
+        with self._reading() as conn:
+            return conn.execute(sa.select(sa.func.count()).select_from(self.table)
+                                .where(c.queue == queue, c.status == PENDING)).scalar_one()
+
+    def delete_pending(self, queue: str) -> int:
+        """DELETE the pending jobs of a queue; a running job is never touched."""
+        c = self.table.c
+        with self._transaction() as conn:
+            return conn.execute(self.table.delete().where(c.queue == queue, c.status == PENDING)).rowcount
+
+    def delete_dead_letters(self, queue: str | None = None) -> int:
+        """DELETE the dead letters, of one queue or all."""
+        c = self.table.c
+        condition = c.status == FAILED
+        if queue is not None:
+            condition = sa.and_(condition, c.queue == queue)
+        with self._transaction() as conn:
+            return conn.execute(self.table.delete().where(condition)).rowcount
+
+    def retry_dead_letters(self, *, job_id: str | None = None, queue: str | None = None, name: str | None = None,
+                           batch: str | None = None) -> int:
+        """Set dead letters matching every filter given back to pending with attempts 0, due now; NOTIFY."""
+        c = self.table.c
+        filters = [(c.id, job_id), (c.queue, queue), (c.name, name), (c.batch_id, batch)]
+        statement = (
+            self.table.update()
+            .where(c.status == FAILED, *(column == value for column, value in filters if value is not None))
+            .values(status=JobStatus.PENDING.value, attempts=0, last_error=None, available_at=self.dialect.now(),
+                    finished_at=None, reserved_by=None, reserved_at=None, heartbeat_at=None)
+        )
+        with self._transaction() as conn:
+            changed = conn.execute(statement).rowcount
+            if changed:
+                self.dialect.notify(conn, self.channel)
+        return changed
+
+    def prune_finished(self, older_than_s: float, statuses: Sequence[str], chunk_size: int) -> int:
+        """DELETE jobs of ``statuses`` finished more than ``older_than_s`` ago, oldest first, about
+        ``chunk_size`` rows per transaction (each slice bounded by the ``finished_at`` of its last row,
+        found through the ``<table>_finished`` index), so claims go on meanwhile."""
+        c = self.table.c
+        with self._reading() as conn:
+            cutoff = conn.execute(sa.select(self.dialect.now_plus(-older_than_s))).scalar_one()
+        prunable = sa.and_(c.finished_at < cutoff, c.status.in_(list(statuses)))
+        deleted = 0
+        while True:
+            with self._transaction() as conn:
+                boundary = conn.execute(sa.select(c.finished_at).where(prunable).order_by(c.finished_at)
+                                        .offset(chunk_size - 1).limit(1)).scalar()
+                last = boundary is None  # fewer than chunk_size left: take them all
+                condition = prunable if last else sa.and_(prunable, c.finished_at <= boundary)
+                deleted += conn.execute(self.table.delete().where(condition)).rowcount
+            if last:
+                return deleted
+
+    # -- reading ----------------------------------------------------------------------
+
+    def read_job(self, job_id: str) -> dict[str, Any] | None:
+        """SELECT one job's whole row by id, or None."""
+        with self._reading() as conn:
+            row = conn.execute(sa.select(self.table).where(self.table.c.id == job_id)).mappings().first()
+        return None if row is None else dict(row)
+
+    def read_dead_letters(self, columns: Sequence[str], queue: str | None = None,
+                          batch: str | None = None) -> list[dict[str, Any]]:
+        """SELECT ``columns`` of the dead letters (of a queue and/or batch), newest first."""
+        c = self.table.c
+        statement = (sa.select(*(c[name] for name in columns))
+                     .where(c.status == FAILED).order_by(c.finished_at.desc(), c.id))
+        if queue is not None:
+            statement = statement.where(c.queue == queue)
+        if batch is not None:
+            statement = statement.where(c.batch_id == batch)
+        with self._reading() as conn:
+            return [dict(row) for row in conn.execute(statement).mappings()]
+
+    def read_queue_stats(self, window_s: float) -> QueueStatsRows:
+        """Per queue, in one connection: COUNT by status (an index-only scan of ``<table>_status``), the
+        earliest due pending job (the claim index), and wait/run timings of the jobs finished in the last
+        ``window_s`` (found through ``<table>_finished``), aggregated by the database where it can."""
+        c, dialect = self.table.c, self.dialect
+        # Grouped in the order of the <table>_status index (status, queue): an index-only scan.
+        counts = sa.select(c.queue, c.status, sa.func.count()).group_by(c.status, c.queue)
+        # The literal lets PostgreSQL match the partial claim index even in a generic plan.
+        earliest = sa.select(c.queue, sa.func.min(c.available_at)).where(c.status == PENDING).group_by(c.queue)
+        wait = dialect.seconds_between(c.reserved_at, c.available_at)
+        run = sa.case((c.status == COMPLETED, dialect.seconds_between(c.finished_at, c.reserved_at)))
+        in_window = c.finished_at >= dialect.now_plus(-window_s)
+        with self._reading() as conn:
+            now = conn.execute(sa.select(dialect.now())).scalar_one()
+            count_rows = [tuple(row) for row in conn.execute(counts)]
+            earliest_rows = [tuple(row) for row in conn.execute(earliest)]
+            summary, rows = None, []
+            if dialect.percentiles([0.5], wait) is not None:
+                summary = self._aggregate_timings(conn, wait, run, in_window)
+            else:
+                rows = [tuple(row) for row in conn.execute(
+                    sa.select(c.queue, wait.label("wait"), run.label("run")).where(in_window))]
+        return QueueStatsRows(now, count_rows, earliest_rows, summary, rows)
+
+    def _aggregate_timings(self, conn: sa.Connection, wait, run, in_window) -> dict[str, dict[str, Any]]:
+        """Means and 50th/95th percentiles of wait and run per queue, aggregated by the database."""
+        c, percentiles = self.table.c, self.dialect.percentiles
+        statement = (
+            sa.select(c.queue, sa.func.count(run).label("completed_in_window"),
+                      sa.func.avg(wait).label("wait_s_mean"), percentiles([0.5, 0.95], wait).label("wait"),
+                      sa.func.avg(run).label("run_s_mean"), percentiles([0.5, 0.95], run).label("run"))
+            .where(in_window).group_by(c.queue)
+        )
+        return {row["queue"]: dict(row) for row in conn.execute(statement).mappings()}
+
+    def read_history(self, columns: Sequence[str], *, queue: str | None = None, name: str | None = None,
+                     statuses: Sequence[str] | None = None, batch: str | None = None,
+                     since: datetime | float | None = None, until: datetime | float | None = None,
+                     limit: int | None = None) -> list[dict[str, Any]]:
+        """SELECT ``columns`` of the jobs matching every filter, newest (``created_at``) first.
+
+        ``since``/``until`` bound ``created_at``: a datetime, or seconds before the
+        database's now.  ``job_key`` is read as ``key``.
+        """
+        c = self.table.c
+        conditions = [column == value for column, value in ((c.queue, queue), (c.name, name), (c.batch_id, batch))
+                      if value is not None]
+        if statuses is not None:
+            conditions.append(c.status.in_(list(statuses)))
+        if since is not None:
+            conditions.append(c.created_at >= self._time_bound(since, "since"))
+        if until is not None:
+            conditions.append(c.created_at < self._time_bound(until, "until"))
+        read = [c.job_key.label("key") if column == "key" else c[column] for column in columns]
+        statement = sa.select(*read).where(*conditions).order_by(c.created_at.desc(), c.id.desc()).limit(limit)
+        with self._reading() as conn:
+            return [dict(row) for row in conn.execute(statement).mappings()]
+
+    def _time_bound(self, value: datetime | float, what: str) -> sa.ColumnElement:
+        """A bound on ``created_at``: a datetime as a parameter, or seconds ago by the database's clock."""
+        if isinstance(value, datetime):
+            return sa.bindparam(f"kronix_{what}", value, type_=self.table.c.created_at.type)
+        return self.dialect.now_plus(-float(value))
+
+    # -- batches ------------------------------------------------------------------------
+
+    def count_batch_by_status(self, batch_id: str) -> dict[str, int]:
+        """COUNT a batch's jobs by status (through the ``<table>_batch`` index)."""
+        c = self.table.c
+        statement = sa.select(c.status, sa.func.count()).where(c.batch_id == batch_id).group_by(c.status)
+        with self._reading() as conn:
+            return {status: int(count) for status, count in conn.execute(statement)}
+
+    def read_batch_results(self, batch_id: str) -> list[tuple[str, str | None, str | None]]:
+        """SELECT ``(id, job_key, result)`` of a batch's completed jobs."""
+        c = self.table.c
+        statement = sa.select(c.id, c.job_key, c.result).where(c.batch_id == batch_id, c.status == COMPLETED)
+        with self._reading() as conn:
+            return [tuple(row) for row in conn.execute(statement)]
+
+    def read_payloads(self, job_ids: Sequence[str]) -> dict[str, str | None]:
+        """SELECT the payloads (JSON text) of jobs by id."""
+        c = self.table.c
+        payloads: dict[str, str | None] = {}
+        with self._reading() as conn:
+            for start in range(0, len(job_ids), IN_LIST_LIMIT):
+                part = list(job_ids[start:start + IN_LIST_LIMIT])
+                payloads.update(conn.execute(sa.select(c.id, c.payload).where(c.id.in_(part))).all())
+        return payloads
+
+    def names_in_batch(self, batch_id: str, limit: int = 2) -> list[str]:
+        """SELECT up to ``limit`` distinct job names of a batch (none: no such batch)."""
+        c = self.table.c
+        with self._reading() as conn:
+            return list(conn.execute(sa.select(c.name).where(c.batch_id == batch_id).distinct()
+                                     .limit(limit)).scalars())
+
+    def summarise_batches(self, since: datetime | float | None = None) -> list[dict[str, Any]]:
+        """Per batch and status: COUNT, the smallest and largest name, the first ``created_at`` and the last
+        ``finished_at``; of every batch, or of those with a job created since ``since`` (whole).
+
+        With ``since``, two steps rather than a subquery: the planner cannot guess
+        how few batches are recent and would scan the whole table to join them.
+        """
+        c = self.table.c
+        statement = (sa.select(c.batch_id, c.status, sa.func.count().label("jobs"), sa.func.min(c.name).label("name"),
+                               sa.func.max(c.name).label("other_name"),
+                               sa.func.min(c.created_at).label("created_at"),
+                               sa.func.max(c.finished_at).label("finished_at"))
+                     .group_by(c.batch_id, c.status))
+        with self._reading() as conn:
+            if since is None:
+                return [dict(row) for row in conn.execute(statement.where(c.batch_id.is_not(None))).mappings()]
+            recent = list(conn.execute(sa.select(c.batch_id).distinct().where(
+                c.batch_id.is_not(None), c.created_at >= self._time_bound(since, "since"))).scalars())
+            rows = []
+            for start in range(0, len(recent), IN_LIST_LIMIT):
+                rows += [dict(row) for row in conn.execute(
+                    statement.where(c.batch_id.in_(recent[start:start + IN_LIST_LIMIT]))).mappings()]
+            return rows
+
+    def job_name_other_than(self, name: str) -> str | None:
+        """SELECT the name of one job not named ``name`` (the demo refuses a table holding others'), or None."""
+        c = self.table.c
+        with self._reading() as conn:
+            return conn.execute(sa.select(c.name).where(c.name != name).limit(1)).scalar()
