@@ -261,3 +261,28 @@ def test_a_failed_completion_write_is_retried_never_turned_into_a_retry_of_the_j
     jobs = [driver.get_job(job_id) for job_id in ids]
     assert [(job.status, job.attempts) for job in jobs] == [(JobStatus.COMPLETED, 1)] * 5
     driver.close()
+
+
+def test_a_result_is_encoded_once_on_its_way_to_the_database(driver, monkeypatch):
+    """The job's thread encodes it (a result that is not JSON is the job's failure there); the completion
+    writes that text, not a second encoding."""
+    import kronix_data.job
+
+    encoded = []
+    real_encode = kronix_data.job._encode
+
+    def counting_encode(value, what):
+        encoded.append(what)
+        return real_encode(value, what)
+
+    monkeypatch.setattr(kronix_data.job, "_encode", counting_encode)
+
+    @task(name="w.records")
+    def records(payload):
+        return [{"n": payload, "text": "x" * 100}]
+
+    ids = driver.push_many([records.job(i) for i in range(10)])
+    encoded.clear()  # the payloads' encodings
+    run_burst(driver, concurrency=2)
+    assert sorted(encoded) == ["result of job 'w.records'"] * 10
+    assert [driver.get_job(job_id).result for job_id in ids] == [[{"n": i, "text": "x" * 100}] for i in range(10)]
