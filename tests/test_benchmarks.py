@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from conftest import IN_CI, database_url, drop_table, unique_table
+from helpers import IN_CI, database_url, drop_table, unique_table
 from kronix_data import DatabaseQueueDriver
 
 REPO = Path(__file__).resolve().parents[1]

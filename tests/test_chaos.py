@@ -28,7 +28,7 @@ import pytest
 import sqlalchemy as sa
 
 import chaos_jobs
-from conftest import IN_CI, drop_table
+from helpers import IN_CI, drop_table
 from db_faults import kill_sessions_tagged, restart_server
 from kronix_data import DatabaseQueueDriver, Job
 

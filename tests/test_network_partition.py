@@ -23,7 +23,7 @@ import pytest
 import sqlalchemy as sa
 
 import chaos_jobs
-from conftest import IN_CI, drop_table
+from helpers import IN_CI, drop_table
 from kronix_data import DatabaseQueueDriver, Job
 
 TESTS = Path(__file__).resolve().parent
