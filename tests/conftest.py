@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import pytest
 
-from helpers import BACKENDS, database_url, drop_table, start_private_server, tagged_sessions, unique_table
+from helpers import (BACKENDS, close_private_server, database_url, drop_table, start_private_server,
+                     tagged_sessions, unique_table)
 from kronix_data import DatabaseQueueDriver
+from worker_jobs import create_runs_table
 
 
 @pytest.fixture(params=BACKENDS)
@@ -48,6 +50,15 @@ def other_driver(db_url, table_name, driver):
     queue.close()
 
 
+@pytest.fixture
+def runs_table(db_url):
+    """A table where ``worker_jobs.record`` jobs write their runs (start, end, process)."""
+    name = f"runs_{unique_table()}"
+    create_runs_table(db_url, name)
+    yield name
+    drop_table(db_url, name)
+
+
 # -- private servers: for tests that stop, restart or cut off a server ------------------------------
 
 @pytest.fixture(scope="session")
@@ -55,7 +66,7 @@ def private_postgresql():
     """A throwaway PostgreSQL cluster for the whole session, started when a test first asks for it."""
     server = start_private_server("postgresql")
     yield server
-    server.close()
+    close_private_server(server)
 
 
 @pytest.fixture(scope="session")
@@ -63,7 +74,7 @@ def private_mariadb():
     """A throwaway MariaDB server for the whole session, started when a test first asks for it."""
     server = start_private_server("mariadb")
     yield server
-    server.close()
+    close_private_server(server)
 
 
 @pytest.fixture

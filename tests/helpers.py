@@ -13,6 +13,7 @@ shared servers a test kills only the sessions it tagged itself (:func:`tagged_se
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 import random
@@ -313,6 +314,10 @@ class PrivateServer:
     act on the server process (stop cuts every session, as a crash or failover would);
     :meth:`close` stops it and removes the directory.  A session-scoped fixture starts one per
     kind, lazily, and closes it at the end of the session, failed tests or not.
+
+    It listens on 127.0.0.1, and on the addresses given to :meth:`listen_also` (the host side of
+    a test's network links), where ``root``/``postgres`` get in without a password too: nothing
+    but this machine and its test namespaces can reach it.
     """
 
     backend = ""
@@ -322,6 +327,16 @@ class PrivateServer:
         self.directory = Path(tempfile.mkdtemp(prefix=f"kronix-test-{self.backend}-"))
         self.port = 0
         self.log = self.directory / "server.log"
+        self.extra_addresses: list[str] = []
+
+    @property
+    def addresses(self) -> list[str]:
+        return ["127.0.0.1", *self.extra_addresses]
+
+    def listen_also(self, addresses: list[str]) -> None:
+        """Restart the server listening on 127.0.0.1 and ``addresses`` (``[]``: on 127.0.0.1 only again)."""
+        self.extra_addresses = list(addresses)
+        self.restart()
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.url!r}, running={self.is_running()})"
@@ -426,8 +441,8 @@ class PrivatePostgres(PrivateServer):
     backend = "postgresql"
 
     def __init__(self) -> None:
+        self.binaries = _postgres_binaries()  # before the directory exists: nothing to clean up if missing
         super().__init__()
-        self.binaries = _postgres_binaries()
         self.data = self.directory / "data"
         self._as_user: list[str] = []
         if os.geteuid() == 0:
@@ -448,9 +463,12 @@ class PrivatePostgres(PrivateServer):
     def _initialise(self) -> None:
         self._run(str(self.binaries / "initdb"), "-D", str(self.data), "-U", "postgres", "--auth=trust",
                   "-E", "UTF8", "--no-sync")
+        with open(self.data / "pg_hba.conf", "a") as hba:  # clients on the test links (see listen_also)
+            hba.write("host all all samenet trust\n")
 
     def _launch(self) -> None:
-        options = shlex.join(["-p", str(self.port), "-k", str(self.directory), "-c", "listen_addresses=127.0.0.1",
+        options = shlex.join(["-p", str(self.port), "-k", str(self.directory),
+                              "-c", f"listen_addresses={','.join(self.addresses)}",
                               "-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off",
                               "-c", "max_connections=200"])
         self._run(str(self.binaries / "pg_ctl"), "-D", str(self.data), "-l", str(self.log), "-o", options,
@@ -491,16 +509,16 @@ class PrivateMariaDB(PrivateServer):
     backend = "mariadb"
 
     def __init__(self) -> None:
+        self.install_db = shutil.which("mariadb-install-db") or shutil.which("mysql_install_db")
+        self.server = shutil.which("mariadbd") or shutil.which("mariadbd", path="/usr/sbin:/usr/libexec")
+        if not self.install_db or not self.server:
+            raise PrivateServerError("mariadb-install-db/mariadbd not found: install mariadb-server")
         super().__init__()
         self.data = self.directory / "data"
         self.socket = self.directory / "mariadb.sock"
         self.pid_file = self.directory / "mariadb.pid"
         self.process: subprocess.Popen | None = None
         self._user = ["--user=root"] if os.geteuid() == 0 else []
-        self.install_db = shutil.which("mariadb-install-db") or shutil.which("mysql_install_db")
-        self.server = shutil.which("mariadbd") or shutil.which("mariadbd", path="/usr/sbin:/usr/libexec")
-        if not self.install_db or not self.server:
-            raise PrivateServerError("mariadb-install-db/mariadbd not found: install mariadb-server")
 
     @property
     def url(self) -> str:
@@ -517,7 +535,8 @@ class PrivateMariaDB(PrivateServer):
         with open(self.log, "a") as log:
             self.process = subprocess.Popen(
                 [self.server, "--no-defaults", f"--datadir={self.data}", f"--socket={self.socket}",
-                 f"--pid-file={self.pid_file}", f"--port={self.port}", "--bind-address=127.0.0.1",
+                 f"--pid-file={self.pid_file}", f"--port={self.port}",
+                 f"--bind-address={','.join(self.addresses)}",
                  "--skip-name-resolve", "--character-set-server=utf8mb4", "--collation-server=utf8mb4_general_ci",
                  "--innodb-flush-log-at-trx-commit=0", "--innodb-doublewrite=0", "--innodb-buffer-pool-size=128M",
                  "--max-connections=300", f"--log-error={self.log}", *self._user],
@@ -544,20 +563,44 @@ class PrivateMariaDB(PrivateServer):
         engine = sa.create_engine(f"mysql+pymysql://root@127.0.0.1:{self.port}/mysql", poolclass=sa.pool.NullPool)
         with engine.begin() as conn:
             conn.exec_driver_sql("CREATE DATABASE test")
+            # For clients on the test links (see listen_also); it listens nowhere else.
+            conn.exec_driver_sql("CREATE USER 'root'@'10.%%'")  # %% : PyMySQL formats the statement
+            conn.exec_driver_sql("GRANT ALL ON *.* TO 'root'@'10.%%' WITH GRANT OPTION")
         engine.dispose()
 
 
 PRIVATE_SERVERS = {"postgresql": PrivatePostgres, "mariadb": PrivateMariaDB}
+#: Servers made and not closed yet: closed at exit too, should a session end without its teardown.
+_open_servers: list[PrivateServer] = []
+
+
+@atexit.register
+def _close_open_servers() -> None:
+    while _open_servers:
+        _open_servers.pop().close()
 
 
 def start_private_server(backend: str) -> PrivateServer:
-    """Make and start a private server of ``backend``; skipped (failed under CI) with the reason if it cannot."""
-    server = None
+    """Make and start a private server of ``backend``; skipped (failed under CI) with the reason if it cannot.
+
+    Whatever goes wrong on the way, nothing is left running and its directory is removed.
+    """
+    expected = (PrivateServerError, OSError, subprocess.SubprocessError, sa.exc.DBAPIError)
     try:
         server = PRIVATE_SERVERS[backend]()
-        return server.setup()
-    except (PrivateServerError, OSError, subprocess.SubprocessError, sa.exc.DBAPIError) as error:
-        if server is not None:
-            server.close()
+    except expected as error:
         skip_or_fail(f"cannot start a private {backend} server for this test: {error}")
-        raise  # not reached: skip_or_fail raises
+    _open_servers.append(server)
+    try:
+        return server.setup()
+    except BaseException as error:
+        close_private_server(server)
+        if isinstance(error, expected):
+            skip_or_fail(f"cannot start a private {backend} server for this test: {error}")
+        raise
+
+
+def close_private_server(server: PrivateServer) -> None:
+    if server in _open_servers:
+        _open_servers.remove(server)
+    server.close()

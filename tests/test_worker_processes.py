@@ -11,7 +11,6 @@ import signal
 import subprocess
 import sys
 import time
-import uuid
 from pathlib import Path
 
 import pytest
@@ -19,7 +18,7 @@ import sqlalchemy as sa
 
 from helpers import SERVERS, attempts_histogram, kill_sessions_tagged, status_counts, wait_until
 from kronix_data import DatabaseQueueDriver, Job, start_local_workers
-from worker_jobs import create_runs_table, fetch_runs
+from worker_jobs import fetch_runs
 
 
 def assert_no_job_ran_twice_at_once(runs, killed_at: dict[int, float]) -> None:
@@ -31,17 +30,6 @@ def assert_no_job_ran_twice_at_once(runs, killed_at: dict[int, float]) -> None:
         spans.sort()
         for (_, first_end), (second_start, _) in zip(spans, spans[1:]):
             assert second_start >= first_end, f"job {job} ran twice at once: {spans}"
-
-
-@pytest.fixture
-def runs_table(db_url):
-    name = f"runs_{uuid.uuid4().hex[:10]}"
-    create_runs_table(db_url, name)
-    yield name
-    engine = sa.create_engine(db_url)
-    with engine.begin() as conn:
-        conn.execute(sa.text(f"DROP TABLE {name}"))
-    engine.dispose()
 
 
 @pytest.mark.parametrize("backend", SERVERS)
