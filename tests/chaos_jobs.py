@@ -51,7 +51,10 @@ class ChaosFailure(Exception):
 
 @cache
 def _engine(url: str) -> sa.Engine:
-    return sa.create_engine(url, pool_pre_ping=True, pool_size=8, max_overflow=0, pool_timeout=60)
+    # READ COMMITTED: under MariaDB's default REPEATABLE READ, a run's UPDATE takes gap locks on the
+    # index, and a worker cut off mid-write would block other workers' inserts of nearby runs.
+    return sa.create_engine(url, pool_pre_ping=True, pool_size=8, max_overflow=0, pool_timeout=60,
+                            isolation_level="READ COMMITTED")
 
 
 def create_runs_table(url: str, runs: str) -> None:
