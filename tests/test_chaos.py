@@ -25,8 +25,9 @@ After every round the test waits until the workers have completed ``PROGRESS`` m
 fault hits a queue at work and the next finds the workers recovered.  The queue cannot drain while
 faults remain: before every round, if fewer than ``LOW_WATER`` jobs are pending (three times the
 ``PROGRESS`` the round waits for), another wave of ``WAVE`` jobs is pushed.  The faults themselves
-need no pending work (a hold job waits for the test; idle workers still poll the server).  The first wave is ``KRONIX_CHAOS_JOBS``
-jobs (10,000).  After the last round no more are pushed and the queue drains.
+need no pending work (a hold job waits for the test; idle workers still poll the server).  The
+first wave is ``KRONIX_CHAOS_JOBS`` jobs (10,000).  After the last round no more are pushed and the
+queue drains.
 
 At the end every job is completed or dead-lettered with a reason (never both, never missing),
 every completion is backed by the side effect of the very attempt that completed, no attempt was

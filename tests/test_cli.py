@@ -17,7 +17,8 @@ import pytest
 from kronix_data import DatabaseQueueDriver, Job, JobStatus
 from kronix_data.cli import ERROR_WIDTH
 
-from helpers import cli_environment, database_url, drop_table, finish, kronix, kronix_in_parallel, start_kronix, unique_table
+from helpers import (cli_environment, database_url, drop_table, finish, kronix, kronix_in_parallel, start_kronix,
+                     unique_table)
 
 UNREACHABLE_WITH_PASSWORD = "postgresql://postgres:hunter2@127.0.0.1:1/test"
 
