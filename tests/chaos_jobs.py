@@ -7,12 +7,21 @@ sees its own id, attempt and worker, which a ``@task`` function cannot).
 Each run of a job writes its side effect into the runs table: a row with
 (job, attempt, worker, started) when it starts and its end time when it ends,
 so a run cut short by kill -9 stays visible as a row without an end.
+
+A job whose payload has ``"hold": PATH`` stays in its run (after recording its
+start) until PATH exists: the chaos test kill -9s the worker of such a run, so
+a run really is cut mid-job, whatever the machine's speed.
+
+A worker process stops cleanly on SIGTERM from the moment its first stats file
+exists (a handler of its own covers the start, before ``Worker.run`` installs
+the worker's), so the test can wait for that file instead of sleeping.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 import threading
 import time
@@ -42,7 +51,10 @@ class ChaosFailure(Exception):
 
 @cache
 def _engine(url: str) -> sa.Engine:
-    return sa.create_engine(url, pool_pre_ping=True, pool_size=8, max_overflow=0, pool_timeout=60)
+    # READ COMMITTED: under MariaDB's default REPEATABLE READ, a run's UPDATE takes gap locks on the
+    # index, and a worker cut off mid-write would block other workers' inserts of nearby runs.
+    return sa.create_engine(url, pool_pre_ping=True, pool_size=8, max_overflow=0, pool_timeout=60,
+                            isolation_level="READ COMMITTED")
 
 
 def create_runs_table(url: str, runs: str) -> None:
@@ -93,6 +105,11 @@ class ChaosJob(Job):
             # The insert may have committed before the connection died: close the run either way.
             _finish(url, runs, key, time.time(), ok=False)
             raise
+        hold = payload.get("hold")
+        if hold:
+            deadline = time.monotonic() + 600  # released by the test once this run's worker is dead
+            while not os.path.exists(hold) and time.monotonic() < deadline:
+                time.sleep(0.01)
         time.sleep(payload.get("sleep", 0))
         failing = always_fails(n) or (fails_first_attempt(n) and self.attempts == 1)
         _finish(url, runs, key, time.time(), ok=not failing)
@@ -113,6 +130,9 @@ def main(url: str, table: str, stats_dir: str, lease_timeout: str) -> None:
     driver.register_job_factory(NAME, lambda payload: ChaosJob(NAME, payload))
     worker = Worker(driver, concurrency=8, lease_timeout=float(lease_timeout), poll_interval=0.2)
     path = os.path.join(stats_dir, f"{os.getpid()}.json")
+    # Until Worker.run installs its own handler (and after it restores this one), SIGTERM stops the
+    # worker gracefully too: stop() only sets events, and run() then stops before claiming anything.
+    signal.signal(signal.SIGTERM, lambda _signum, _frame: worker.stop(wait=False))
 
     def dump_forever():
         while True:

@@ -1,67 +1,19 @@
-"""Fixtures that run each test against real SQLite files, PostgreSQL and MariaDB.
+"""Fixtures that run each test against real SQLite files, PostgreSQL and MariaDB, and private servers.
 
 Server URLs come from ``KRONIX_TEST_POSTGRES_URL`` and ``KRONIX_TEST_MYSQL_URL``
 (defaults: this machine's local servers).  A server that cannot be reached is
-skipped with a hint outside CI, and fails the test when ``CI=true``.
+skipped with a hint outside CI, and fails the test when ``CI=true``.  The
+helpers behind these fixtures are in ``helpers.py``; only fixtures live here.
 """
 
 from __future__ import annotations
 
-import os
-import uuid
-from functools import cache
-
 import pytest
-import sqlalchemy as sa
 
+from helpers import (BACKENDS, close_private_server, database_url, drop_table, start_private_server,
+                     tagged_sessions, unique_table)
 from kronix_data import DatabaseQueueDriver
-
-SERVER_URLS = {
-    "postgresql": os.environ.get("KRONIX_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"),
-    "mariadb": os.environ.get("KRONIX_TEST_MYSQL_URL", "mysql+pymysql://root@127.0.0.1:3306/test"),
-}
-ENV_NAMES = {"postgresql": "KRONIX_TEST_POSTGRES_URL", "mariadb": "KRONIX_TEST_MYSQL_URL"}
-BACKENDS = ["sqlite", "postgresql", "mariadb"]
-IN_CI = os.environ.get("CI", "").lower() == "true"
-
-
-@cache
-def _unreachable(backend: str) -> str | None:
-    """Why a server cannot be used, or None if it answers."""
-    engine = sa.create_engine(SERVER_URLS[backend])
-    try:
-        with engine.connect() as conn:
-            conn.execute(sa.text("SELECT 1"))
-    except Exception as error:  # noqa: BLE001 - any failure means "not reachable"
-        return f"{type(error).__name__}: {str(error).splitlines()[0]}"
-    finally:
-        engine.dispose()
-    return None
-
-
-def database_url(backend: str, tmp_path) -> str:
-    """A URL for ``backend``: a fresh SQLite file, or the configured server."""
-    if backend == "sqlite":
-        return f"sqlite:///{tmp_path / 'jobs.db'}"
-    reason = _unreachable(backend)
-    if reason:
-        message = (f"{backend} at {sa.make_url(SERVER_URLS[backend]).render_as_string(hide_password=True)} "
-                   f"is unreachable ({reason}); set {ENV_NAMES[backend]} to a test database")
-        if IN_CI:
-            pytest.fail(message)
-        pytest.skip(message)
-    return SERVER_URLS[backend]
-
-
-def unique_table() -> str:
-    return f"t_{uuid.uuid4().hex[:12]}"
-
-
-def drop_table(url: str, table: str) -> None:
-    engine = sa.create_engine(url)
-    with engine.begin() as conn:
-        conn.execute(sa.text(f"DROP TABLE IF EXISTS {table}"))  # table is our own unique_table()
-    engine.dispose()
+from worker_jobs import create_runs_table
 
 
 @pytest.fixture(params=BACKENDS)
@@ -96,3 +48,48 @@ def other_driver(db_url, table_name, driver):
     queue = DatabaseQueueDriver(db_url, table=table_name)
     yield queue
     queue.close()
+
+
+@pytest.fixture
+def runs_table(db_url):
+    """A table where ``worker_jobs.record`` jobs write their runs (start, end, process)."""
+    name = f"runs_{unique_table()}"
+    create_runs_table(db_url, name)
+    yield name
+    drop_table(db_url, name)
+
+
+# -- private servers: for tests that stop, restart or cut off a server ------------------------------
+
+@pytest.fixture(scope="session")
+def private_postgresql():
+    """A throwaway PostgreSQL cluster for the whole session, started when a test first asks for it."""
+    server = start_private_server("postgresql")
+    yield server
+    close_private_server(server)
+
+
+@pytest.fixture(scope="session")
+def private_mariadb():
+    """A throwaway MariaDB server for the whole session, started when a test first asks for it."""
+    server = start_private_server("mariadb")
+    yield server
+    close_private_server(server)
+
+
+@pytest.fixture
+def private_server(backend, request):
+    """The private server of ``backend`` (``postgresql`` or ``mariadb``), running again after the test.
+
+    A test may stop it; whether the test passes or fails, it is started again for the next one.
+    """
+    server = request.getfixturevalue(f"private_{backend}")
+    yield server
+    server.start()
+
+
+@pytest.fixture
+def tagged(db_url):
+    """``(url, tag)``: the test's database with sessions tagged so the test can kill its own and no one else's."""
+    with tagged_sessions(db_url) as url_and_tag:
+        yield url_and_tag

@@ -1,39 +1,18 @@
-"""The DataFrame views on each database: stats with percentiles over a window, dead letters, history, pruning."""
+"""The DataFrame views on each database: stats with percentiles over a window, and dead letters.
+
+The history (``driver.jobs()``) and pruning are in test_history.py."""
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta, timezone
+from datetime import timedelta
 
 import numpy as np
-import pandas as pd
 import pytest
-import sqlalchemy as sa
 
 from kronix_data import Job
 from kronix_data.analytics import DEAD_LETTER_COLUMNS, STATS_COLUMNS, split_error
-from kronix_data.history import JOB_COLUMNS
 
-
-def db_now(driver) -> datetime:
-    return driver.store.database_now()
-
-
-def set_times(driver, job_id: str, **values) -> None:
-    """Put known timestamps on a row, as if it had run then."""
-    with driver.engine.begin() as conn:
-        conn.execute(driver.table.update().where(driver.table.c.id == job_id).values(**values))
-
-
-def finished_job(driver, *, queue="default", status="completed", due: datetime, wait: float, run: float,
-                 last_error: str | None = None) -> str:
-    """A job that really went through push, pop and complete/fail, then got controlled times."""
-    job_id = driver.push(Job("stats.job", queue=queue))
-    job = driver.pop(queue)
-    job.last_error = last_error
-    assert driver.complete(job) if status == "completed" else driver.fail(job)
-    set_times(driver, job_id, created_at=due, available_at=due, reserved_at=due + timedelta(seconds=wait),
-              finished_at=due + timedelta(seconds=wait + run))
-    return job_id
+from helpers import db_now, finished_job, set_times
 
 
 # -- fetch_stats ---------------------------------------------------------------------
@@ -165,98 +144,3 @@ def test_dead_letters_of_one_batch(driver):
                                                  "{'chunk': 2, 'items': ['c']}"]
     assert set(failures["batch_id"]) == {batch.id}
     assert driver.dead_letter_jobs(batch="nope").empty
-
-
-# -- jobs() ------------------------------------------------------------------------
-
-
-def test_jobs_is_a_typed_frame_empty_or_not(driver):
-    empty = driver.jobs()
-    assert empty.empty and dict(empty.dtypes.astype(str)) == JOB_COLUMNS
-    now = db_now(driver)
-    finished_job(driver, due=now - timedelta(minutes=5), wait=2.5, run=4.0)
-    driver.push(Job("stats.job", key="only-once"))
-    frame = driver.jobs()
-    assert dict(frame.dtypes.astype(str)) == JOB_COLUMNS
-    assert frame["status"].tolist() == ["pending", "completed"]  # newest first
-    assert frame["key"].tolist()[0] == "only-once"
-    assert frame["wait_s"].tolist()[1] == pytest.approx(2.5, abs=1e-3)
-    assert frame["run_s"].tolist()[1] == pytest.approx(4.0, abs=1e-3)
-    assert np.isnan(frame["wait_s"].iloc[0]) and np.isnan(frame["run_s"].iloc[0])
-
-
-def test_jobs_filters_combine(driver):
-    now = db_now(driver)
-    batch = driver.map("etl.a", [1, 2, 3, 4], chunk_size=1, queue="etl")
-    ids = driver.push_many([Job("etl.b", i, queue="etl") for i in range(3)] + [Job("mail", i) for i in range(2)])
-    for age, job_id in zip((50, 40, 30, 20, 10), ids):
-        set_times(driver, job_id, created_at=now - timedelta(minutes=age))
-    running = driver.pop("etl")  # the oldest due: a batch chunk
-    failed = driver.pop("etl"); failed.last_error = "ValueError: x"; driver.fail(failed)
-
-    assert len(driver.jobs()) == 9 and len(driver.jobs(limit=4)) == 4 and len(driver.jobs(limit=None)) == 9
-    assert driver.jobs(queue="default")["id"].tolist() == [ids[4], ids[3]]
-    assert driver.jobs(name="etl.b")["id"].tolist() == [ids[2], ids[1], ids[0]]
-    assert driver.jobs(status="processing")["id"].tolist() == [running.id]
-    assert set(driver.jobs(status=["processing", "failed"])["id"]) == {running.id, failed.id}
-    assert set(driver.jobs(batch=batch.id)["id"]) == set(driver.jobs(name="etl.a")["id"])
-    assert driver.jobs(since=timedelta(minutes=35), until=timedelta(minutes=15))["id"].tolist() == [ids[3], ids[2]]
-    assert driver.jobs(since=now - timedelta(minutes=45), until=now - timedelta(minutes=25),
-                       queue="etl")["id"].tolist() == [ids[2], ids[1]]
-    assert driver.jobs(queue="etl", status="pending", name="etl.b", until=pd.Timestamp(now - timedelta(minutes=45))
-                       )["id"].tolist() == [ids[0]]
-
-
-@pytest.mark.parametrize("options, error, message", [
-    ({"status": "done"}, ValueError, "unknown status.*pending, processing, completed, failed"),
-    ({"status": ["pending", "dead"]}, ValueError, "unknown status"),
-    ({"since": datetime(2026, 1, 1)}, ValueError, "since must be timezone-aware"),
-    ({"until": "yesterday"}, TypeError, "until must be a timezone-aware datetime or a timedelta"),
-    ({"limit": 0}, ValueError, "limit must be an int >= 1"),
-    ({"queue": 3}, TypeError, "queue must be a str"),
-])
-def test_jobs_refuses_bad_filters(driver, options, error, message):
-    with pytest.raises(error, match=message):
-        driver.jobs(**options)
-
-
-# -- prune -------------------------------------------------------------------------
-
-
-def test_prune_deletes_only_old_completed_jobs_in_bounded_chunks(driver):
-    now = db_now(driver)
-    old = [finished_job(driver, due=now - timedelta(days=3, minutes=n), wait=1, run=1) for n in range(10)]
-    recent = finished_job(driver, due=now - timedelta(hours=1), wait=1, run=1)
-    old_dead = finished_job(driver, status="failed", due=now - timedelta(days=3), wait=1, run=1, last_error="E: x")
-    pending = driver.push(Job("n"))
-    running = driver.push(Job("n", queue="busy"))
-    driver.pop("busy")
-    set_times(driver, pending, created_at=now - timedelta(days=9))
-    set_times(driver, running, created_at=now - timedelta(days=9))
-
-    deletes = []
-
-    def count_deletes(conn, cursor, statement, parameters, context, executemany):
-        if statement.lstrip().upper().startswith("DELETE"):
-            deletes.append(cursor.rowcount)
-
-    sa.event.listen(driver.engine, "after_cursor_execute", count_deletes)
-    try:
-        assert driver.prune(timedelta(days=1), chunk_size=3) == 10
-    finally:
-        sa.event.remove(driver.engine, "after_cursor_execute", count_deletes)
-    assert deletes == [3, 3, 3, 1]  # one transaction per chunk, oldest first
-    remaining = set(driver.jobs(limit=None)["id"])
-    assert remaining == {recent, old_dead, pending, running} and not remaining & set(old)
-
-    assert driver.prune(timedelta(days=1)) == 0
-    assert driver.prune(86400, dead_letters=True) == 1
-    assert set(driver.jobs(limit=None)["id"]) == {recent, pending, running}
-    assert driver.prune(0) == 1  # everything completed, however recent
-    assert set(driver.jobs(limit=None)["id"]) == {pending, running}
-
-
-@pytest.mark.parametrize("older_than, chunk_size", [(-1, 10), ("1d", 10), (timedelta(days=-1), 10), (60, 0)])
-def test_prune_refuses_bad_arguments(driver, older_than, chunk_size):
-    with pytest.raises(ValueError, match="older_than|chunk_size"):
-        driver.prune(older_than, chunk_size=chunk_size)

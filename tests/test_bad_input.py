@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from kronix_data import DatabaseQueueDriver, Job, JobStatus, Worker, task
 from kronix_data.job import MAX_JSON_BYTES, encode_payload
 
-from conftest import SERVER_URLS, database_url
+from helpers import SERVER_URLS, database_url, run_burst
 
 SECRET = "Wr0ngSecret-4711"
 
@@ -40,12 +40,6 @@ def seeded(driver):
     dead.last_error = "seeded"
     assert dead.name == "seed.dead" and driver.fail(dead)
     return driver
-
-
-def run_burst(driver, **options) -> Worker:
-    worker = Worker(driver, burst=True, lease_timeout=10, listen=False, **options)
-    worker.run()
-    return worker
 
 
 # -- table names -------------------------------------------------------------------
@@ -197,7 +191,7 @@ def test_a_result_too_big_to_store_fails_the_job_and_the_worker_completes_the_re
         return "x" * 20_000_000 if payload == 0 else payload
 
     ids = driver.push_many([big_result.job(i) for i in range(6)])
-    thread = threading.Thread(target=lambda: run_burst(driver, concurrency=3), daemon=True)
+    thread = threading.Thread(target=lambda: run_burst(driver, concurrency=3, listen=False), daemon=True)
     thread.start()
     thread.join(60)
     assert not thread.is_alive(), "the worker never finished"
@@ -220,7 +214,7 @@ def test_unknown_job_names_are_dead_lettered_with_the_reason_and_the_rest_comple
     for i, name in enumerate(strangers):  # interleaved with the good ones
         jobs.insert(i * 10, Job(name, {"cmd": "true"}))
     driver.push_many(jobs)
-    worker = run_burst(driver, concurrency=4)
+    worker = run_burst(driver, concurrency=4, listen=False)
 
     assert (worker.stats.completed, worker.stats.dead_lettered, worker.stats.retried) == (40, len(strangers), 0)
     dead = driver.dead_letter_jobs().set_index("name")

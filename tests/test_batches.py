@@ -13,6 +13,8 @@ from kronix_data import DatabaseQueueDriver, Worker, as_frame, task
 from kronix_data.analytics import DEAD_LETTER_COLUMNS
 from kronix_data.batches import BATCH_COLUMNS
 
+from helpers import run_burst
+
 #: Flipped by a test to "fix the bug" before retrying the failed chunks.
 accept_negative = {"value": False}
 
@@ -44,12 +46,6 @@ def _reset_the_fix():
     accept_negative["value"] = False
 
 
-def run_burst(driver) -> Worker:
-    worker = Worker(driver, burst=True, concurrency=3, lease_timeout=10)
-    worker.run()
-    return worker
-
-
 def sales(rows: int = 50, bad_rows: tuple[int, ...] = ()) -> pd.DataFrame:
     frame = pd.DataFrame({"order": np.arange(rows), "amount": np.arange(rows) * 1.5})
     frame.loc[list(bad_rows), "amount"] = -1.0
@@ -61,7 +57,7 @@ def test_progress_counts_and_results_concatenate_record_chunks(driver):
 
     assert batch.progress() == {"total": 5, "pending": 5, "processing": 0, "completed": 0, "failed": 0}
     assert not batch.done
-    assert run_burst(driver).stats.completed == 5
+    assert run_burst(driver, concurrency=3).stats.completed == 5
 
     assert batch.done and batch.progress() == {"total": 5, "pending": 0, "processing": 0, "completed": 5, "failed": 0}
     results = batch.wait(progress=False).results()
@@ -74,7 +70,7 @@ def test_progress_counts_and_results_concatenate_record_chunks(driver):
 
 def test_results_are_one_row_per_chunk_when_they_are_not_records(driver):
     batch = driver.map(summary, [f"file-{n}.csv" for n in range(7)], chunk_size=3)
-    run_burst(driver)
+    run_burst(driver, concurrency=3)
 
     results = batch.results()
     assert list(results.columns) == ["chunk", "job_id", "result"]
@@ -87,7 +83,7 @@ def test_results_are_one_row_per_chunk_when_they_are_not_records(driver):
 
 def test_results_concatenate_dicts_of_columns(driver):
     batch = driver.map(columns, range(8), chunk_size=3)
-    run_burst(driver)
+    run_burst(driver, concurrency=3)
     results = batch.results()
     assert results.to_dict("list") == {"chunk": [0, 0, 0, 1, 1, 1, 2, 2], "n": list(range(8)),
                                        "square": [n * n for n in range(8)]}
@@ -102,7 +98,7 @@ def test_results_of_a_batch_with_nothing_completed_is_a_typed_empty_frame(driver
 def test_failures_are_the_batchs_dead_letters_and_retry_failures_runs_them_again(driver):
     batch = driver.map(clean, sales(40, bad_rows=(13, 35)), chunk_size=10)
     other = driver.map(clean, sales(10, bad_rows=(2,)), chunk_size=10, batch="someone-else")
-    run_burst(driver)
+    run_burst(driver, concurrency=3)
 
     assert batch.done and batch.progress()["failed"] == 2 and batch.progress()["completed"] == 2
     failures = batch.failures()
@@ -116,7 +112,7 @@ def test_failures_are_the_batchs_dead_letters_and_retry_failures_runs_them_again
     accept_negative["value"] = True  # the fix
     assert batch.retry_failures() == 2
     assert batch.progress()["pending"] == 2 and other.progress()["failed"] == 1  # only this batch's
-    run_burst(driver)
+    run_burst(driver, concurrency=3)
 
     assert batch.progress()["completed"] == 4 and batch.failures().empty
     assert batch.results()["order"].tolist() == list(range(40))
@@ -125,7 +121,7 @@ def test_failures_are_the_batchs_dead_letters_and_retry_failures_runs_them_again
 
 def test_a_batch_is_found_again_from_a_new_driver_after_a_restart(driver, db_url, table_name):
     batch = driver.map(clean, sales(30, bad_rows=(25,)), chunk_size=10)
-    run_burst(driver)
+    run_burst(driver, concurrency=3)
     driver.close()
 
     restarted = DatabaseQueueDriver(db_url, table=table_name)  # a new kernel: nothing kept but the id
@@ -168,7 +164,7 @@ def test_wait_follows_a_running_worker_with_a_progress_bar(driver, capsys):
 
 def test_repr_and_html_summary(driver):
     batch = driver.map(summary, ["a", "b", "c"], chunk_size=1, batch="report-<1>")
-    run_burst(driver)
+    run_burst(driver, concurrency=3)
     assert repr(batch) == f"Batch('report-<1>', name='batches.summary', table='{driver.table_name}')"
     page = batch._repr_html_()
     assert "report-&lt;1&gt;" in page and "<progress value='3' max='3'>" in page and "3/3 finished" in page
@@ -179,7 +175,7 @@ def test_batches_lists_every_batch_with_its_counts(driver):
     assert empty.empty and dict(empty.dtypes.astype(str)) == BATCH_COLUMNS
 
     first = driver.map(clean, sales(20, bad_rows=(3,)), chunk_size=10)
-    run_burst(driver)
+    run_burst(driver, concurrency=3)
     time.sleep(0.01)
     second = driver.map(summary, ["x", "y", "z"], chunk_size=2)
     driver.push_many([clean.job({"not": "a batch"})])  # jobs without a batch are not listed

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from conftest import IN_CI, database_url, drop_table, unique_table
+from helpers import IN_CI, database_url, drop_table, select, unique_table
 from kronix_data import DatabaseQueueDriver
 
 REPO = Path(__file__).resolve().parents[1]
@@ -57,15 +57,6 @@ def kronix_counts(url: str, table: str) -> dict[str, int]:
         driver.close()
     rows = stats[stats["queue"] == QUEUE]
     return {status: int(rows[status].sum()) for status in ("pending", "processing", "completed", "failed")}
-
-
-def status_counts(url: str, statement: str, params: dict | None = None) -> dict[str, int]:
-    engine = sa.create_engine(url)
-    try:
-        with engine.connect() as conn:
-            return {status: count for status, count in conn.execute(sa.text(statement), params or {})}
-    finally:
-        engine.dispose()
 
 
 def require(package: str) -> None:
@@ -165,7 +156,7 @@ def test_raw_drain_with_two_processes_finishes_every_row(backend, db_url):
                              "--processes", "2", "--db", db_url, "--name", table, "--keep")
         check_line(line, f"raw-{backend}", "drain", 500, processes=2)
         assert sum(line["finished_per_process"]) == 500
-        assert status_counts(db_url, f"SELECT status, count(*) FROM {table} GROUP BY status") == {"done": 500}
+        assert dict(select(db_url, f"SELECT status, count(*) FROM {table} GROUP BY status")) == {"done": 500}
     finally:
         drop_table(db_url, table)
 
@@ -177,7 +168,7 @@ def test_raw_postgresql_executemany_enqueue(tmp_path):
                              "--method", "executemany", "--db", url, "--name", table, "--keep")
         check_line(line, "raw-postgresql", "enqueue-batch", 300)
         assert line["method"] == "executemany"
-        assert status_counts(url, f"SELECT status, count(*) FROM {table} GROUP BY status") == {"pending": 300}
+        assert dict(select(url, f"SELECT status, count(*) FROM {table} GROUP BY status")) == {"pending": 300}
     finally:
         drop_table(url, table)
 
@@ -193,8 +184,8 @@ def test_pgqueuer_drain_runs_every_job(tmp_path):
                              "--db", url, "--name", name, "--keep")
         check_line(line, "pgqueuer", "drain", 300)
         # pgqueuer deletes a finished job from its queue table and logs it as 'successful'.
-        assert status_counts(url, f"SELECT status::text, count(*) FROM {name}_pgqueuer GROUP BY status") == {}
-        logged = status_counts(url, f"SELECT status::text, count(*) FROM {name}_pgqueuer_log GROUP BY status")
+        assert dict(select(url, f"SELECT status::text, count(*) FROM {name}_pgqueuer GROUP BY status")) == {}
+        logged = dict(select(url, f"SELECT status::text, count(*) FROM {name}_pgqueuer_log GROUP BY status"))
         assert logged["successful"] == 300
         assert not {"exception", "failed", "canceled", "deleted"} & set(logged), logged
     finally:
@@ -208,7 +199,7 @@ def test_procrastinate_drain_runs_every_job(tmp_path):
         line = run_benchmark("--system", "procrastinate", "--scenario", "drain", "--jobs", "200",
                              "--db", url, "--name", schema, "--keep")
         check_line(line, "procrastinate", "drain", 200)
-        counts = status_counts(url, f"SELECT status::text, count(*) FROM {schema}.procrastinate_jobs GROUP BY status")
+        counts = dict(select(url, f"SELECT status::text, count(*) FROM {schema}.procrastinate_jobs GROUP BY status"))
         assert counts == {"succeeded": 200}
     finally:
         drop_kept("procrastinate", url, schema)

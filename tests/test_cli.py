@@ -8,8 +8,6 @@ to keep the file fast (each start imports pandas).
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 from datetime import datetime
 from pathlib import Path
@@ -19,36 +17,10 @@ import pytest
 from kronix_data import DatabaseQueueDriver, Job, JobStatus
 from kronix_data.cli import ERROR_WIDTH
 
-from conftest import database_url, drop_table, unique_table
+from helpers import (cli_environment, database_url, drop_table, finish, kronix, kronix_in_parallel, start_kronix,
+                     unique_table)
 
-REPOSITORY = Path(__file__).resolve().parents[1]
 UNREACHABLE_WITH_PASSWORD = "postgresql://postgres:hunter2@127.0.0.1:1/test"
-
-
-def cli_environment(**variables: str) -> dict[str, str]:
-    """The test's environment without the developer's KRONIX_* settings, plus ``variables``."""
-    environment = {key: value for key, value in os.environ.items() if key not in ("KRONIX_DATABASE_URL", "KRONIX_TABLE")}
-    environment["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPOSITORY), os.environ.get("PYTHONPATH")]))
-    return {**environment, **variables}
-
-
-def start(arguments, *, cwd: Path, environment: dict[str, str] | None = None, command=None) -> subprocess.Popen:
-    command = command or [sys.executable, "-m", "kronix_data.cli"]
-    return subprocess.Popen([*command, *arguments], cwd=cwd, env=environment or cli_environment(),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def finish(process: subprocess.Popen) -> subprocess.CompletedProcess:
-    stdout, stderr = process.communicate(timeout=60)
-    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
-
-
-def kronix(*arguments: str, cwd: Path, **options) -> subprocess.CompletedProcess:
-    return finish(start(arguments, cwd=cwd, **options))
-
-
-def kronix_in_parallel(*commands: list[str], cwd: Path, **options) -> list[subprocess.CompletedProcess]:
-    return [finish(process) for process in [start(command, cwd=cwd, **options) for command in commands]]
 
 
 def fail_jobs(driver: DatabaseQueueDriver, jobs: list[Job], error: str) -> list[str]:
@@ -276,9 +248,9 @@ def test_worker_fails_on_a_module_that_cannot_be_imported_before_opening_the_dat
     (tmp_path / "myjobs.py").write_text("import no_such_dependency_of_myjobs\n")
     url = f"sqlite:///{tmp_path / 'never.db'}"
     console_script = Path(sys.executable).with_name("kronix")
-    missing = start(["worker", "-m", "no_such_module", "--db", url], cwd=tmp_path)
+    missing = start_kronix(["worker", "-m", "no_such_module", "--db", url], cwd=tmp_path)
     # The console script does not put the current directory on sys.path; the worker command must.
-    broken = start(["worker", "-m", "myjobs", "--db", url], cwd=tmp_path,
+    broken = start_kronix(["worker", "-m", "myjobs", "--db", url], cwd=tmp_path,
                    command=[str(console_script)] if console_script.exists() else None)
     missing, broken = finish(missing), finish(broken)
 

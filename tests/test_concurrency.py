@@ -41,7 +41,7 @@ def test_processes_complete_every_job_exactly_once(driver, db_url, table_name, b
     popped = collections.Counter(job_id for _, got, _ in results for job_id in got)
     completed = collections.Counter(job_id for _, _, done in results for job_id in done)
     shares = {worker: len(done) for worker, _, done in results}
-    print(f"\n{driver.store.dialect.__class__.__name__} batch={batch}: shares per process {sorted(shares.values())}")
+    print(f"\n{driver.engine.dialect.name} batch={batch}: shares per process {sorted(shares.values())}")
     assert [job_id for job_id, n in popped.items() if n > 1] == []  # none handed out twice
     assert [job_id for job_id, n in completed.items() if n > 1] == []  # none completed twice
     assert set(completed) == set(ids)  # none lost

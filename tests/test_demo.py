@@ -17,7 +17,7 @@ from pathlib import Path
 from kronix_data import DatabaseQueueDriver, Job
 from kronix_data.demo import TASK_NAME, generate_sales
 
-from conftest import database_url, drop_table, unique_table
+from helpers import database_url, drop_table, unique_table
 
 REPOSITORY = Path(__file__).resolve().parents[1]
 ROWS, CHUNK_SIZE = 60_000, 5_000

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from helpers import BACKENDS, database_url
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -26,10 +28,8 @@ def test_readme_names_the_demo_and_test_commands():
     assert "examples/quickstart.py" in (ROOT / "README.md").read_text()
 
 
-@pytest.mark.parametrize("backend", ["sqlite", "postgresql", "mariadb"])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_quickstart_works_the_queue_and_prints_the_frames(backend, tmp_path):
-    from conftest import database_url
-
     url = database_url(backend, tmp_path)
     done = subprocess.run([sys.executable, str(ROOT / "examples" / "quickstart.py"), url],
                           capture_output=True, text=True, timeout=120, cwd=tmp_path)

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from kronix_data import DatabaseQueueDriver, RetryPolicy, Worker, task
+from kronix_data import DatabaseQueueDriver, RetryPolicy, task
 from kronix_data.monitor import INSTALL_HINT, QueueMonitor
 
-from conftest import drop_table, unique_table
+from helpers import drop_table, run_burst, unique_table, wait_until
 
 REPOSITORY = Path(__file__).resolve().parents[1]
 BAD_CHUNKS = {3: ValueError, 7: KeyError}
@@ -36,17 +36,6 @@ def no_monitor_thread_left_behind():
     assert not leftovers, f"monitor threads still running: {leftovers}"
 
 
-def wait_until(condition, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.01)
-
-
-def work_everything(driver: DatabaseQueueDriver) -> None:
-    Worker(driver, burst=True, concurrency=2, lease_timeout=10).run()
-
-
 def test_refresh_shows_counts_bars_failures_and_throughput(driver):
     batch = driver.map(sum_chunk, range(100), chunk_size=10)  # 10 chunks, 2 of them bad
     monitor = QueueMonitor(driver, refresh=0.1, start=False)
@@ -57,7 +46,7 @@ def test_refresh_shows_counts_bars_failures_and_throughput(driver):
     assert monitor.failures.empty and "no dead letters" in monitor.failure_table.value
     assert monitor.throughput_recent != monitor.throughput_recent  # NaN: no previous refresh yet
 
-    work_everything(driver)
+    run_burst(driver, concurrency=2)
     assert monitor.refresh_now() is True
 
     assert monitor.refresh_count == 2 and monitor.last_error is None
@@ -81,9 +70,9 @@ def test_refresh_shows_counts_bars_failures_and_throughput(driver):
 
 def test_the_failure_list_is_cut_to_the_newest_and_says_how_many_more(driver):
     driver.map(sum_chunk, range(100), chunk_size=10)
-    work_everything(driver)
+    run_burst(driver, concurrency=2)
     driver.push(sum_chunk.job({"chunk": 7, "start": 0, "stop": 1}, queue="later"))  # created and failed last
-    Worker(driver, queues=["later"], burst=True, lease_timeout=10).run()
+    run_burst(driver, queues=["later"])
 
     monitor = QueueMonitor(driver, failures=1, start=False)
     newest = driver.dead_letter_jobs().iloc[0]
@@ -97,7 +86,7 @@ def test_the_failure_list_is_cut_to_the_newest_and_says_how_many_more(driver):
 
 def test_the_retry_button_puts_dead_letters_back_to_pending(driver):
     batch = driver.map(sum_chunk, range(100), chunk_size=10)
-    work_everything(driver)
+    run_burst(driver, concurrency=2)
     monitor = QueueMonitor(driver, refresh=0.1, start=False)
     assert len(monitor.failures) == 2
 
@@ -159,12 +148,13 @@ def test_a_database_error_goes_to_the_status_line_and_the_thread_carries_on(db_u
         try:
             assert monitor.refresh_count == 0 and monitor.error_count >= 1
             assert "database error" in monitor.status.value and table in monitor.last_error
-            wait_until(lambda: monitor.error_count >= 3)  # the background thread kept trying
+            wait_until(lambda: monitor.error_count >= 3, 10, "three failed refreshes")  # the background thread kept trying
             assert monitor.running
 
             driver.create_table()
-            wait_until(lambda: monitor.refresh_count >= 1)
-            wait_until(lambda: monitor.last_error is None and "database error" not in monitor.status.value)
+            wait_until(lambda: monitor.refresh_count >= 1, 10, "a refresh")
+            wait_until(lambda: monitor.last_error is None and "database error" not in monitor.status.value, 10,
+                       "the error to clear")
         finally:
             monitor.stop()
     finally:
@@ -175,7 +165,7 @@ def test_a_database_error_goes_to_the_status_line_and_the_thread_carries_on(db_u
 def test_pause_holds_the_background_refresh_and_stop_joins_the_thread(driver):
     monitor = QueueMonitor(driver, refresh=0.05)
     try:
-        wait_until(lambda: monitor.refresh_count >= 3)
+        wait_until(lambda: monitor.refresh_count >= 3, 10, "three refreshes")
         monitor.pause_button.value = True  # what clicking the toggle does
         assert monitor.paused and monitor.pause_button.description == "Resume"
         assert "paused" in monitor.status.value
@@ -186,7 +176,7 @@ def test_pause_holds_the_background_refresh_and_stop_joins_the_thread(driver):
 
         monitor.resume()
         assert monitor.pause_button.description == "Pause"
-        wait_until(lambda: monitor.refresh_count >= paused_at + 2)
+        wait_until(lambda: monitor.refresh_count >= paused_at + 2, 10, "refreshes after resuming")
     finally:
         monitor.stop()
     assert not monitor.running and not monitor._thread.is_alive()

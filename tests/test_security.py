@@ -6,9 +6,7 @@ from __future__ import annotations
 import ast
 import json
 import logging
-import os
 import pickle
-import subprocess
 import sys
 import uuid
 from datetime import datetime, timedelta, timezone
@@ -17,12 +15,11 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from db_faults import kill_session, session_id
 from kronix_data import DatabaseQueueDriver, Job, JobStatus, Worker, task
 
-from conftest import SERVER_URLS, database_url, drop_table, unique_table
+from helpers import (REPOSITORY, SERVER_URLS, cli_environment, database_url, drop_table, kill_session,
+                     kronix_in_parallel, session_id, unique_table)
 
-REPOSITORY = Path(__file__).resolve().parents[1]
 PACKAGE = REPOSITORY / "kronix_data"
 #: Modules that turn bytes into objects or run commands: none belongs in a queue of JSON.
 UNSAFE_MODULES = {"pickle", "_pickle", "cPickle", "marshal", "shelve", "dill", "cloudpickle", "jsonpickle",
@@ -31,21 +28,6 @@ UNSAFE_BUILTINS = {"eval", "exec", "compile", "__import__", "breakpoint"}
 UNSAFE_OS_CALLS = ("system", "popen", "exec", "spawn", "fork", "posix_spawn")
 #: Importing by name is fine only where the name comes from the operator (``-m``), never from a row.
 IMPORTS_BY_NAME_ALLOWED = {"cli.py", "local.py"}
-
-
-def kronix_in_parallel(*commands: list[str], cwd: Path, table: str | None = None) -> list[subprocess.CompletedProcess]:
-    """Run ``kronix`` commands as subprocesses at once, without the developer's KRONIX_* settings."""
-    environment = {key: value for key, value in os.environ.items() if not key.startswith("KRONIX_")}
-    environment["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPOSITORY), os.environ.get("PYTHONPATH")]))
-    if table:
-        environment["KRONIX_TABLE"] = table
-    processes = [subprocess.Popen([sys.executable, "-m", "kronix_data.cli", *command], cwd=cwd, env=environment,
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for command in commands]
-    results = []
-    for process in processes:
-        stdout, stderr = process.communicate(timeout=120)
-        results.append(subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr))
-    return results
 
 
 # -- the code itself -------------------------------------------------------------------
@@ -225,8 +207,8 @@ def test_the_cli_never_prints_the_password(tmp_path):
             ["init"], ["stats"], ["dead-letters"], ["retry", "no-such-id"], ["recover"])]
         commands += [["--db", url_with_password("mariadb"), "-v", "stats"],  # MariaDB refuses this password
                      ["--db", url.replace("127.0.0.1", "no-such-host.invalid"), "-v", "stats"]]
-        results = kronix_in_parallel(*commands[:1], cwd=tmp_path, table=table)
-        results += kronix_in_parallel(*commands[1:], cwd=tmp_path, table=table)
+        results = kronix_in_parallel(*commands[:1], cwd=tmp_path, environment=cli_environment(KRONIX_TABLE=table))
+        results += kronix_in_parallel(*commands[1:], cwd=tmp_path, environment=cli_environment(KRONIX_TABLE=table))
     finally:
         drop_table(SERVER_URLS["postgresql"], table)
 

@@ -8,16 +8,10 @@ import time
 import pytest
 import sqlalchemy as sa
 
-from db_faults import kill_session, session_id
+from helpers import kill_session, run_burst, session_id
 from kronix_data import DatabaseQueueDriver, Job, JobStatus, RetryPolicy, Worker, task
 
 FAST_RETRY = RetryPolicy(delay=0.05, backoff=2.0, jitter=0.0)
-
-
-def run_burst(driver, **options) -> Worker:
-    worker = Worker(driver, burst=True, lease_timeout=10, **options)
-    worker.run()
-    return worker
 
 
 def test_a_task_runs_and_its_result_is_stored(driver):

@@ -1,4 +1,8 @@
-"""Worker processes under real faults: many processes, kill -9, SIGTERM, dropped connections."""
+"""Worker processes under real faults: many processes, kill -9, SIGTERM, dropped connections.
+
+The connections killed are only the ones the test's own workers opened (tagged, see
+``helpers.tagged_sessions``): other people's sessions on a shared server are left alone.
+"""
 
 from __future__ import annotations
 
@@ -7,37 +11,14 @@ import signal
 import subprocess
 import sys
 import time
-import uuid
 from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
 
-from db_faults import kill_all_other_sessions
-from kronix_data import Job, start_local_workers
-from worker_jobs import create_runs_table, fetch_runs
-
-SERVERS = ["postgresql", "mariadb"]
-
-
-def status_counts(driver) -> dict[str, int]:
-    stats = driver.fetch_stats()
-    return {status: int(stats[status].sum()) for status in ("pending", "processing", "completed", "failed")}
-
-
-def wait_until(condition, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.1)
-
-
-def attempts_histogram(driver) -> dict[int, int]:
-    c = driver.table.c
-    with driver.engine.connect() as conn:
-        rows = conn.execute(sa.select(c.attempts, sa.func.count()).group_by(c.attempts)).all()
-    return {attempts: count for attempts, count in rows}
+from helpers import SERVERS, attempts_histogram, kill_sessions_tagged, status_counts, wait_until
+from kronix_data import DatabaseQueueDriver, Job, start_local_workers
+from worker_jobs import fetch_runs
 
 
 def assert_no_job_ran_twice_at_once(runs, killed_at: dict[int, float]) -> None:
@@ -49,17 +30,6 @@ def assert_no_job_ran_twice_at_once(runs, killed_at: dict[int, float]) -> None:
         spans.sort()
         for (_, first_end), (second_start, _) in zip(spans, spans[1:]):
             assert second_start >= first_end, f"job {job} ran twice at once: {spans}"
-
-
-@pytest.fixture
-def runs_table(db_url):
-    name = f"runs_{uuid.uuid4().hex[:10]}"
-    create_runs_table(db_url, name)
-    yield name
-    engine = sa.create_engine(db_url)
-    with engine.begin() as conn:
-        conn.execute(sa.text(f"DROP TABLE {name}"))
-    engine.dispose()
 
 
 @pytest.mark.parametrize("backend", SERVERS)
@@ -111,19 +81,25 @@ def test_sigterm_lets_running_jobs_finish_and_claims_no_more(driver, db_url, run
 
 
 @pytest.mark.parametrize("backend", SERVERS)
-def test_workers_survive_their_connections_being_killed(driver, db_url):
-    jobs = 4000
-    driver.push_many([Job("test.noop", n) for n in range(jobs)])
-    with start_local_workers(driver, 2, modules=["worker_jobs"], concurrency=4, lease_timeout=2.0) as workers:
-        kills = 0
-        for _ in range(3):
-            time.sleep(0.4)
-            kills += kill_all_other_sessions(db_url)
-        wait_until(lambda: status_counts(driver)["completed"] == jobs, 90, "every job to complete")
+def test_workers_survive_their_connections_being_killed(driver, table_name, tagged):
+    """Three rounds: a wave of jobs, then (once the workers are at it) every session they hold is killed."""
+    url, tag = tagged
+    waves, wave = 4, 1000
+    kills = 0
+    with DatabaseQueueDriver(url, table=table_name) as tagged_driver, \
+            start_local_workers(tagged_driver, 2, modules=["worker_jobs"], concurrency=4, lease_timeout=2.0) as workers:
+        for round_ in range(waves):
+            done = status_counts(driver)["completed"]
+            driver.push_many([Job("test.noop", round_ * wave + n) for n in range(wave)])
+            if round_ == waves - 1:
+                break  # the last wave runs on the connections made after the last kill
+            wait_until(lambda: status_counts(driver)["completed"] > done, 90, "the workers to complete jobs")
+            kills += wait_until(lambda: kill_sessions_tagged(url, tag), 30, "sessions of the workers to kill")
+        wait_until(lambda: status_counts(driver)["completed"] == waves * wave, 90, "every job to complete")
         assert len(workers.alive()) == 2  # nobody crashed
 
     assert kills >= 3
-    assert status_counts(driver) == {"pending": 0, "processing": 0, "completed": jobs, "failed": 0}
+    assert status_counts(driver) == {"pending": 0, "processing": 0, "completed": waves * wave, "failed": 0}
     assert [process.exitcode for process in workers.processes] == [0, 0]
 
 

@@ -48,3 +48,9 @@ def record(payload):
         conn.execute(sa.text(f"UPDATE {runs} SET ended = :ended WHERE job = :job AND pid = :pid AND started = :started"),
                      {"ended": time.time(), "job": payload["n"], "pid": os.getpid(), "started": started})
     return payload["n"]
+
+
+@task(name="test.whoami")
+def whoami(payload):
+    """The worker process that ran the job (the local-workers tests check which processes did the work)."""
+    return os.getpid()

@@ -1,0 +1,600 @@
+"""What the test modules share: database URLs, waits, workers, faults and private servers.
+
+Fixtures live in ``conftest.py`` and import from here; test modules import from here too, never
+from ``conftest`` or from one another.  Importable as ``helpers`` because pytest puts ``tests/``
+on ``sys.path``.
+
+Faults that reach beyond one test's own sessions (a server stopped or restarted, a network cut)
+are done only to a :class:`PrivateServer`: a throwaway PostgreSQL cluster or MariaDB server this
+test session starts in a temporary directory on a free port, never the server of
+``KRONIX_TEST_POSTGRES_URL``/``KRONIX_TEST_MYSQL_URL``, which other people may be using.  On the
+shared servers a test kills only the sessions it tagged itself (:func:`tagged_sessions`).
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import os
+import random
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from datetime import datetime, timedelta, timezone
+from functools import cache
+from glob import glob
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+import sqlalchemy as sa
+
+from kronix_data import DatabaseQueueDriver, Job, Worker
+
+T = TypeVar("T")
+
+TESTS = Path(__file__).resolve().parent
+REPOSITORY = TESTS.parent
+
+SERVER_URLS = {
+    "postgresql": os.environ.get("KRONIX_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"),
+    "mariadb": os.environ.get("KRONIX_TEST_MYSQL_URL", "mysql+pymysql://root@127.0.0.1:3306/test"),
+}
+ENV_NAMES = {"postgresql": "KRONIX_TEST_POSTGRES_URL", "mariadb": "KRONIX_TEST_MYSQL_URL"}
+BACKENDS = ["sqlite", "postgresql", "mariadb"]
+SERVERS = ["postgresql", "mariadb"]
+IN_CI = os.environ.get("CI", "").lower() == "true"
+
+
+def skip_or_fail(message: str):
+    """Skip with ``message`` on a developer's machine; fail under ``CI=true``, where nothing may be missing."""
+    if IN_CI:
+        pytest.fail(message)
+    pytest.skip(message)
+
+
+# -- databases ---------------------------------------------------------------------------------------
+
+@cache
+def _unreachable(backend: str) -> str | None:
+    """Why a server cannot be used, or None if it answers."""
+    engine = sa.create_engine(SERVER_URLS[backend])
+    try:
+        with engine.connect() as conn:
+            conn.execute(sa.text("SELECT 1"))
+    except Exception as error:  # noqa: BLE001 - any failure means "not reachable"
+        return f"{type(error).__name__}: {str(error).splitlines()[0]}"
+    finally:
+        engine.dispose()
+    return None
+
+
+def database_url(backend: str, tmp_path) -> str:
+    """A URL for ``backend``: a fresh SQLite file, or the configured server."""
+    if backend == "sqlite":
+        return f"sqlite:///{tmp_path / 'jobs.db'}"
+    reason = _unreachable(backend)
+    if reason:
+        skip_or_fail(f"{backend} at {sa.make_url(SERVER_URLS[backend]).render_as_string(hide_password=True)} "
+                     f"is unreachable ({reason}); set {ENV_NAMES[backend]} to a test database")
+    return SERVER_URLS[backend]
+
+
+def unique_table() -> str:
+    return f"t_{uuid.uuid4().hex[:12]}"
+
+
+def drop_table(url: str, table: str) -> None:
+    engine = sa.create_engine(url)
+    with engine.begin() as conn:
+        conn.execute(sa.text(f"DROP TABLE IF EXISTS {table}"))  # table is our own unique_table()
+    engine.dispose()
+
+
+def select(url: str, sql: str, parameters: dict | None = None) -> list:
+    """The rows of one query, on an engine of its own."""
+    engine = sa.create_engine(url)
+    try:
+        with engine.connect() as conn:
+            return conn.execute(sa.text(sql), parameters or {}).all()
+    finally:
+        engine.dispose()
+
+
+def db_now(driver: DatabaseQueueDriver) -> datetime:
+    """The database's clock in UTC (what the driver stamps rows with)."""
+    return driver.store.database_now()
+
+
+def set_times(driver: DatabaseQueueDriver, job_id: str, **values) -> None:
+    """Put known timestamps on a row, as if it had run then."""
+    with driver.engine.begin() as conn:
+        conn.execute(driver.table.update().where(driver.table.c.id == job_id).values(**values))
+
+
+def finished_job(driver: DatabaseQueueDriver, *, queue: str = "default", status: str = "completed",
+                 due: datetime, wait: float, run: float, last_error: str | None = None,
+                 name: str = "stats.job") -> str:
+    """A job that really went through push, pop and complete/fail, then got controlled times."""
+    job_id = driver.push(Job(name, queue=queue))
+    job = driver.pop(queue)
+    assert job.id == job_id, "finished_job needs a queue with no other due job"
+    job.last_error = last_error
+    assert driver.complete(job) if status == "completed" else driver.fail(job)
+    set_times(driver, job_id, created_at=due, available_at=due, reserved_at=due + timedelta(seconds=wait),
+              finished_at=due + timedelta(seconds=wait + run))
+    return job_id
+
+
+def status_counts(driver: DatabaseQueueDriver) -> dict[str, int]:
+    """Jobs per status over every queue of the driver's table."""
+    stats = driver.fetch_stats()
+    return {status: int(stats[status].sum()) for status in ("pending", "processing", "completed", "failed")}
+
+
+def attempts_histogram(driver: DatabaseQueueDriver) -> dict[int, int]:
+    """How many jobs have each number of attempts."""
+    c = driver.table.c
+    with driver.engine.connect() as conn:
+        rows = conn.execute(sa.select(c.attempts, sa.func.count()).group_by(c.attempts)).all()
+    return {attempts: count for attempts, count in rows}
+
+
+# -- waiting and working -----------------------------------------------------------------------------
+
+def wait_until(condition: Callable[[], T], timeout: float, what: str, interval: float = 0.05) -> T:
+    """Poll ``condition`` until it returns something truthy, and return that; fail after ``timeout`` s.
+
+    Deadlines are generous on purpose: a slow machine waits longer, a fast one moves on at once.
+    """
+    deadline = time.monotonic() + timeout
+    while not (result := condition()):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+    return result
+
+
+def run_burst(driver: DatabaseQueueDriver, **options: Any) -> Worker:
+    """Run a burst worker in this process until nothing is due; returns it (for its stats)."""
+    worker = Worker(driver, **{"burst": True, "lease_timeout": 10, **options})
+    worker.run()
+    return worker
+
+
+# -- the kronix command line -------------------------------------------------------------------------
+
+def cli_environment(**variables: str) -> dict[str, str]:
+    """The test's environment without the developer's KRONIX_* settings, plus ``variables``."""
+    environment = {key: value for key, value in os.environ.items() if not key.startswith("KRONIX_")}
+    environment["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPOSITORY), os.environ.get("PYTHONPATH")]))
+    return {**environment, **variables}
+
+
+def start_kronix(arguments, *, cwd: Path, environment: dict[str, str] | None = None,
+                 command: list[str] | None = None) -> subprocess.Popen:
+    command = command or [sys.executable, "-m", "kronix_data.cli"]
+    return subprocess.Popen([*command, *arguments], cwd=cwd, env=environment or cli_environment(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def finish(process: subprocess.Popen, timeout: float = 120) -> subprocess.CompletedProcess:
+    stdout, stderr = process.communicate(timeout=timeout)
+    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+
+
+def kronix(*arguments: str, cwd: Path, **options) -> subprocess.CompletedProcess:
+    """Run one ``kronix`` command to its end."""
+    return finish(start_kronix(arguments, cwd=cwd, **options))
+
+
+def kronix_in_parallel(*commands: list[str], cwd: Path, **options) -> list[subprocess.CompletedProcess]:
+    """Run ``kronix`` commands as subprocesses at once (each start imports pandas), in order of the results."""
+    return [finish(process) for process in [start_kronix(command, cwd=cwd, **options) for command in commands]]
+
+
+# -- faults on the sessions of one test ----------------------------------------------------------------
+
+def session_id(dbapi_connection) -> int:
+    """The server's id of a psycopg or PyMySQL connection."""
+    info = getattr(dbapi_connection, "info", None)
+    return info.backend_pid if hasattr(info, "backend_pid") else dbapi_connection.thread_id()
+
+
+def kill_session(url, session: int) -> None:
+    """Terminate one database session from another connection, as an operator or a failover would."""
+    engine = sa.create_engine(url)
+    try:
+        with engine.begin() as conn:
+            if engine.dialect.name == "postgresql":
+                conn.execute(sa.text("SELECT pg_terminate_backend(:pid)"), {"pid": session})
+            else:
+                conn.exec_driver_sql(f"KILL CONNECTION {int(session)}")
+    finally:
+        engine.dispose()
+
+
+def tagged_session_ids(url, tag: str) -> list[int]:
+    """The sessions a test tagged: ``application_name`` ``tag`` on PostgreSQL, user ``tag`` on MariaDB."""
+    if sa.make_url(url).get_backend_name() == "postgresql":
+        sql, parameters = ("SELECT pid FROM pg_stat_activity WHERE application_name = :tag "
+                           "AND pid <> pg_backend_pid()"), {"tag": tag}
+    else:
+        sql, parameters = "SELECT id FROM information_schema.processlist WHERE user = :tag", {"tag": tag}
+    return [session for (session,) in select(url, sql, parameters)]
+
+
+def kill_sessions_tagged(url, tag: str, fraction: float = 1.0) -> int:
+    """Terminate the sessions one test tagged (see :func:`tagged_sessions`), and no one else's.
+
+    Kills a random ``fraction`` of them (at least one, if there is any); returns how many went.
+    """
+    sessions = tagged_session_ids(url, tag)
+    killed = 0
+    for session in random.sample(sessions, max(1, round(len(sessions) * fraction))) if sessions else []:
+        try:
+            kill_session(url, session)
+            killed += 1
+        except sa.exc.DBAPIError:  # it ended by itself meanwhile
+            pass
+    return killed
+
+
+@contextlib.contextmanager
+def tagged_sessions(url: str) -> Iterator[tuple[str, str]]:
+    """A URL whose sessions carry a tag of their own, and the tag, for :func:`kill_sessions_tagged`.
+
+    PostgreSQL: the tag is the sessions' ``application_name``.  MariaDB: a throwaway user named
+    after the tag, with every right on the URL's database, dropped afterwards.  Either way the
+    test can kill its own workers' sessions and nobody else's on a shared server.
+    """
+    tag = f"kx_tag_{uuid.uuid4().hex[:8]}"
+    parsed = sa.make_url(url)
+    if parsed.get_backend_name() == "postgresql":
+        yield parsed.update_query_dict({"application_name": tag}).render_as_string(hide_password=False), tag
+        return
+    engine = sa.create_engine(url, pool_pre_ping=True)  # it may outlive a restart of a private server
+    hosts = ("localhost", "127.0.0.1")
+    try:
+        with engine.begin() as conn:
+            for host in hosts:
+                conn.exec_driver_sql(f"CREATE USER '{tag}'@'{host}'")  # tag is ours: letters, digits, _
+                conn.exec_driver_sql(f"GRANT ALL ON `{parsed.database}`.* TO '{tag}'@'{host}'")
+        yield parsed.set(username=tag, password=None).render_as_string(hide_password=False), tag
+    finally:
+        with engine.begin() as conn:
+            for host in hosts:
+                conn.exec_driver_sql(f"DROP USER IF EXISTS '{tag}'@'{host}'")
+        engine.dispose()
+
+
+# -- private servers ---------------------------------------------------------------------------------
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _answers(url: str) -> bool:
+    engine = sa.create_engine(url, poolclass=sa.pool.NullPool, connect_args={"connect_timeout": 2})
+    try:
+        with engine.connect() as conn:
+            conn.execute(sa.text("SELECT 1"))
+        return True
+    except sa.exc.DBAPIError:
+        return False
+    finally:
+        engine.dispose()
+
+
+class PrivateServerError(RuntimeError):
+    """A private server could not be made, started or stopped; the message says why, with its log."""
+
+
+class PrivateServer:
+    """A throwaway database server of this test session, in a temporary directory, on a free port.
+
+    Tests that stop, restart or cut off a server use one of these, never the shared server.
+    ``url`` is the URL of its database ``test``; :meth:`stop`, :meth:`start` and :meth:`restart`
+    act on the server process (stop cuts every session, as a crash or failover would);
+    :meth:`close` stops it and removes the directory.  A session-scoped fixture starts one per
+    kind, lazily, and closes it at the end of the session, failed tests or not.
+
+    It listens on 127.0.0.1, and on the addresses given to :meth:`listen_also` (the host side of
+    a test's network links), where ``root``/``postgres`` get in without a password too: nothing
+    but this machine and its test namespaces can reach it.
+    """
+
+    backend = ""
+    startup_timeout = 90.0
+
+    def __init__(self) -> None:
+        self.directory = Path(tempfile.mkdtemp(prefix=f"kronix-test-{self.backend}-"))
+        self.port = 0
+        self.log = self.directory / "server.log"
+        self.extra_addresses: list[str] = []
+
+    @property
+    def addresses(self) -> list[str]:
+        return ["127.0.0.1", *self.extra_addresses]
+
+    def listen_also(self, addresses: list[str]) -> None:
+        """Restart the server listening on 127.0.0.1 and ``addresses`` (``[]``: on 127.0.0.1 only again)."""
+        self.extra_addresses = list(addresses)
+        self.restart()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.url!r}, running={self.is_running()})"
+
+    @property
+    def url(self) -> str:
+        raise NotImplementedError
+
+    def is_running(self) -> bool:
+        raise NotImplementedError
+
+    def _initialise(self) -> None:
+        raise NotImplementedError
+
+    def _launch(self) -> None:
+        raise NotImplementedError
+
+    def _halt(self) -> None:
+        raise NotImplementedError
+
+    def _create_database(self) -> None:
+        raise NotImplementedError
+
+    def setup(self) -> PrivateServer:
+        """Make the data directory and start the server on a free port, with an empty database ``test``.
+
+        A port taken between the probe and the server's bind (other test runs share the machine)
+        gets another try on another port.
+        """
+        self._initialise()
+        for attempt in range(3):
+            self.port = free_port()
+            try:
+                self.start()
+                break
+            except PrivateServerError:
+                self._halt()
+                if attempt == 2 or "in use" not in self.log_tail():
+                    raise
+        self._create_database()
+        return self
+
+    def start(self) -> None:
+        """Start the server and return once it accepts connections (raises with its log if it cannot)."""
+        if self.is_running():
+            return
+        self._launch()
+        deadline = time.monotonic() + self.startup_timeout
+        while not self._accepts_connections():
+            if not self.is_running() or time.monotonic() > deadline:
+                raise PrivateServerError(f"{type(self).__name__} did not start on port {self.port}:\n"
+                                         f"{self.log_tail()}")
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        """Stop the server (every session is cut) and return once it is down."""
+        if self.is_running():
+            self._halt()
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+    def close(self) -> None:
+        """Stop the server, whatever state it is in, and remove its directory."""
+        try:
+            self._halt()
+        finally:
+            shutil.rmtree(self.directory, ignore_errors=True)
+
+    def _accepts_connections(self) -> bool:
+        raise NotImplementedError
+
+    def log_tail(self, characters: int = 3000) -> str:
+        try:
+            return self.log.read_text(errors="replace")[-characters:]
+        except OSError:
+            return "(no log)"
+
+
+def _postgres_binaries() -> Path:
+    """The directory of initdb/pg_ctl: ``KRONIX_TEST_POSTGRES_BIN``, the PATH, or the newest Debian install."""
+    configured = os.environ.get("KRONIX_TEST_POSTGRES_BIN")
+    if configured:
+        return Path(configured)
+    found = shutil.which("pg_ctl")
+    if found:
+        return Path(found).parent
+    installed = sorted(glob("/usr/lib/postgresql/*/bin/pg_ctl"), key=lambda path: int(path.split("/")[4]))
+    if not installed:
+        raise PrivateServerError("initdb/pg_ctl not found: install PostgreSQL or set KRONIX_TEST_POSTGRES_BIN")
+    return Path(installed[-1]).parent
+
+
+class PrivatePostgres(PrivateServer):
+    """A PostgreSQL cluster from ``initdb``, run by ``pg_ctl`` with its socket in its own directory.
+
+    PostgreSQL refuses to run as root, so under root the cluster belongs to (and runs as) the
+    ``postgres`` user.  Durability is off (fsync, full pages): the data is thrown away anyway.
+    """
+
+    backend = "postgresql"
+
+    def __init__(self) -> None:
+        self.binaries = _postgres_binaries()  # before the directory exists: nothing to clean up if missing
+        super().__init__()
+        self.data = self.directory / "data"
+        self._as_user: list[str] = []
+        if os.geteuid() == 0:
+            shutil.chown(self.directory, user="postgres")
+            self._as_user = ["runuser", "-u", "postgres", "--"]
+
+    @property
+    def url(self) -> str:
+        return f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/test"
+
+    def _run(self, *command: str, timeout: float = 120) -> subprocess.CompletedProcess:
+        done = subprocess.run([*self._as_user, *command], capture_output=True, text=True, timeout=timeout)
+        if done.returncode:
+            raise PrivateServerError(f"{' '.join(command)} failed ({done.returncode}): {done.stderr or done.stdout}"
+                                     f"\n{self.log_tail()}")
+        return done
+
+    def _initialise(self) -> None:
+        self._run(str(self.binaries / "initdb"), "-D", str(self.data), "-U", "postgres", "--auth=trust",
+                  "-E", "UTF8", "--no-sync")
+        with open(self.data / "pg_hba.conf", "a") as hba:  # clients on the test links (see listen_also)
+            hba.write("host all all samenet trust\n")
+
+    def _launch(self) -> None:
+        options = shlex.join(["-p", str(self.port), "-k", str(self.directory),
+                              "-c", f"listen_addresses={','.join(self.addresses)}",
+                              "-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off",
+                              "-c", "max_connections=200"])
+        self._run(str(self.binaries / "pg_ctl"), "-D", str(self.data), "-l", str(self.log), "-o", options,
+                  "-w", "-t", str(int(self.startup_timeout)), "start", timeout=self.startup_timeout + 30)
+
+    def _halt(self) -> None:
+        if not self.data.exists() or not self.is_running():
+            return
+        pg_ctl = str(self.binaries / "pg_ctl")
+        try:  # a fast shutdown cuts every session, as a crash or failover would for the clients
+            self._run(pg_ctl, "-D", str(self.data), "-m", "fast", "-w", "-t", "60", "stop")
+        except (PrivateServerError, subprocess.TimeoutExpired):
+            self._run(pg_ctl, "-D", str(self.data), "-m", "immediate", "-w", "-t", "60", "stop")
+
+    def is_running(self) -> bool:
+        return subprocess.run([*self._as_user, str(self.binaries / "pg_ctl"), "-D", str(self.data), "status"],
+                              capture_output=True).returncode == 0
+
+    def _accepts_connections(self) -> bool:
+        return _answers(f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/postgres")
+
+    def _create_database(self) -> None:
+        engine = sa.create_engine(f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/postgres",
+                                  isolation_level="AUTOCOMMIT", poolclass=sa.pool.NullPool)
+        with engine.connect() as conn:
+            conn.exec_driver_sql("CREATE DATABASE test")
+        engine.dispose()
+
+
+class PrivateMariaDB(PrivateServer):
+    """A MariaDB server from ``mariadb-install-db``, run by ``mariadbd`` as a child of this process.
+
+    Its own data directory, socket and pid file; no option files are read (``--no-defaults``),
+    so the machine's server configuration does not leak in; ``root`` has no password
+    (``--auth-root-authentication-method=normal``) and reaches it over TCP at 127.0.0.1.
+    """
+
+    backend = "mariadb"
+
+    def __init__(self) -> None:
+        self.install_db = shutil.which("mariadb-install-db") or shutil.which("mysql_install_db")
+        self.server = shutil.which("mariadbd") or shutil.which("mariadbd", path="/usr/sbin:/usr/libexec")
+        if not self.install_db or not self.server:
+            raise PrivateServerError("mariadb-install-db/mariadbd not found: install mariadb-server")
+        super().__init__()
+        self.data = self.directory / "data"
+        self.socket = self.directory / "mariadb.sock"
+        self.pid_file = self.directory / "mariadb.pid"
+        self.process: subprocess.Popen | None = None
+        self._user = ["--user=root"] if os.geteuid() == 0 else []
+
+    @property
+    def url(self) -> str:
+        return f"mysql+pymysql://root@127.0.0.1:{self.port}/test"
+
+    def _initialise(self) -> None:
+        done = subprocess.run([self.install_db, "--no-defaults", f"--datadir={self.data}", "--skip-test-db",
+                               "--auth-root-authentication-method=normal", "--skip-name-resolve", *self._user],
+                              capture_output=True, text=True, timeout=300)
+        if done.returncode:
+            raise PrivateServerError(f"mariadb-install-db failed ({done.returncode}): {done.stderr or done.stdout}")
+
+    def _launch(self) -> None:
+        with open(self.log, "a") as log:
+            self.process = subprocess.Popen(
+                [self.server, "--no-defaults", f"--datadir={self.data}", f"--socket={self.socket}",
+                 f"--pid-file={self.pid_file}", f"--port={self.port}",
+                 f"--bind-address={','.join(self.addresses)}",
+                 "--skip-name-resolve", "--character-set-server=utf8mb4", "--collation-server=utf8mb4_general_ci",
+                 "--innodb-flush-log-at-trx-commit=0", "--innodb-doublewrite=0", "--innodb-buffer-pool-size=128M",
+                 "--max-connections=300", f"--log-error={self.log}", *self._user],
+                stdout=log, stderr=log, start_new_session=True)
+
+    def _halt(self) -> None:
+        process, self.process = self.process, None
+        if process is None or process.poll() is not None:
+            return
+        process.send_signal(signal.SIGTERM)  # a normal shutdown: client sessions are cut
+        try:
+            process.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+    def is_running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def _accepts_connections(self) -> bool:
+        return _answers(f"mysql+pymysql://root@127.0.0.1:{self.port}/mysql")
+
+    def _create_database(self) -> None:
+        engine = sa.create_engine(f"mysql+pymysql://root@127.0.0.1:{self.port}/mysql", poolclass=sa.pool.NullPool)
+        with engine.begin() as conn:
+            conn.exec_driver_sql("CREATE DATABASE test")
+            # For clients on the test links (see listen_also); it listens nowhere else.
+            conn.exec_driver_sql("CREATE USER 'root'@'10.%%'")  # %% : PyMySQL formats the statement
+            conn.exec_driver_sql("GRANT ALL ON *.* TO 'root'@'10.%%' WITH GRANT OPTION")
+        engine.dispose()
+
+
+PRIVATE_SERVERS = {"postgresql": PrivatePostgres, "mariadb": PrivateMariaDB}
+#: Servers made and not closed yet: closed at exit too, should a session end without its teardown.
+_open_servers: list[PrivateServer] = []
+
+
+@atexit.register
+def _close_open_servers() -> None:
+    while _open_servers:
+        _open_servers.pop().close()
+
+
+def start_private_server(backend: str) -> PrivateServer:
+    """Make and start a private server of ``backend``; skipped (failed under CI) with the reason if it cannot.
+
+    Whatever goes wrong on the way, nothing is left running and its directory is removed.
+    """
+    expected = (PrivateServerError, OSError, subprocess.SubprocessError, sa.exc.DBAPIError)
+    try:
+        server = PRIVATE_SERVERS[backend]()
+    except expected as error:
+        skip_or_fail(f"cannot start a private {backend} server for this test: {error}")
+    _open_servers.append(server)
+    try:
+        return server.setup()
+    except BaseException as error:
+        close_private_server(server)
+        if isinstance(error, expected):
+            skip_or_fail(f"cannot start a private {backend} server for this test: {error}")
+        raise
+
+
+def close_private_server(server: PrivateServer) -> None:
+    if server in _open_servers:
+        _open_servers.remove(server)
+    server.close()
