@@ -104,9 +104,9 @@ def test_stop_kills_a_worker_that_outlives_the_timeout(driver, db_url, runs_tabl
 
 @pytest.mark.parametrize("processes", [0, -1])
 def test_fewer_than_one_process_is_refused_before_anything_starts(driver, processes):
-    with pytest.raises(ValueError, match=f"processes must be >= 1, got {processes}"):
+    with pytest.raises(ValueError, match=f"processes must be an int >= 1, got {processes}"):
         start_local_workers(driver, processes, modules=["worker_jobs"])
-    with pytest.raises(ValueError, match="processes must be >= 1"):
+    with pytest.raises(ValueError, match="processes must be an int >= 1"):
         LocalWorkers(driver, processes)
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
+from helpers import kill_session, session_id
 from kronix_data import DatabaseQueueDriver, DatabaseUnavailableError, Job, JobStatus, KronixError
 from kronix_data.store import JobStore
 
@@ -225,13 +226,8 @@ def test_a_connection_cut_mid_call_is_database_unavailable_and_the_next_call_rec
     @sa.event.listens_for(driver.engine, "before_cursor_execute")
     def cut_the_first_count(conn, _cursor, statement, *_):
         if statement.lstrip().upper().startswith("SELECT COUNT") and not cut:
-            ours = conn.connection.driver_connection
-            cut.append(ours.info.backend_pid if driver.engine.dialect.name == "postgresql" else ours.thread_id())
-            with other_driver.engine.begin() as admin:
-                if driver.engine.dialect.name == "postgresql":
-                    admin.execute(sa.text("SELECT pg_terminate_backend(:pid)"), {"pid": cut[0]})
-                else:
-                    admin.exec_driver_sql(f"KILL CONNECTION {int(cut[0])}")
+            cut.append(session_id(conn.connection.driver_connection))  # this test's own session
+            kill_session(other_driver.engine.url, cut[0])
 
     with pytest.raises(DatabaseUnavailableError) as raised:
         driver.size()
