@@ -119,9 +119,11 @@ class ChaosJob(Job):
 
 
 def _dump_stats(worker: Worker, path: str) -> None:
-    with open(path + ".tmp", "w") as out:
+    """Write the stats atomically (the dump thread and the last dump at exit may overlap: a file each)."""
+    scratch = f"{path}.{threading.get_ident()}.tmp"
+    with open(scratch, "w") as out:
         json.dump(vars(worker.stats), out)
-    os.replace(path + ".tmp", path)
+    os.replace(scratch, path)
 
 
 def main(url: str, table: str, stats_dir: str, lease_timeout: str) -> None:
