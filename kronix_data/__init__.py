@@ -3,7 +3,8 @@
 from .batches import Batch, enqueue_chunks
 from .chunking import as_frame
 from .driver import DatabaseQueueDriver
-from .errors import DatabaseUnavailableError, InvalidInputError, KronixError, NotFoundError, NotHeldError
+from .errors import (DatabaseUnavailableError, InvalidInputError, KronixError, MissingDriverError, NotFoundError,
+                     NotHeldError)
 from .job import Job, JobStatus, RetryPolicy
 from .local import LocalWorkers, start_local_workers
 from .store import JobStore
@@ -12,6 +13,7 @@ from .worker import Worker, WorkerStats
 from .worker_options import WorkerOptions
 
 __all__ = ["Batch", "DatabaseQueueDriver", "DatabaseUnavailableError", "InvalidInputError", "Job", "JobStatus",
-           "JobStore", "KronixError", "LocalWorkers", "NotFoundError", "NotHeldError", "RetryPolicy", "Task",
-           "Worker", "WorkerOptions", "WorkerStats", "as_frame", "enqueue_chunks", "start_local_workers", "task"]
+           "JobStore", "KronixError", "LocalWorkers", "MissingDriverError", "NotFoundError", "NotHeldError",
+           "RetryPolicy", "Task", "Worker", "WorkerOptions", "WorkerStats", "as_frame", "enqueue_chunks",
+           "start_local_workers", "task"]
 __version__ = "0.1.0"

@@ -16,7 +16,8 @@ exit codes:
   0  success
   1  the command failed (e.g. retry of an id that is not a dead letter)
   2  usage error (bad or missing arguments)
-  3  invalid configuration (malformed or unsupported URL, invalid table name)
+  3  invalid configuration (malformed or unsupported URL, invalid table name, the database's
+     driver not installed: the message says what to pip install)
   4  database unreachable or failing, or the table does not exist (run 'kronix init')
   5  a module given to 'worker -m' cannot be imported
 """
@@ -38,6 +39,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from .driver import DatabaseQueueDriver
+from .errors import MissingDriverError
 
 log = logging.getLogger(__name__)
 
@@ -119,6 +121,8 @@ def open_driver(args: argparse.Namespace, *, require_table: bool = True) -> Iter
         if "@" in (sa.make_url(args.db).host or ""):  # else the host error would show part of the password
             raise ValueError("the host contains '@': write an '@' in the password as %40")
         driver = DatabaseQueueDriver(args.db, table=args.table)
+    except MissingDriverError as error:  # its message is the fix; the table has nothing to do with it
+        raise CommandError(f"{error} (database {shown_url(args.db)})", EXIT_CONFIGURATION) from error
     except (ValueError, ImportError, sa.exc.ArgumentError) as error:
         raise CommandError(f"invalid configuration: {error} (database {shown_url(args.db)}, "
                            f"table {args.table!r})", EXIT_CONFIGURATION) from error
