@@ -1,5 +1,12 @@
 """kronix-data: a job queue in your SQL database, with stats and failures as DataFrames."""
 
+from importlib import metadata as _metadata
+
+try:  # the installed distribution's version: pyproject.toml's, the one place it is written
+    __version__ = _metadata.version("kronix-data")
+except _metadata.PackageNotFoundError:  # imported from a checkout that was never installed
+    __version__ = "0+unknown"
+
 from .batches import Batch, enqueue_chunks
 from .chunking import as_frame
 from .driver import DatabaseQueueDriver
@@ -16,4 +23,3 @@ __all__ = ["Batch", "DatabaseQueueDriver", "DatabaseUnavailableError", "InvalidI
            "JobStore", "KronixError", "LocalWorkers", "MissingDriverError", "NotFoundError", "NotHeldError",
            "RetryPolicy", "Task", "Worker", "WorkerOptions", "WorkerStats", "as_frame", "enqueue_chunks",
            "start_local_workers", "task"]
-__version__ = "0.1.0"

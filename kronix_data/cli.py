@@ -38,6 +38,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
+from . import __version__
 from .driver import DatabaseQueueDriver
 from .errors import MissingDriverError
 
@@ -304,6 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = RedactingArgumentParser(prog="kronix", parents=[common], epilog=EPILOG,
                                      description="Manage a kronix-data job queue and run its workers.",
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"kronix-data {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def add(name: str, handler, help_text: str) -> argparse.ArgumentParser:
