@@ -1,9 +1,17 @@
 """kronix-data: a job queue in your SQL database, with stats and failures as DataFrames."""
 
+from importlib import metadata as _metadata
+
+try:  # the installed distribution's version: pyproject.toml's, the one place it is written
+    __version__ = _metadata.version("kronix-data")
+except _metadata.PackageNotFoundError:  # imported from a checkout that was never installed
+    __version__ = "0+unknown"
+
 from .batches import Batch, enqueue_chunks
 from .chunking import as_frame
 from .driver import DatabaseQueueDriver
-from .errors import DatabaseUnavailableError, InvalidInputError, KronixError, NotFoundError, NotHeldError
+from .errors import (DatabaseUnavailableError, InvalidInputError, KronixError, MissingDriverError, NotFoundError,
+                     NotHeldError)
 from .job import Job, JobStatus, RetryPolicy
 from .local import LocalWorkers, start_local_workers
 from .store import JobStore
@@ -12,6 +20,6 @@ from .worker import Worker, WorkerStats
 from .worker_options import WorkerOptions
 
 __all__ = ["Batch", "DatabaseQueueDriver", "DatabaseUnavailableError", "InvalidInputError", "Job", "JobStatus",
-           "JobStore", "KronixError", "LocalWorkers", "NotFoundError", "NotHeldError", "RetryPolicy", "Task",
-           "Worker", "WorkerOptions", "WorkerStats", "as_frame", "enqueue_chunks", "start_local_workers", "task"]
-__version__ = "0.1.0"
+           "JobStore", "KronixError", "LocalWorkers", "MissingDriverError", "NotFoundError", "NotHeldError",
+           "RetryPolicy", "Task", "Worker", "WorkerOptions", "WorkerStats", "as_frame", "enqueue_chunks",
+           "start_local_workers", "task"]

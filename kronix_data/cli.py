@@ -16,7 +16,8 @@ exit codes:
   0  success
   1  the command failed (e.g. retry of an id that is not a dead letter)
   2  usage error (bad or missing arguments)
-  3  invalid configuration (malformed or unsupported URL, invalid table name)
+  3  invalid configuration (malformed or unsupported URL, invalid table name, the database's
+     driver not installed: the message says what to pip install)
   4  database unreachable or failing, or the table does not exist (run 'kronix init')
   5  a module given to 'worker -m' cannot be imported
 """
@@ -37,7 +38,9 @@ from typing import Any
 
 import sqlalchemy as sa
 
+from . import __version__
 from .driver import DatabaseQueueDriver
+from .errors import MissingDriverError
 
 log = logging.getLogger(__name__)
 
@@ -119,6 +122,8 @@ def open_driver(args: argparse.Namespace, *, require_table: bool = True) -> Iter
         if "@" in (sa.make_url(args.db).host or ""):  # else the host error would show part of the password
             raise ValueError("the host contains '@': write an '@' in the password as %40")
         driver = DatabaseQueueDriver(args.db, table=args.table)
+    except MissingDriverError as error:  # its message is the fix; the table has nothing to do with it
+        raise CommandError(f"{error} (database {shown_url(args.db)})", EXIT_CONFIGURATION) from error
     except (ValueError, ImportError, sa.exc.ArgumentError) as error:
         raise CommandError(f"invalid configuration: {error} (database {shown_url(args.db)}, "
                            f"table {args.table!r})", EXIT_CONFIGURATION) from error
@@ -300,6 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = RedactingArgumentParser(prog="kronix", parents=[common], epilog=EPILOG,
                                      description="Manage a kronix-data job queue and run its workers.",
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"kronix-data {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def add(name: str, handler, help_text: str) -> argparse.ArgumentParser:

@@ -14,7 +14,7 @@ import time
 from collections.abc import Sequence
 from datetime import timedelta
 from functools import partial
-from typing import Any
+from typing import Any, NamedTuple
 
 import sqlalchemy as sa
 from sqlalchemy import event
@@ -24,18 +24,22 @@ try:
 except ImportError:  # Windows: writers rely on sqlite's busy timeout alone
     fcntl = None
 
-from .errors import InvalidInputError
+from .errors import InvalidInputError, MissingDriverError
 from .schema import CLAIMED_COLUMNS, PENDING, UTCDateTime, create_or_upgrade
 
 log = logging.getLogger(__name__)
 
-#: Short driver-less URL schemes mapped to the drivers kronix-data installs.
+#: Short driver-less URL schemes mapped to the drivers kronix-data uses (see _DRIVERS).
 _DEFAULT_DRIVERS = {"postgresql": "postgresql+psycopg", "postgres": "postgresql+psycopg",
                     "mysql": "mysql+pymysql", "mariadb": "mariadb+pymysql"}
 
 
 def make_engine(db: sa.Engine | str) -> sa.Engine:
-    """An engine for a URL (given drivers filled in), or the caller's own engine."""
+    """An engine for a URL (given drivers filled in), or the caller's own engine.
+
+    A URL whose driver module cannot be imported raises :class:`MissingDriverError`
+    with the ``pip install`` that brings it, before any connection is tried.
+    """
     if isinstance(db, sa.Engine):
         return db
     if not isinstance(db, (str, sa.URL)):
@@ -43,7 +47,50 @@ def make_engine(db: sa.Engine | str) -> sa.Engine:
     url = sa.make_url(db)
     if url.drivername in _DEFAULT_DRIVERS:
         url = url.set(drivername=_DEFAULT_DRIVERS[url.drivername])
-    return dialect_class(url.get_backend_name()).create_engine(url)
+    dialect = dialect_class(url.get_backend_name())
+    try:
+        return dialect.create_engine(url)  # imports the driver's module
+    except ImportError as error:
+        raise missing_driver(url, error) from error
+
+
+class _Driver(NamedTuple):
+    database: str  # the database, as a person names it
+    driver: str  # SQLAlchemy's name of the driver kronix-data uses for it
+    package: str  # that driver, as a person names it
+    install: str | None  # what brings it back (None: nothing pip installs)
+
+
+#: The driver kronix-data uses for each backend, and how to install it.
+_DRIVERS = {
+    "postgresql": _Driver("PostgreSQL", "psycopg", "psycopg 3", "pip install 'kronix-data[postgres]'"),
+    "mysql": _Driver("MySQL/MariaDB", "pymysql", "PyMySQL", "pip install 'kronix-data[mysql]'"),
+    "mariadb": _Driver("MySQL/MariaDB", "pymysql", "PyMySQL", "pip install 'kronix-data[mysql]'"),
+    "sqlite": _Driver("SQLite", "pysqlite", "Python's sqlite3 module", None),
+}
+
+
+def missing_driver(url: sa.URL, error: ImportError) -> MissingDriverError:
+    """The error for a URL whose driver module failed to import, saying what to install."""
+    backend, driver = url.get_backend_name(), url.get_driver_name()
+    known = _DRIVERS[backend]
+    why = "is not installed" if isinstance(error, ModuleNotFoundError) else "cannot be imported"
+    cause = f"{type(error).__name__}: {' '.join(str(error).split())}"
+    if driver != known.driver:  # the URL chose another driver (postgresql+psycopg2://)
+        also = f" ({known.install})" if known.install else ""
+        message = (f"the {driver} driver that the URL names {why} ({cause}): install it, or write {backend}:// "
+                   f"to use {known.package}{also}")
+        install = None  # which package holds that driver is not ours to know
+    elif known.install is None:
+        lacks = "lacks" if isinstance(error, ModuleNotFoundError) else "cannot import"
+        message = (f"{known.database} needs {known.package}, which this Python {lacks} ({cause}): use a Python "
+                   "built with SQLite (its headers, e.g. libsqlite3-dev, present when Python is compiled), "
+                   "or a PostgreSQL or MySQL/MariaDB URL")
+        install = None
+    else:
+        message = f"{known.database} needs the {known.package} driver, which {why} ({cause}): {known.install}"
+        install = known.install
+    return MissingDriverError(message, name=error.name or driver, database=known.database, install=install)
 
 
 def dialect_class(backend: str) -> type[QueueDialect]:

@@ -14,7 +14,10 @@ existing ``except ValueError`` / ``except LookupError`` still catches it:
   call has no ``False`` to return;
 - :class:`DatabaseUnavailableError`: the database cannot be reached or dropped the
   connection; a SQLAlchemy ``OperationalError`` as before, with the driver's own
-  error as ``orig``.  Workers ride it out; a notebook call raises it.
+  error as ``orig``.  Workers ride it out; a notebook call raises it;
+- :class:`MissingDriverError`: the Python module that talks to the URL's database
+  is not installed (``mysql://`` without PyMySQL); an ``ImportError``, as the bare
+  ``ModuleNotFoundError`` it replaces, with the ``pip install`` that fixes it.
 """
 
 from __future__ import annotations
@@ -48,3 +51,26 @@ class DatabaseUnavailableError(KronixError, exc.OperationalError):
                           connection_invalidated=error.connection_invalidated, code=error.code)
         unavailable.with_traceback(error.__traceback__)
         return unavailable
+
+
+class MissingDriverError(KronixError, ImportError):
+    """The database driver a URL needs cannot be imported; the message says what to install.
+
+    ``name`` is the module that is missing (as on any ``ImportError``),
+    ``database`` the database it is for, and ``install`` the command that fixes
+    it: None where kronix-data cannot name one (a driver of the URL's own choice,
+    ``postgresql+psycopg2://``; a Python built without ``sqlite3``).
+    """
+
+    def __init__(self, message: str, *, name: str | None, database: str, install: str | None):
+        super().__init__(message, name=name)
+        self.database = database
+        self.install = install
+
+    def __reduce__(self):  # the keyword-only arguments survive pickling (to and from worker processes)
+        return _rebuild_missing_driver_error, (self.msg, self.name, self.database, self.install)
+
+
+def _rebuild_missing_driver_error(message: str, name: str | None, database: str,
+                                  install: str | None) -> MissingDriverError:
+    return MissingDriverError(message, name=name, database=database, install=install)
