@@ -2,6 +2,7 @@
 
 from .batches import Batch, enqueue_chunks
 from .chunking import as_frame
+from .context import JobContext, current_job
 from .driver import DatabaseQueueDriver
 from .errors import DatabaseUnavailableError, InvalidInputError, KronixError, NotFoundError, NotHeldError
 from .job import Job, JobStatus, RetryPolicy
@@ -11,7 +12,8 @@ from .tasks import Task, task
 from .worker import Worker, WorkerStats
 from .worker_options import WorkerOptions
 
-__all__ = ["Batch", "DatabaseQueueDriver", "DatabaseUnavailableError", "InvalidInputError", "Job", "JobStatus",
+__all__ = ["Batch", "DatabaseQueueDriver", "DatabaseUnavailableError", "InvalidInputError", "Job", "JobContext",
+           "JobStatus",
            "JobStore", "KronixError", "LocalWorkers", "NotFoundError", "NotHeldError", "RetryPolicy", "Task",
-           "Worker", "WorkerOptions", "WorkerStats", "as_frame", "enqueue_chunks", "start_local_workers", "task"]
+           "Worker", "WorkerOptions", "WorkerStats", "as_frame", "current_job", "enqueue_chunks", "start_local_workers", "task"]
 __version__ = "0.1.0"
