@@ -14,10 +14,10 @@ import pytest
 from nbclient import NotebookClient
 
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
-NAMES = ["01_quickstart.ipynb", "02_etl_in_chunks.ipynb", "03_failure_analysis.ipynb"]
+NAMES = ["01_quickstart.ipynb", "02_etl_in_chunks.ipynb", "03_failure_analysis.ipynb", "04_pipelines.ipynb"]
 
 
-def test_the_three_notebooks_are_there_and_nothing_else():
+def test_the_four_notebooks_are_there_and_nothing_else():
     assert sorted(path.name for path in NOTEBOOKS.glob("*.ipynb")) == NAMES
 
 
@@ -93,3 +93,12 @@ def test_failure_analysis_fixes_and_retries_until_complete(tmp_path, monkeypatch
     assert "ordered_at = pd.to_datetime(orders" in outputs[5]  # the traceback points at the line to fix
     assert "retried 4 chunks" in outputs[7]
     assert "{'total': 20, 'pending': 0, 'processing': 0, 'completed': 20, 'failed': 0, 'waiting': 0, 'cancelled': 0}" in flat(outputs[7])
+
+
+def test_pipelines_wait_for_their_parents_cancel_a_batch_and_pause_a_queue(tmp_path, monkeypatch):
+    outputs = run("04_pipelines.ipynb", tmp_path, monkeypatch)
+    assert "'waiting': 3" in flat(outputs[1]) and "JobStatus.WAITING" in outputs[1]  # step 2 waits for step 1
+    assert "readings" in outputs[2] and "mean_f" in outputs[2]  # the report read its parents' results
+    assert "cancelled at once: {'pending':" in outputs[3] and "cancelled" in outputs[3]
+    assert "load True 6 0" in flat(outputs[4])  # the paused queue's jobs stay pending
+    assert "started in this order: ['urgent', 0, 1, 2, 3, 4]" in outputs[5]
