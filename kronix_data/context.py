@@ -10,7 +10,6 @@ the results of the jobs it waited for.
 from __future__ import annotations
 
 import contextvars
-import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
@@ -34,10 +33,12 @@ class JobContext:
         The ``DatabaseQueueDriver`` of the worker running it.
     """
 
+    __slots__ = ("job", "driver", "_cancel_asked")
+
     def __init__(self, job: Job, driver: Any):
         self.job = job
         self.driver = driver
-        self._cancel = threading.Event()
+        self._cancel_asked = False  # set by the worker's loop thread, read by the job's (a plain flag: cheap)
 
     def __repr__(self) -> str:
         return f"JobContext(job={self.job.id!r}, name={self.job.name!r}, attempt={self.job.attempts})"
@@ -49,11 +50,11 @@ class JobContext:
         its loop can stop early.  Whatever the job then returns or raises, the
         job is recorded as cancelled, not failed or retried.
         """
-        return self._cancel.is_set()
+        return self._cancel_asked
 
     def request_cancel(self) -> None:
         """Mark the cancel as asked (the worker calls this when the database says so)."""
-        self._cancel.set()
+        self._cancel_asked = True
 
     def parent_results(self) -> pd.DataFrame:
         """The results of the jobs this one waited for (``depends_on``, ``map(after=)``, ``then``),

@@ -86,6 +86,31 @@ def test_a_three_step_pipeline_runs_each_step_after_its_parents_and_the_last_exa
     assert sum(step == "load" for _, step in started) == 1
 
 
+def test_a_pipeline_across_two_worker_processes_survives_one_killed_mid_run(driver, runs):
+    extract = driver.map(pipeline_jobs.extract, items(runs, range(40), sleep=0.2), chunk_size=2)
+    transform = driver.map(pipeline_jobs.transform, items(runs, range(40, 52), sleep=0.05), chunk_size=2,
+                           after=extract)
+    load = transform.then(pipeline_jobs.load, runs)
+    with start_local_workers(driver, 2, modules=["pipeline_jobs"], concurrency=2, lease_timeout=2.0) as workers:
+        victim = workers.processes[0]
+        wait_until(lambda: any(pid == victim.pid and ended is None and step == "extract" for _, step, _, pid, _, ended
+                               in pipeline_jobs.fetch_runs(runs["url"], runs["runs"])), 60,
+                   "the victim to be in the middle of a chunk")
+        os.kill(victim.pid, signal.SIGKILL)
+        wait_until(lambda: status_of(driver, load.id).finished, 120, "the last step to finish")
+    assert status_of(driver, load.id) is JobStatus.COMPLETED
+    assert driver.get_job(load.id).result["rows"] == 12 and extract.progress()["completed"] == 20
+    every_run = pipeline_jobs.fetch_runs(runs["url"], runs["runs"])
+    cut = [run for run in every_run if run[5] is None]
+    assert cut and all(pid == victim.pid for _, _, _, pid, _, _ in cut)  # the kill cut a chunk short...
+    assert {job for job, *_ in cut} <= {job for job, _, _, _, _, ended in every_run if ended is not None}  # ...re-run
+    ended = {step: max(end for _, s, _, _, _, end in every_run if s == step and end is not None)
+             for step in ("extract", "transform")}
+    started = {step: min(start for _, s, _, _, start, _ in every_run if s == step) for step in ("transform", "load")}
+    assert started["transform"] >= ended["extract"] and started["load"] >= ended["transform"]
+    assert [step for _, step, *_ in every_run].count("load") == 1
+
+
 def test_parent_results_are_the_batchs_results_and_depends_on_names_jobs(driver):
     @task(name="pipe.double")
     def double(payload):
