@@ -372,7 +372,7 @@ class JobStore:
     # -- consuming --------------------------------------------------------------------
 
     def claim(self, worker_id: str, n: int, queue: str) -> list[dict[str, Any]]:
-        """Atomically take up to ``n`` due pending jobs of ``queue`` for a worker, oldest first."""
+        """Atomically take up to ``n`` due pending jobs of ``queue`` for a worker: highest priority, then oldest."""
         with self._transaction() as conn:
             return self._claim(conn, worker_id, n, queue)
 
@@ -426,6 +426,7 @@ class JobStore:
         return sa.and_(c.has_dependents == sa.false(), c.cancel_requested_at.is_(None))
 
     def _cancelled_values(self, reason: str) -> dict[str, Any]:
+        """What a cancelled job's row is set to: final, finished now, with the reason."""
         return {"status": CANCELLED, "finished_at": self.dialect.now(), "heartbeat_at": None, "last_error": reason}
 
     def complete(self, worker_id: str, completions: Sequence[tuple[Job, str | None]]) -> int:
@@ -438,8 +439,10 @@ class JobStore:
         PyMySQL runs an executemany of UPDATEs as one round trip per row."""
         c = self.table.c
         values = {"status": COMPLETED, "finished_at": self.dialect.now(), "heartbeat_at": None}
-        without = [(job, None) for job, result in completions if result is None and job.id is not None]
-        with_result = [(job, result) for job, result in completions if result is not None and job.id is not None]
+        # In id order: a push that makes a wait group locks its parents in id order too, so the two never deadlock.
+        completions = sorted((pair for pair in completions if pair[0].id is not None), key=lambda pair: pair[0].id)
+        without = [(job, None) for job, result in completions if result is None]
+        with_result = [(job, result) for job, result in completions if result is not None]
         changed = 0
         for start in range(0, len(without), COMPLETION_SLICE):
             part = without[start:start + COMPLETION_SLICE]
@@ -512,6 +515,7 @@ class JobStore:
                                                  "finished_at": self.dialect.now(), "heartbeat_at": None})
 
     def _finish_one(self, worker_id: str, job: Job, values: dict[str, Any]) -> bool:
+        """Set ``values`` on one held job in its own transaction; cancelled instead if a cancel was asked."""
         if job.id is None:
             return False
         statement = (self.dialect.update_by_id(self.table)
