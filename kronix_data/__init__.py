@@ -9,6 +9,7 @@ except _metadata.PackageNotFoundError:  # imported from a checkout that was neve
 
 from .batches import Batch, enqueue_chunks
 from .chunking import as_frame
+from .context import JobContext, current_job
 from .driver import DatabaseQueueDriver
 from .errors import (DatabaseUnavailableError, InvalidInputError, KronixError, MissingDriverError, NotFoundError,
                      NotHeldError)
@@ -19,7 +20,7 @@ from .tasks import Task, task
 from .worker import Worker, WorkerStats
 from .worker_options import WorkerOptions
 
-__all__ = ["Batch", "DatabaseQueueDriver", "DatabaseUnavailableError", "InvalidInputError", "Job", "JobStatus",
-           "JobStore", "KronixError", "LocalWorkers", "MissingDriverError", "NotFoundError", "NotHeldError",
-           "RetryPolicy", "Task", "Worker", "WorkerOptions", "WorkerStats", "as_frame", "enqueue_chunks",
-           "start_local_workers", "task"]
+__all__ = ["Batch", "DatabaseQueueDriver", "DatabaseUnavailableError", "InvalidInputError", "Job", "JobContext",
+           "JobStatus", "JobStore", "KronixError", "LocalWorkers", "MissingDriverError", "NotFoundError",
+           "NotHeldError", "RetryPolicy", "Task", "Worker", "WorkerOptions", "WorkerStats", "as_frame", "current_job",
+           "enqueue_chunks", "start_local_workers", "task"]

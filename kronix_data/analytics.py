@@ -32,6 +32,8 @@ STATS_COLUMNS = {
     "processing": "int64",
     "completed": "int64",
     "failed": "int64",
+    "waiting": "int64",
+    "cancelled": "int64",
     "oldest_pending_age_s": "float64",
     "wait_s_mean": "float64",
     "wait_s_p50": "float64",

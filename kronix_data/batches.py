@@ -19,7 +19,7 @@ import math
 import time
 from collections.abc import Mapping, Sequence
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 import pandas as pd
 
@@ -27,11 +27,9 @@ from .analytics import dead_letter_frame, dead_letter_jobs, typed_frame
 from .chunking import checked_batch_id, chunks, default_batch_id, frame_batch_id
 from .errors import InvalidInputError, NotFoundError
 from .history import time_bound
-from .job import Job, JobStatus, decode_json
+from .job import Job, JobStatus, decode_json, new_job_id
+from .store import JobStore, WaitGroup
 from .tasks import Task
-
-if TYPE_CHECKING:
-    from .store import JobStore
 
 
 class QueueHandle(Protocol):
@@ -47,13 +45,16 @@ BATCH_COLUMNS = {
     "batch_id": "object",
     "name": "object",
     "total": "int64",
-    "pending": "int64",
-    "processing": "int64",
-    "completed": "int64",
-    "failed": "int64",
+    **{status: "int64" for status in _STATUSES},
     "created_at": "datetime64[ns, UTC]",
     "finished_at": "datetime64[ns, UTC]",
 }
+
+#: The columns of ``driver.queues()``.
+QUEUE_COLUMNS = {"queue": "object", "paused": "bool", **{status: "int64" for status in _STATUSES}}
+
+#: Statuses a chunk leaves only by finishing.
+_UNFINISHED = ("pending", "waiting", "processing")
 
 
 class Batch:
@@ -91,7 +92,7 @@ class Batch:
     # -- progress -----------------------------------------------------------
 
     def progress(self) -> dict[str, int]:
-        """Chunk counts: ``{"total", "pending", "processing", "completed", "failed"}``."""
+        """Chunk counts: ``{"total", "pending", "processing", "completed", "failed", "waiting", "cancelled"}``."""
         counts = self.store.count_batch_by_status(self.id)
         result = {"total": sum(counts.values())}
         result.update({status: int(counts.get(status, 0)) for status in _STATUSES})
@@ -99,15 +100,15 @@ class Batch:
 
     @property
     def done(self) -> bool:
-        """True when no chunk is pending or processing (each completed or dead-lettered)."""
+        """True when no chunk is pending, waiting or processing (each completed, dead-lettered or cancelled)."""
         counts = self.progress()
-        return counts["pending"] + counts["processing"] == 0
+        return not any(counts[status] for status in _UNFINISHED)
 
     def wait(self, progress: bool = True, timeout: float | None = None, poll_interval: float = 0.5) -> Batch:
         """Block until the batch is done, with a tqdm bar (terminal or Jupyter) unless ``progress=False``.
 
-        Dead-lettered chunks count as finished (the bar shows how many failed);
-        look at :meth:`failures`.  Returns the batch, so ``batch.wait().results()`` reads well.
+        Dead-lettered and cancelled chunks count as finished (the bar shows how
+        many failed); look at :meth:`failures`.  Returns the batch, so ``batch.wait().results()`` reads well.
 
         Raises
         ------
@@ -123,7 +124,7 @@ class Batch:
                 counts = self.progress()
                 if bar is not None:
                     _show(bar, counts)
-                if counts["pending"] + counts["processing"] == 0:
+                if not any(counts[status] for status in _UNFINISHED):
                     return self
                 if deadline is not None and time.monotonic() >= deadline:
                     raise TimeoutError(f"batch {self.id!r} is not done after {timeout}s: {counts}")
@@ -145,42 +146,53 @@ class Batch:
         ``chunk`` column first.
         """
         rows = self.store.read_batch_results(self.id)
-        chunk_of = self._chunk_numbers(rows)
-        records = sorted(({"chunk": chunk_of[job_id], "job_id": job_id, "result": decode_json(result)}
-                          for job_id, _, result in rows), key=lambda record: (record["chunk"], record["job_id"]))
-        combined = _concatenate(records)
-        if combined is not None:
-            return combined
-        return typed_frame(records, {"chunk": "int64", "job_id": "object", "result": "object"})
-
-    def _chunk_numbers(self, rows: Sequence[tuple[str, str | None, Any]]) -> dict[str, int]:
-        """Chunk numbers from the keys ``f"{batch_id}:{n}"``; from the payload for a job pushed by hand."""
-        numbers, unkeyed = {}, []
-        prefix = f"{self.id}:"
-        for job_id, key, _ in rows:
-            suffix = key[len(prefix):] if key and key.startswith(prefix) else ""
-            if suffix.isdigit():
-                numbers[job_id] = int(suffix)
-            else:
-                unkeyed.append(job_id)
-        for job_id, payload in self.store.read_payloads(unkeyed).items() if unkeyed else ():
-            chunk = decode_json(payload).get("chunk") if payload and payload.startswith("{") else None
-            numbers[job_id] = int(chunk) if isinstance(chunk, int) else -1
-        return numbers
+        return results_frame(self.store, [(job_id, key, self.id, result) for job_id, key, result in rows])
 
     def failures(self) -> pd.DataFrame:
         """The dead-lettered chunks, same columns as ``driver.dead_letter_jobs()``."""
         return dead_letter_jobs(self.store, batch=self.id)
 
     def retry_failures(self) -> int:
-        """Run the dead-lettered chunks again (pending, attempts 0); returns how many."""
+        """Run the dead-lettered chunks again (pending, attempts 0); returns how many.
+
+        Jobs waiting for this batch go on waiting meanwhile, and run once every
+        chunk has completed: retry, fix, retry, and the pipeline continues by itself.
+        """
         return self.store.retry_dead_letters(batch=self.id)
+
+    # -- pipelines ------------------------------------------------------------
+
+    def then(self, task_or_name: str | Task, payload: Any = None, **job_options: Any) -> Job:
+        """One follow-up job that becomes due when every chunk of this batch has completed.
+
+        ``task_or_name`` is a ``@task`` or a job name; ``job_options`` are
+        :class:`~kronix_data.Job` options (``queue``, ``priority``, ``max_retries``,
+        ``key``...).  Idempotent like ``map``: its key defaults to
+        ``f"{batch_id}:then:{name}"``, so a re-run cell returns the stored job.
+        Inside it, ``current_job().parent_results()`` has the chunks' results.
+        """
+        task = task_or_name if isinstance(task_or_name, Task) else None
+        name = task.name if task else task_or_name
+        if not isinstance(name, str):
+            raise InvalidInputError(f"then takes a job name (str) or a @task, got {type(task_or_name).__name__}")
+        job_options.setdefault("key", f"{self.id}:then:{name}")
+        job = task.job(payload, **job_options) if task else Job(name, payload, **job_options)
+        if job.depends_on:
+            raise InvalidInputError("then() makes the job depend on the batch; push it yourself for other parents")
+        job.depends_on = [self]
+        push_jobs(self.store, [job])
+        return job
+
+    def cancel(self) -> dict[str, int]:
+        """Cancel the batch: its pending and waiting chunks at once (and every job waiting for them), its
+        running chunks as soon as their workers see it; returns ``{"pending", "waiting", "running"}`` counts."""
+        return self.store.cancel_batch(self.id)
 
     # -- display ------------------------------------------------------------
 
     def _repr_html_(self) -> str:
         counts = self.progress()
-        finished = counts["completed"] + counts["failed"]
+        finished = counts["completed"] + counts["failed"] + counts["cancelled"]
         cells = "".join(f"<td>{counts[key]:,}</td>" for key in ("total", *_STATUSES))
         heads = "".join(f"<th>{key}</th>" for key in ("total", *_STATUSES))
         return (f"<div><b>Batch</b> <code>{html.escape(self.id)}</code> ({html.escape(str(self.name))}) "
@@ -226,7 +238,7 @@ def _progress_bar(batch: Batch):
 def _show(bar, counts: Mapping[str, int]) -> None:
     if bar.total != counts["total"]:
         bar.total = counts["total"]
-    bar.n = counts["completed"] + counts["failed"]
+    bar.n = counts["completed"] + counts["failed"] + counts["cancelled"]
     bar.set_postfix(failed=counts["failed"], running=counts["processing"], refresh=False)
     bar.refresh()
 
@@ -282,7 +294,8 @@ def _extreme(pick, current, value):
 
 
 def enqueue_chunks(driver: QueueHandle, name: str | Task, data: Any, chunk_size: int = 10_000, *,
-                   queue: str | None = None, batch: str | None = None, max_retries: int | None = None) -> Batch:
+                   queue: str | None = None, batch: str | None = None, max_retries: int | None = None,
+                   priority: int | None = None, after: Any = None) -> Batch:
     """Enqueue ``data`` as chunk jobs named ``name`` in one transaction and return their Batch.
 
     Parameters
@@ -290,23 +303,27 @@ def enqueue_chunks(driver: QueueHandle, name: str | Task, data: Any, chunk_size:
     driver
         The queue.
     name
-        The job name, or a ``@task`` (its name, queue and max_retries are the defaults).
+        The job name, or a ``@task`` (its name, queue, max_retries and priority are the defaults).
     data, chunk_size
         What to cut and how finely, as for :func:`chunks`.
-    queue, max_retries
-        Override the task's (or ``"default"`` and 3).
+    queue, max_retries, priority
+        Override the task's (or ``"default"``, 3 and 0).
     batch
         The batch id.  By default a hash of ``(name, queue, the chunks' content)``:
         enqueueing the same chunks again (a re-run notebook cell) enqueues nothing
         and returns the same Batch.  Name a batch (``"nightly-2026-11-28"``) to
         find it easily; its chunks are keyed ``f"{batch}:{n}"``, so chunk numbers
         already stored under that name are skipped whatever their data.
+    after
+        A Batch, a Job, a job id, or a list of them: every chunk waits (status
+        ``waiting``) until all of them have completed.
 
     Raises
     ------
     InvalidInputError
         ``data`` has no chunk at all (a batch of nothing could never be found
-        again), or a value is not JSON; nothing is written then.
+        again), a value is not JSON, or ``after`` names a job or batch that is
+        not stored; nothing is written then.
     """
     task = name if isinstance(name, Task) else None
     job_name = task.name if task else name
@@ -314,6 +331,8 @@ def enqueue_chunks(driver: QueueHandle, name: str | Task, data: Any, chunk_size:
         raise InvalidInputError(f"name must be a job name (str) or a @task, got {type(name).__name__}")
     queue = queue if queue is not None else task.queue if task else "default"
     max_retries = max_retries if max_retries is not None else task.max_retries if task else 3
+    priority = priority if priority is not None else task.priority if task else 0
+    parents = dependency_targets(after) if after is not None else ([], [])
     cut = chunks(data, chunk_size)  # checks data and chunk_size now, cuts lazily
     frame = data if isinstance(data, pd.DataFrame) else None
     batch_id = checked_batch_id(batch) if batch is not None else frame_batch_id(job_name, queue, frame, chunk_size)
@@ -328,7 +347,102 @@ def enqueue_chunks(driver: QueueHandle, name: str | Task, data: Any, chunk_size:
     store = driver.store
     if store.count_stored_keys(batch_id, [f"{batch_id}:{n}" for n in range(expected)]) < expected:
         make = task.job if task else lambda payload, **options: Job(job_name, payload, **options)
-        store.insert_jobs([store.row_for_push(make(payload, queue=queue, max_retries=max_retries,
-                                                   key=f"{batch_id}:{payload['chunk']}", batch_id=batch_id))
-                           for payload in (cut if payloads is None else payloads)])
+        rows = [store.row_for_push(make(payload, queue=queue, max_retries=max_retries, priority=priority,
+                                        key=f"{batch_id}:{payload['chunk']}", batch_id=batch_id))
+                for payload in (cut if payloads is None else payloads)]
+        waits = [WaitGroup(f"batch:{batch_id}:after", list(range(len(rows))), *parents)] if after is not None else []
+        store.insert_jobs(rows, waits)
     return Batch(batch_id, driver, job_name)
+
+
+# -- pipelines ------------------------------------------------------------------
+
+
+def dependency_targets(items: Any) -> tuple[list[str], list[str]]:
+    """``(job ids, batch ids)`` named by a Batch, a Job, a job id, or a list of them."""
+    items = items if isinstance(items, (list, tuple, set)) else [items]
+    job_ids, batch_ids = [], []
+    for item in items:
+        if isinstance(item, Batch):
+            batch_ids.append(item.id)
+        elif isinstance(item, Job):
+            if item.id is None:
+                raise InvalidInputError(f"job {item.name!r} to depend on has no id yet: push it first "
+                                        "(or in the same push_many)")
+            job_ids.append(item.id)
+        elif isinstance(item, str):
+            job_ids.append(item)
+        else:
+            raise InvalidInputError(f"a dependency must be a Batch, a Job or a job id, got {type(item).__name__}")
+    return job_ids, batch_ids
+
+
+def push_jobs(store: JobStore, jobs: list[Job], queue: str | None = None) -> list[dict[str, Any]]:
+    """Store jobs in one transaction, each with the wait group of its ``depends_on``; returns their rows."""
+    if any(job.depends_on for job in jobs if isinstance(job, Job)):
+        for job in jobs:  # a job may depend on another of the same push: give each its id now
+            if isinstance(job, Job) and job.id is None:
+                job.id = new_job_id()
+    rows = [store.row_for_push(job, queue) for job in jobs]
+    waits = [WaitGroup(f"job:{rows[index]['id']}", [index], *dependency_targets(job.depends_on))
+             for index, job in enumerate(jobs) if job.depends_on]
+    if rows:
+        store.insert_jobs(rows, waits)
+    for job, row in zip(jobs, rows):
+        job.id, job.queue, job.status = row["id"], row["queue"], JobStatus(row["status"])
+    return rows
+
+
+def results_frame(store: JobStore, rows: Sequence[tuple[str, str | None, str | None, str | None]]) -> pd.DataFrame:
+    """Completed jobs' results ``(id, key, batch_id, result)`` as ``Batch.results()`` shows them.
+
+    One row per job (``chunk``, ``job_id``, ``result``) in chunk order, or, when
+    every result is a list of records or a dict of equal-length lists, their
+    concatenation with a ``chunk`` column first.
+    """
+    chunk_of = _chunk_numbers(store, rows)
+    records = sorted(({"chunk": chunk_of[job_id], "job_id": job_id, "batch_id": batch_id,
+                       "result": decode_json(result)} for job_id, _, batch_id, result in rows),
+                     key=lambda record: (record["batch_id"] or "", record["chunk"], record["job_id"]))
+    for record in records:
+        del record["batch_id"]
+    combined = _concatenate(records)
+    if combined is not None:
+        return combined
+    return typed_frame(records, {"chunk": "int64", "job_id": "object", "result": "object"})
+
+
+def _chunk_numbers(store: JobStore, rows: Sequence[tuple[str, str | None, str | None, Any]]) -> dict[str, int]:
+    """Chunk numbers from the keys ``f"{batch_id}:{n}"``; from the payload for a job pushed by hand."""
+    numbers, unkeyed = {}, []
+    for job_id, key, batch_id, _ in rows:
+        prefix = f"{batch_id}:"
+        suffix = key[len(prefix):] if key and batch_id and key.startswith(prefix) else ""
+        if suffix.isdigit():
+            numbers[job_id] = int(suffix)
+        else:
+            unkeyed.append(job_id)
+    for job_id, payload in store.read_payloads(unkeyed).items() if unkeyed else ():
+        chunk = decode_json(payload).get("chunk") if payload and payload.startswith("{") else None
+        numbers[job_id] = int(chunk) if isinstance(chunk, int) else -1
+    return numbers
+
+
+def parent_results_frame(store: JobStore, job_id: str) -> pd.DataFrame:
+    """The results of the completed jobs a job waited for, shaped as ``Batch.results()``."""
+    rows = [(row["id"], row["job_key"], row["batch_id"], row["result"])
+            for row in store.read_parent_results(job_id) if row["status"] == JobStatus.COMPLETED.value]
+    return results_frame(store, rows)
+
+
+def queues_frame(store: JobStore) -> pd.DataFrame:
+    """One row per queue with jobs or settings: whether it is paused, and its jobs by status."""
+    settings = store.read_queue_settings()
+    counts = store.count_jobs_by_queue_and_status()
+    names = sorted(set(settings) | {queue for queue, _, _ in counts})
+    records = {queue: {"queue": queue, "paused": bool(settings.get(queue, {}).get("paused", False)),
+                       **dict.fromkeys(_STATUSES, 0)} for queue in names}
+    for queue, status, jobs in counts:
+        if status in _STATUSES:
+            records[queue][status] += jobs
+    return typed_frame([records[queue] for queue in names], QUEUE_COLUMNS)

@@ -40,7 +40,7 @@ import sqlalchemy as sa
 
 from . import __version__
 from .driver import DatabaseQueueDriver
-from .errors import MissingDriverError
+from .errors import MissingDriverError, NotFoundError
 
 log = logging.getLogger(__name__)
 
@@ -234,6 +234,47 @@ def command_recover(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def command_cancel(args: argparse.Namespace) -> int:
+    """Cancel one job, or a whole batch; an unknown id or batch is a failure (exit 1)."""
+    if (args.job_id is None) == (args.batch is None):
+        args.usage_error("give a job id or --batch BATCH (not both)")
+    with open_driver(args) as driver:
+        if args.batch is not None:
+            try:
+                counts = driver.batch(args.batch).cancel()
+            except NotFoundError as error:
+                raise CommandError(str(error), EXIT_FAILURE) from error
+            emit(args, f"batch {args.batch}: cancelled {counts['pending']} pending and {counts['waiting']} waiting "
+                       f"jobs, asked {counts['running']} running ones to stop", {"batch": args.batch, **counts})
+            return EXIT_OK
+        try:
+            acted = driver.cancel(args.job_id)
+        except NotFoundError as error:
+            raise CommandError(str(error), EXIT_FAILURE) from error
+    if not acted:
+        raise CommandError(f"job {args.job_id!r} has already finished; nothing to cancel", EXIT_FAILURE)
+    emit(args, f"cancelled job {args.job_id} (a running job stops when its worker sees it)",
+         {"cancelled": 1, "id": args.job_id})
+    return EXIT_OK
+
+
+def command_pause(args: argparse.Namespace) -> int:
+    with open_driver(args) as driver:
+        (driver.pause if args.command == "pause" else driver.resume)(args.queue)
+    done = "paused" if args.command == "pause" else "resumed"
+    emit(args, f"{done} queue {args.queue!r}" + (" (running jobs finish; no worker claims more)"
+                                                 if done == "paused" else ""), {"queue": args.queue, "action": done})
+    return EXIT_OK
+
+
+def command_queues(args: argparse.Namespace) -> int:
+    with open_driver(args) as driver:
+        frame = driver.queues()
+    human = frame.to_string(index=False) if len(frame) else f"no queues in table {args.table!r}"
+    emit(args, human, json_records(frame))
+    return EXIT_OK
+
+
 def command_worker(args: argparse.Namespace) -> int:
     """Import the job modules first, so a typo fails fast without touching the database."""
     import_job_modules(args.modules)
@@ -325,6 +366,15 @@ def build_parser() -> argparse.ArgumentParser:
     which.add_argument("--all", action="store_true", help="retry every dead letter (filtered by --queue/--name)")
     retry.add_argument("--queue", help="with --all: only this queue")
     retry.add_argument("--name", help="with --all: only jobs of this name")
+    cancel = add("cancel", command_cancel, "cancel a job or a batch (pending and waiting ones at once, running "
+                                            "ones when their worker sees it), with every job waiting for them")
+    cancel.add_argument("job_id", nargs="?", metavar="ID", help="the job to cancel")
+    cancel.add_argument("--batch", metavar="BATCH", help="cancel every unfinished job of this batch")
+    pause = add("pause", command_pause, "stop every worker from claiming jobs of a queue (running ones finish)")
+    pause.add_argument("queue", metavar="QUEUE")
+    resume = add("resume", command_pause, "let workers claim jobs of a paused queue again")
+    resume.add_argument("queue", metavar="QUEUE")
+    add("queues", command_queues, "each queue: paused or not, and its jobs by status")
     recover = add("recover", command_recover, "return jobs of dead workers to pending")
     recover.add_argument("--timeout", type=bounded(float, 0), default=300.0, metavar="SECONDS",
                          help="lease age after which a job counts as stale (default: 300)")

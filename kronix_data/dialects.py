@@ -25,7 +25,7 @@ except ImportError:  # Windows: writers rely on sqlite's busy timeout alone
     fcntl = None
 
 from .errors import InvalidInputError, MissingDriverError
-from .schema import CLAIMED_COLUMNS, PENDING, UTCDateTime, create_or_upgrade
+from .schema import CLAIMED_COLUMNS, Tables, UTCDateTime, claim_order, create_or_upgrade
 
 log = logging.getLogger(__name__)
 
@@ -138,8 +138,8 @@ class QueueDialect:
     #: How often creating the table is tried when another process creates it at the same time.
     schema_attempts = 5
 
-    def create_or_upgrade(self, engine: sa.Engine, table: sa.Table) -> None:
-        """Create or upgrade the table, safe from many processes at once.
+    def create_or_upgrade(self, engine: sa.Engine, tables: Tables) -> None:
+        """Create or upgrade the tables, safe from many processes at once.
 
         A lost race (PostgreSQL: two CREATE TABLEs collide in the catalog; MySQL:
         DDL is not transactional, so another process may add the same index
@@ -148,12 +148,12 @@ class QueueDialect:
         for attempt in range(1, self.schema_attempts + 1):
             try:
                 with engine.begin() as conn:
-                    create_or_upgrade(conn, table, self.now())
+                    create_or_upgrade(conn, tables, self.now())
                 return
             except sa.exc.DBAPIError:
                 if attempt == self.schema_attempts:
                     raise
-                log.info("creating table %s lost a race with another process; checking again", table.fullname)
+                log.info("creating table %s lost a race with another process; checking again", tables.jobs.fullname)
                 time.sleep(0.05 * attempt)
 
     def now(self) -> sa.ColumnElement:
@@ -230,14 +230,19 @@ class QueueDialect:
         select = sa.select(table.c.id).where(condition).limit(limit)
         return conn.execute(select.with_for_update(skip_locked=self.skips_locked(conn))).scalars().all()
 
-    def claim(self, conn: sa.Connection, table: sa.Table, queue: str, limit: int,
+    def claim(self, conn: sa.Connection, table: sa.Table, conditions: list[sa.ColumnElement[bool]], limit: int,
               changes: dict[str, Any]) -> list[dict[str, Any]]:
-        """Atomically take up to ``limit`` due pending jobs of ``queue``, oldest first.
+        """Atomically take up to ``limit`` jobs matching ``conditions`` (due pending jobs of one
+        queue), in claim order (:func:`kronix_data.schema.claim_order`).
 
         ``changes`` are the column values a claim sets (besides ``attempts + 1``
         and the reservation times); the claimed rows come back as dicts of
         :data:`CLAIMED_COLUMNS`.
         """
+        raise NotImplementedError
+
+    def upsert(self, conn: sa.Connection, table: sa.Table, values: dict[str, Any], changes: dict[str, Any]) -> None:
+        """INSERT ``values``, or where the primary key is already there, UPDATE that row with ``changes``."""
         raise NotImplementedError
 
 
@@ -250,15 +255,9 @@ def stored_ids_by_key(conn: sa.Connection, table: sa.Table, keys: list[str]) -> 
     return stored
 
 
-def _due_pending(table: sa.Table, queue: str, now: sa.ColumnElement, limit: int) -> sa.Select:
-    """The ids of due pending jobs of a queue, in claim order (matches the claim index)."""
-    c = table.c
-    return (
-        sa.select(c.id)
-        .where(c.queue == queue, c.status == PENDING, c.available_at <= now)
-        .order_by(c.available_at, c.id)
-        .limit(limit)
-    )
+def _candidates(table: sa.Table, conditions: list[sa.ColumnElement[bool]], limit: int) -> sa.Select:
+    """The ids of the jobs to claim, in claim order (matches the ``<table>_due`` index)."""
+    return sa.select(table.c.id).where(*conditions).order_by(*claim_order(table)).limit(limit)
 
 
 def _claimed(table: sa.Table) -> list[sa.Column]:
@@ -306,12 +305,11 @@ class PostgresDialect(QueueDialect):
         # COPY streams rows without a statement per row: about 2.5x executemany here.
         import psycopg.sql as pgsql
 
-        columns = ["id", "name", "queue", "status", "attempts", "max_retries", "payload",
-                   "job_key", "batch_id", "created_at", "available_at"]
+        rows = self._clocked(conn, rows)  # before COPY starts: no other statement may run during it
+        columns = list(rows[0])  # every row of a push has the same columns
         target = pgsql.Identifier(*([table.schema] if table.schema else []), table.name)
         statement = pgsql.SQL("COPY {} ({}) FROM STDIN").format(
             target, pgsql.SQL(", ").join(map(pgsql.Identifier, columns)))
-        rows = self._clocked(conn, rows)  # before COPY starts: no other statement may run during it
         with conn.connection.dbapi_connection.cursor() as cursor, cursor.copy(statement) as copy:
             for row in rows:
                 copy.write_row([row[column] for column in columns])
@@ -321,10 +319,16 @@ class PostgresDialect(QueueDialect):
 
         return insert(table).on_conflict_do_nothing(index_elements=["job_key"])
 
-    def claim(self, conn, table, queue, limit, changes):
+    def upsert(self, conn, table, values, changes):
+        from sqlalchemy.dialects.postgresql import insert
+
+        key = [column.name for column in table.primary_key]
+        conn.execute(insert(table).values(values).on_conflict_do_update(index_elements=key, set_=changes))
+
+    def claim(self, conn, table, conditions, limit, changes):
         # Lock the candidates, skipping rows another worker holds, then update
         # exactly those: one round trip, no waiting on other claimers.
-        candidates = _due_pending(table, queue, self.now(), limit).with_for_update(skip_locked=True).cte("candidates")
+        candidates = _candidates(table, conditions, limit).with_for_update(skip_locked=True).cte("candidates")
         statement = (
             table.update()
             .where(table.c.id == candidates.c.id)
@@ -416,6 +420,11 @@ class MySQLDialect(QueueDialect):
 
         return insert(table).on_duplicate_key_update(id=table.c.id)
 
+    def upsert(self, conn, table, values, changes):
+        from sqlalchemy.dialects.mysql import insert
+
+        conn.execute(insert(table).values(values).on_duplicate_key_update(changes))
+
     def insert_new_keys(self, conn, table, rows):
         stored = super().insert_new_keys(conn, table, rows)
         for row in rows:
@@ -444,13 +453,13 @@ class MySQLDialect(QueueDialect):
     def seconds_between(self, later, earlier):
         return sa.func.timestampdiff(sa.literal_column("MICROSECOND"), earlier, later) / 1_000_000.0
 
-    def claim(self, conn, table, queue, limit, changes):
+    def claim(self, conn, table, conditions, limit, changes):
         # Lock and read the rows (with the server's clock), then mark them.
         now = self.now().label("kronix_now")
         select = (
             sa.select(*_claimed(table), now)
-            .where(table.c.queue == queue, table.c.status == PENDING, table.c.available_at <= self.now())
-            .order_by(table.c.available_at, table.c.id)
+            .where(*conditions)
+            .order_by(*claim_order(table))
             .limit(limit)
             .with_for_update(skip_locked=self.skips_locked(conn))
         )
@@ -526,11 +535,17 @@ class SQLiteDialect(QueueDialect):
 
         return insert(table).on_conflict_do_nothing(index_elements=["job_key"])
 
-    def claim(self, conn, table, queue, limit, changes):
+    def upsert(self, conn, table, values, changes):
+        from sqlalchemy.dialects.sqlite import insert
+
+        key = [column.name for column in table.primary_key]
+        conn.execute(insert(table).values(values).on_conflict_do_update(index_elements=key, set_=changes))
+
+    def claim(self, conn, table, conditions, limit, changes):
         now = self.now()
         statement = (
             table.update()
-            .where(table.c.id.in_(_due_pending(table, queue, now, limit).scalar_subquery()))
+            .where(table.c.id.in_(_candidates(table, conditions, limit).scalar_subquery()))
             .values(_claim_values(table, changes, now))
             .returning(*_claimed(table))
         )

@@ -18,9 +18,9 @@ from typing import Any
 import pandas as pd
 
 from . import analytics, history
-from .batches import Batch, batches_frame, enqueue_chunks, find_batch
+from .batches import Batch, batches_frame, enqueue_chunks, find_batch, push_jobs, queues_frame
 from .errors import InvalidInputError
-from .job import Job, JobStatus, encode_result, possible_job_id, validate_queue
+from .job import Job, encode_result, possible_job_id, validate_queue
 from .store import JobStore
 from .tasks import Task, task_factory
 
@@ -125,16 +125,12 @@ class DatabaseQueueDriver:
         Every job is validated and serialised before anything is written, so a
         bad one leaves the table untouched.  A job whose ``key`` is already in
         the table is not stored again: its id is the existing job's, so pushing
-        the same keyed jobs twice is a no-op that returns the same ids.
+        the same keyed jobs twice is a no-op that returns the same ids.  A job
+        with ``depends_on`` waits until every job (or batch) it names has
+        completed; an unknown one, or a cycle among the pushed jobs, fails the
+        whole push.
         """
-        jobs = list(jobs)
-        rows = [self.store.row_for_push(job, queue) for job in jobs]
-        if not rows:
-            return []
-        ids = self.store.insert_jobs(rows)
-        for job, row in zip(jobs, rows):
-            job.id, job.queue, job.status = row["id"], row["queue"], JobStatus.PENDING
-        return ids
+        return [row["id"] for row in push_jobs(self.store, list(jobs), queue)]
 
     # -- consuming --------------------------------------------------------
 
@@ -224,6 +220,15 @@ class DatabaseQueueDriver:
         """Renew the lease of held jobs so stale recovery leaves them alone; returns how many."""
         return self.store.renew_leases(self.worker_id, jobs)
 
+    def cancels_asked(self, jobs: Iterable[Job]) -> set[str]:
+        """The ids of held jobs someone has asked to cancel (a worker passes it on to them)."""
+        ids = [job.id for job in jobs if job.id is not None]
+        return set(self.store.cancels_asked(self.worker_id, ids)) if ids else set()
+
+    def finish_cancelled(self, jobs: Iterable[Job]) -> int:
+        """Record held jobs whose cancel was asked as cancelled (not failed, not retried); returns how many."""
+        return self.store.finish_cancelled(self.worker_id, jobs)
+
     def release(self, job: Job, *, delay: timedelta | float | None = None) -> bool:
         """Put a held job back as pending, with ``job.last_error``, for a later retry.
 
@@ -264,6 +269,31 @@ class DatabaseQueueDriver:
     def clear_dead_letters(self, queue: str | None = None) -> int:
         """Delete the dead letters (of one queue, or all); returns how many."""
         return self.store.delete_dead_letters(queue)
+
+    def cancel(self, job_id: str) -> bool:
+        """Cancel a job: a pending or waiting one at once, with every job waiting for it; a running
+        one is asked to stop (``current_job().cancel_requested()`` turns true within a second, and its
+        worker records it as cancelled when it returns or raises).
+
+        Returns False if the job had already finished.  Raises NotFoundError for an unknown id.
+        """
+        if not possible_job_id(job_id):
+            raise InvalidInputError(f"job id {job_id!r} cannot be in a table (empty, too long or control characters)")
+        return self.store.cancel_job(job_id)
+
+    def pause(self, queue: str) -> None:
+        """Stop every worker everywhere from claiming jobs of ``queue`` (running ones finish)."""
+        validate_queue(queue)
+        self.store.set_paused(queue, True)
+
+    def resume(self, queue: str) -> None:
+        """Let workers claim from ``queue`` again (listening workers are woken at once)."""
+        validate_queue(queue)
+        self.store.set_paused(queue, False)
+
+    def queues(self) -> pd.DataFrame:
+        """One row per queue (with jobs or settings): ``queue``, ``paused`` and its jobs' counts by status."""
+        return queues_frame(self.store)
 
     def retry_dead_letter(self, job_id: str) -> bool:
         """Give a dead-lettered job a fresh start (pending, attempts 0); False if no such job."""
@@ -314,9 +344,12 @@ class DatabaseQueueDriver:
     # -- batches ----------------------------------------------------------
 
     def map(self, name: str | Task, data: Any, chunk_size: int = 10_000, *, queue: str | None = None,
-            batch: str | None = None, max_retries: int | None = None) -> Batch:
-        """Enqueue ``data`` in chunks as jobs ``name``; idempotent (see :func:`kronix_data.enqueue_chunks`)."""
-        return enqueue_chunks(self, name, data, chunk_size, queue=queue, batch=batch, max_retries=max_retries)
+            batch: str | None = None, max_retries: int | None = None, priority: int | None = None,
+            after: Any = None) -> Batch:
+        """Enqueue ``data`` in chunks as jobs ``name``; idempotent; with ``after`` (batches, jobs or ids)
+        every chunk waits until those completed (see :func:`kronix_data.enqueue_chunks`)."""
+        return enqueue_chunks(self, name, data, chunk_size, queue=queue, batch=batch, max_retries=max_retries,
+                              priority=priority, after=after)
 
     def batch(self, batch_id: str) -> Batch:
         """The Batch with this id (after a kernel restart, say); NotFoundError (a LookupError) if no job has it."""

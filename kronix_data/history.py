@@ -91,7 +91,7 @@ def time_bound(value: Any, what: str) -> datetime | float:
 
 def prune(store: JobStore, older_than: timedelta | float, *, dead_letters: bool = False,
           chunk_size: int = PRUNE_CHUNK) -> int:
-    """Delete completed jobs (and dead letters if asked) finished more than ``older_than`` ago.
+    """Delete completed and cancelled jobs (and dead letters if asked) finished more than ``older_than`` ago.
 
     Works oldest first in transactions of about ``chunk_size`` rows, so
     pruning millions of rows never holds one long lock and claims go on
@@ -102,5 +102,6 @@ def prune(store: JobStore, older_than: timedelta | float, *, dead_letters: bool 
         raise InvalidInputError(f"older_than must be a timedelta or seconds >= 0, got {older_than!r}")
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise InvalidInputError(f"chunk_size must be an int >= 1, got {chunk_size!r}")
-    statuses = [JobStatus.COMPLETED.value] + ([JobStatus.FAILED.value] if dead_letters else [])
+    statuses = [JobStatus.COMPLETED.value, JobStatus.CANCELLED.value] + ([JobStatus.FAILED.value] if dead_letters
+                                                                         else [])
     return store.prune_finished(float(seconds), statuses, chunk_size)

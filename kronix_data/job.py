@@ -34,16 +34,32 @@ MAX_BATCH_ID_LENGTH = 128
 MAX_JSON_BYTES = 8_000_000
 
 
+#: The range of ``Job.priority``: higher runs first, 0 by default.
+MIN_PRIORITY, MAX_PRIORITY = -100, 100
+
+
 class JobStatus(str, enum.Enum):
-    """Where a job is in its life; stored as this text in the ``status`` column."""
+    """Where a job is in its life; stored as this text in the ``status`` column.
+
+    ``waiting``: some job it depends on has not completed yet; ``pending``: due
+    (now or at ``available_at``); ``processing``: held by a worker; then one of
+    the final three: ``completed``, ``failed`` (a dead letter) or ``cancelled``.
+    """
 
     PENDING = "pending"
     PROCESSING = "processing"
     COMPLETED = "completed"
     FAILED = "failed"
+    WAITING = "waiting"
+    CANCELLED = "cancelled"
 
     def __str__(self) -> str:
         return self.value
+
+    @property
+    def finished(self) -> bool:
+        """Whether the job will not run again by itself (completed, dead-lettered or cancelled)."""
+        return self in (JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.CANCELLED)
 
 
 @dataclass(frozen=True)
@@ -81,8 +97,11 @@ class Job:
     ``max_retries + 1`` times.  A ``key`` makes the push idempotent: a job whose
     key is already in the table (queued, running, done or dead-lettered) is
     not pushed again.  ``batch_id`` groups the chunks of one :class:`Batch`.
-    The fields after ``id`` are filled in by the driver from the stored row;
-    callers normally leave them alone.
+    ``priority`` (from :data:`MIN_PRIORITY` to :data:`MAX_PRIORITY`): due jobs
+    of a queue are claimed highest first.  ``depends_on``: job ids, Jobs or
+    Batches that must all complete before this job becomes due (it waits
+    meanwhile).  The fields after ``id`` are filled in by the driver from the
+    stored row; callers normally leave them alone.
     """
 
     name: str
@@ -92,6 +111,8 @@ class Job:
     available_at: datetime | None = field(default=None, kw_only=True)
     key: str | None = field(default=None, kw_only=True)
     batch_id: str | None = field(default=None, kw_only=True)
+    priority: int = field(default=0, kw_only=True)
+    depends_on: list[Any] = field(default_factory=list, kw_only=True, repr=False)
     id: str | None = field(default=None, kw_only=True)
     attempts: int = field(default=0, kw_only=True)
     status: JobStatus = field(default=JobStatus.PENDING, kw_only=True)
@@ -195,6 +216,7 @@ def validate_job(job: Job, queue: str) -> None:
         _check_text("job key", job.key, MAX_KEY_LENGTH)
     if job.batch_id is not None:
         _check_text("batch id", job.batch_id, MAX_BATCH_ID_LENGTH)
+    validate_priority(job.priority, f"priority of job {job.name!r}")
     if not isinstance(job.max_retries, int) or isinstance(job.max_retries, bool) or job.max_retries < 0:
         raise InvalidInputError(f"max_retries of job {job.name!r} must be an int >= 0, got {job.max_retries!r}")
     if job.available_at is not None and (
@@ -203,6 +225,13 @@ def validate_job(job: Job, queue: str) -> None:
         raise InvalidInputError(
             f"available_at of job {job.name!r} must be a timezone-aware datetime, got {job.available_at!r}"
         )
+
+
+def validate_priority(priority: Any, what: str = "priority") -> None:
+    """A priority is an int from MIN_PRIORITY to MAX_PRIORITY."""
+    if isinstance(priority, bool) or not isinstance(priority, int) or not MIN_PRIORITY <= priority <= MAX_PRIORITY:
+        raise InvalidInputError(f"{what} must be an int from {MIN_PRIORITY} to {MAX_PRIORITY} "
+                                f"(higher runs first), got {priority!r}")
 
 
 def validate_queue(queue: Any) -> None:

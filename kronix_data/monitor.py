@@ -31,10 +31,11 @@ log = logging.getLogger(__name__)
 INSTALL_HINT = "QueueMonitor needs ipywidgets; install it with: pip install 'kronix-data[notebook]'"
 
 #: The counts table's columns (as fetch_stats names them) and their headings.
-COUNT_COLUMNS = {"queue": "queue", "pending": "pending", "processing": "running", "completed": "completed",
-                 "failed": "failed", "oldest_pending_age_s": "oldest pending (s)", "wait_s_p50": "wait p50 (s)",
+COUNT_COLUMNS = {"queue": "queue", "pending": "pending", "waiting": "waiting", "processing": "running",
+                 "completed": "completed", "failed": "failed", "cancelled": "cancelled",
+                 "oldest_pending_age_s": "oldest pending (s)", "wait_s_p50": "wait p50 (s)",
                  "run_s_p50": "run p50 (s)", "throughput_per_s": "jobs/s"}
-_BATCH_COUNTS = ("total", "pending", "processing", "completed", "failed")
+_BATCH_COUNTS = ("total", "pending", "processing", "completed", "failed", "waiting", "cancelled")
 #: The failures table's columns, as dead_letter_jobs names them.
 FAILURE_COLUMNS = ["finished_at", "name", "error_type", "error_message"]
 MESSAGE_WIDTH = 120
@@ -98,8 +99,10 @@ class QueueMonitor:
 
         self.stats = pd.DataFrame(columns=list(COUNT_COLUMNS))
         self.failures = pd.DataFrame(columns=FAILURE_COLUMNS)
-        #: batch id -> {"total", "pending", "processing", "completed", "failed"}
+        #: batch id -> {"total", "pending", "processing", "completed", "failed", "waiting", "cancelled"}
         self.batch_progress: dict[str, dict[str, int]] = {}
+        #: queue -> whether it is paused (for every worker), as of the last refresh
+        self.queue_paused: dict[str, bool] = {}
         #: Jobs completed per second over ``window`` (the stats' throughput, summed over queues).
         self.throughput_window = float("nan")
         #: Jobs completed per second between the last two refreshes.
@@ -115,6 +118,9 @@ class QueueMonitor:
         self.counts = widgets.HTML()
         self.throughput = widgets.HTML()
         self.batch_box = widgets.VBox()
+        #: queue -> its pause toggle (pauses the queue for every worker, not this view)
+        self.queue_buttons: dict[str, Any] = {}
+        self.queue_box = widgets.HBox()
         self._no_batches = widgets.HTML("<i>no batches</i>")
         #: batch id -> its progress bar
         self.progress_bars: dict[str, Any] = {}
@@ -128,7 +134,7 @@ class QueueMonitor:
         self.retry_button.on_click(self._on_retry)
         self.pause_button.observe(self._on_pause, names="value")
         self.widget = widgets.VBox([
-            self.title, self.counts, self.throughput,
+            self.title, self.counts, self.throughput, self.queue_box,
             widgets.HTML("<b>Batches</b>"), self.batch_box,
             widgets.HTML("<b>Latest failures</b>"), self.failure_table,
             widgets.HBox([self.retry_button, self.pause_button]), self.status,
@@ -209,6 +215,7 @@ class QueueMonitor:
         with self._lock:
             try:
                 stats = self.driver.fetch_stats(window=self.window)
+                settings = self.driver.store.read_queue_settings()
                 batches = self._read_batches()
                 # The newest few only: dead_letter_jobs() would read (and decode) every one each refresh.
                 failures = self.driver.jobs(status="failed", limit=self.failure_limit) if self.failure_limit \
@@ -219,6 +226,7 @@ class QueueMonitor:
                 self._render_status()
                 return False
             self._show_stats(stats)
+            self._show_queues(list(stats["queue"]), settings)
             self._show_batches(batches)
             self._show_failures(failures)
             self.refresh_count += 1
@@ -242,6 +250,49 @@ class QueueMonitor:
         self.throughput.value = (
             f"<b>Throughput</b>: {_number(self.throughput_window)} jobs/s over the last "
             f"{_duration(self.window)} · {_number(self.throughput_recent)} jobs/s over the last refresh")
+
+    def _show_queues(self, queues: list[str], settings: dict[str, dict[str, Any]]) -> None:
+        """One pause toggle per queue; pressed means paused for every worker everywhere."""
+        names = sorted(set(queues) | set(settings))
+        self.queue_paused = {queue: bool(settings.get(queue, {}).get("paused", False)) for queue in names}
+        for queue in names:
+            button = self.queue_buttons.get(queue)
+            if button is None:
+                button = self.queue_buttons[queue] = self._widgets.ToggleButton(
+                    tooltip=f"driver.pause({queue!r}) / driver.resume({queue!r}): no worker claims from a "
+                            "paused queue", layout=self._widgets.Layout(width="auto"))
+                button.observe(lambda change, queue=queue: self._on_queue_toggle(queue, change), names="value")
+            button.value = self.queue_paused[queue]  # the database says; a click in another notebook shows here
+            self._label_queue_button(queue)
+        buttons = [self.queue_buttons[queue] for queue in names]
+        if list(self.queue_box.children) != buttons:
+            self.queue_box.children = buttons
+
+    def _label_queue_button(self, queue: str) -> None:
+        button = self.queue_buttons[queue]
+        button.description, button.icon = (f"{queue}: paused", "play") if button.value else (f"{queue}", "pause")
+
+    def pause_queue(self, queue: str) -> None:
+        """What a queue's toggle does when pressed: ``driver.pause(queue)``, then a refresh."""
+        self.driver.pause(queue)
+        self._notice = f"paused queue {queue!r} at {datetime.now():%H:%M:%S}"
+        self.refresh_now()
+
+    def resume_queue(self, queue: str) -> None:
+        """What a pressed toggle does when released: ``driver.resume(queue)``, then a refresh."""
+        self.driver.resume(queue)
+        self._notice = f"resumed queue {queue!r} at {datetime.now():%H:%M:%S}"
+        self.refresh_now()
+
+    def _on_queue_toggle(self, queue: str, change) -> None:
+        if bool(change["new"]) == self.queue_paused.get(queue):
+            return  # set by a refresh, not a click
+        try:
+            (self.pause_queue if change["new"] else self.resume_queue)(queue)
+        except Exception as error:  # noqa: BLE001 - shown in the status line, the kernel carries on
+            self.error_count += 1
+            self.last_error = f"pause/resume failed: {type(error).__name__}: {_first_line(error)}"
+            self._render_status()
 
     def _read_batches(self) -> dict[str, dict[str, int]]:
         """Counts per batch: the batches asked for (by their index), else the newest recent ones."""
@@ -268,14 +319,16 @@ class QueueMonitor:
             label = widgets.HTML()
             self._batch_rows[batch_id] = widgets.HBox([self.progress_bars[batch_id], label])
         bar = self.progress_bars[batch_id]
-        finished = counts["completed"] + counts["failed"]
+        finished = counts["completed"] + counts["failed"] + counts["cancelled"]
         bar.max = max(counts["total"], 1)
         bar.value = min(finished, bar.max)
         bar.bar_style = ("danger" if counts["failed"] else
                          "success" if counts["total"] and finished == counts["total"] else "info")
         self._batch_rows[batch_id].children[1].value = (
             f"{finished:,}/{counts['total']:,} done · {counts['completed']:,} completed · "
-            f"{counts['failed']:,} failed · {counts['processing']:,} running")
+            f"{counts['failed']:,} failed · {counts['processing']:,} running"
+            + (f" · {counts['waiting']:,} waiting" if counts["waiting"] else "")
+            + (f" · {counts['cancelled']:,} cancelled" if counts["cancelled"] else ""))
 
     def _show_failures(self, dead_letters: pd.DataFrame | None) -> None:
         """The newest dead letters (``jobs(status="failed")``), error split as in ``dead_letter_jobs()``."""

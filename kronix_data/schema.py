@@ -8,6 +8,7 @@ names are validated identifiers that SQLAlchemy quotes, never user SQL.
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from datetime import datetime, timezone
 
 import sqlalchemy as sa
@@ -22,12 +23,24 @@ _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,47}")
 #: the partial indexes, which a bound parameter in a generic plan cannot.
 PENDING = sa.literal_column("'pending'")
 PROCESSING = sa.literal_column("'processing'")
+WAITING = sa.literal_column("'waiting'")
 
 
 #: What a claim reads back: what a worker needs to run the job and nothing
 #: more (every extra timestamp costs a parse per row on the hot path).
 CLAIMED_COLUMNS = ("id", "name", "queue", "attempts", "max_retries", "payload", "last_error",
-                   "created_at", "available_at", "reserved_at", "job_key", "batch_id")
+                   "created_at", "available_at", "reserved_at", "job_key", "batch_id", "priority")
+
+
+def claim_order(table: sa.Table) -> tuple[sa.ColumnElement, ...]:
+    """The order jobs are claimed in: highest priority, then due longest, then oldest id (the ``_due`` index)."""
+    c = table.c
+    return (c.priority.desc(), c.available_at, c.id)
+
+
+def claim_sort_key(row) -> tuple:
+    """The same order for claimed rows in Python."""
+    return (-row["priority"], row["available_at"], row["id"])
 
 
 def parse_table_name(name: str) -> tuple[str | None, str]:
@@ -89,8 +102,30 @@ def _long_text() -> sa.types.TypeEngine:
     return sa.Text().with_variant(mysql.LONGTEXT(), "mysql", "mariadb")
 
 
-def build_table(name: str, *, partial_indexes: bool, now_default: str) -> sa.Table:
-    """The jobs table and its indexes for one dialect.
+@dataclass(frozen=True)
+class Tables:
+    """The jobs table and the three small tables beside it, on one MetaData.
+
+    ``jobs``: one row per job.  ``deps``: one row per (parent job, wait group)
+    edge.  ``waits``: one row per wait group, the jobs that wait for the same
+    parents (a job pushed with ``depends_on``, the chunks of a batch mapped
+    ``after=`` another, a batch's ``then`` step), with how many of its parents
+    have not completed yet.  ``queues``: one row per queue that has settings
+    (paused or not); a queue without a row has the defaults.
+    """
+
+    jobs: sa.Table
+    deps: sa.Table
+    waits: sa.Table
+    queues: sa.Table
+
+    def all(self) -> tuple[sa.Table, ...]:
+        return (self.jobs, self.deps, self.waits, self.queues)
+
+
+def build_tables(name: str, *, partial_indexes: bool, now_default: str) -> Tables:
+    """The jobs table, its companions (``<name>_deps``, ``<name>_waits``, ``<name>_queues``) and their
+    indexes for one dialect.
 
     ``partial_indexes`` says whether the database has ``CREATE INDEX ... WHERE``;
     ``now_default`` is the SQL of the server's current time, the default of
@@ -98,6 +133,7 @@ def build_table(name: str, *, partial_indexes: bool, now_default: str) -> sa.Tab
     """
     schema, table_name = parse_table_name(name)
     metadata = sa.MetaData()
+    options = {"schema": schema, "mysql_charset": "utf8mb4", "mysql_collate": "utf8mb4_bin"}
     table = sa.Table(
         table_name,
         metadata,
@@ -122,15 +158,19 @@ def build_table(name: str, *, partial_indexes: bool, now_default: str) -> sa.Tab
         sa.Column("result", _long_text()),
         sa.Column("job_key", _key_text(MAX_KEY_LENGTH)),
         sa.Column("batch_id", _key_text(MAX_BATCH_ID_LENGTH)),
-        schema=schema,
-        mysql_charset="utf8mb4",
-        mysql_collate="utf8mb4_bin",
+        # Pipelines: claim order, the wait group a waiting job belongs to, whether
+        # some wait group waits for this job, and when a cancel was asked while it ran.
+        sa.Column("priority", sa.Integer, nullable=False, server_default="0"),
+        sa.Column("wait_id", _key_text(MAX_KEY_LENGTH)),
+        sa.Column("has_dependents", sa.Boolean, nullable=False, server_default=sa.false()),
+        sa.Column("cancel_requested_at", UTCDateTime()),
+        **options,
     )
     c = table.c
     sa.Index(f"{table_name}_key", c.job_key, unique=True)
     if partial_indexes:
-        # Claim: due pending jobs of a queue, oldest first; only pending rows are in it.
-        sa.Index(f"{table_name}_claim", c.queue, c.available_at, c.id,
+        # Claim: due pending jobs of a queue, highest priority then oldest first; only pending rows are in it.
+        sa.Index(f"{table_name}_due", c.queue, c.priority.desc(), c.available_at, c.id,
                  postgresql_where=sa.text("status = 'pending'"),
                  sqlite_where=sa.text("status = 'pending'"))
         # Stale recovery: held jobs by the age of their lease.
@@ -144,11 +184,16 @@ def build_table(name: str, *, partial_indexes: bool, now_default: str) -> sa.Tab
         sa.Index(f"{table_name}_batch", c.batch_id, c.status,
                  postgresql_where=sa.text("batch_id IS NOT NULL"),
                  sqlite_where=sa.text("batch_id IS NOT NULL"))
+        # Releasing or cancelling the jobs of a wait group.
+        sa.Index(f"{table_name}_wait", c.wait_id,
+                 postgresql_where=sa.text("wait_id IS NOT NULL"),
+                 sqlite_where=sa.text("wait_id IS NOT NULL"))
     else:
-        sa.Index(f"{table_name}_claim", c.queue, c.status, c.available_at, c.id)
+        sa.Index(f"{table_name}_due", c.queue, c.status, c.priority.desc(), c.available_at, c.id)
         sa.Index(f"{table_name}_lease", c.status, c.heartbeat_at)
         sa.Index(f"{table_name}_finished", c.finished_at)
         sa.Index(f"{table_name}_batch", c.batch_id, c.status)
+        sa.Index(f"{table_name}_wait", c.wait_id)
     # Stats: fetch_stats counts every row by (status, queue) with an index-only scan
     # of this small index (few distinct keys, so PostgreSQL deduplicates it: 7 MB
     # for 1M rows, ~80 ms to count them where a scan of the table took ~300 ms);
@@ -157,27 +202,50 @@ def build_table(name: str, *, partial_indexes: bool, now_default: str) -> sa.Tab
     # History: jobs() lists newest first and filters since/until on created_at;
     # without it that is a sort of the whole table (~450 ms at 1M rows).
     sa.Index(f"{table_name}_created", c.created_at)
-    return table
+
+    deps = sa.Table(
+        f"{table_name}_deps", metadata,
+        sa.Column("parent_id", _key_text(MAX_ID_LENGTH), primary_key=True),
+        sa.Column("wait_id", _key_text(MAX_KEY_LENGTH), primary_key=True),
+        **options,
+    )
+    sa.Index(f"{table_name}_deps_wait", deps.c.wait_id)  # a group's parents (results, cascades)
+    waits = sa.Table(
+        f"{table_name}_waits", metadata,
+        sa.Column("wait_id", _key_text(MAX_KEY_LENGTH), primary_key=True),
+        sa.Column("remaining", sa.Integer, nullable=False),  # parents not completed yet
+        sa.Column("created_at", UTCDateTime(), nullable=False, server_default=sa.text(now_default)),
+        **options,
+    )
+    queues = sa.Table(
+        f"{table_name}_queues", metadata,
+        sa.Column("queue", _key_text(MAX_QUEUE_LENGTH), primary_key=True),
+        sa.Column("paused", sa.Boolean, nullable=False, server_default=sa.false()),
+        sa.Column("changed_at", UTCDateTime()),
+        **options,
+    )
+    return Tables(table, deps, waits, queues)
 
 
-def create_or_upgrade(conn: sa.Connection, table: sa.Table, now: sa.ColumnElement) -> None:
-    """Create the table, or bring an existing one (the seed's, say) up to date.
+#: Indexes an earlier release made that a newer one replaced: dropped on upgrade.
+_REPLACED_INDEXES = ("{table}_claim",)  # by {table}_due, which orders by priority too
 
-    Missing columns are added (all of kronix-data's are nullable), rows the
-    seed left without ``available_at`` or a reservation time are filled in,
-    and missing indexes are created.  Nothing is dropped or rewritten.
+
+def create_or_upgrade(conn: sa.Connection, tables: Tables, now: sa.ColumnElement) -> None:
+    """Create the tables, or bring existing ones (the seed's, say) up to date.
+
+    Missing columns are added (kronix-data's own are nullable or have a
+    default), rows the seed left without ``available_at`` or a reservation
+    time are filled in, missing indexes are created and indexes a newer index
+    replaced are dropped.  No data is dropped or rewritten.
     """
     inspector = sa.inspect(conn)
-    if not inspector.has_table(table.name, schema=table.schema):
-        table.create(conn)
-        return
-    preparer = conn.dialect.identifier_preparer
-    qualified = preparer.format_table(table)
-    existing = {column["name"] for column in inspector.get_columns(table.name, schema=table.schema)}
-    for column in table.columns:
-        if column.name not in existing:
-            spec = sa.schema.CreateColumn(column).compile(dialect=conn.dialect)
-            conn.execute(sa.text(f"ALTER TABLE {qualified} ADD COLUMN {spec}"))
+    for table in tables.all():
+        if not inspector.has_table(table.name, schema=table.schema):
+            table.create(conn)
+            continue
+        _upgrade(conn, inspector, table)
+    table = tables.jobs
     c = table.c
     conn.execute(table.update().where(c.available_at.is_(None)).values(available_at=c.created_at))
     conn.execute(
@@ -185,7 +253,21 @@ def create_or_upgrade(conn: sa.Connection, table: sa.Table, now: sa.ColumnElemen
         .where(c.status == PROCESSING, c.heartbeat_at.is_(None))
         .values(reserved_at=sa.func.coalesce(c.reserved_at, now), heartbeat_at=now)
     )
+
+
+def _upgrade(conn: sa.Connection, inspector: sa.Inspector, table: sa.Table) -> None:
+    preparer = conn.dialect.identifier_preparer
+    qualified = preparer.format_table(table)
+    existing = {column["name"] for column in inspector.get_columns(table.name, schema=table.schema)}
+    for column in table.columns:
+        if column.name not in existing:
+            spec = sa.schema.CreateColumn(column).compile(dialect=conn.dialect)
+            conn.execute(sa.text(f"ALTER TABLE {qualified} ADD COLUMN {spec}"))
     indexes = {index["name"] for index in inspector.get_indexes(table.name, schema=table.schema)}
     for index in table.indexes:
         if index.name not in indexes:
             index.create(conn)
+    for replaced in (name.format(table=table.name) for name in _REPLACED_INDEXES):
+        if replaced in indexes:  # on a stand-in table, so the real one never gains the old index
+            stand_in = sa.Table(table.name, sa.MetaData(), sa.Column("id"), schema=table.schema)
+            conn.execute(sa.schema.DropIndex(sa.Index(replaced, stand_in.c.id)))

@@ -27,10 +27,10 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from .dialects import Listener, dialect_for, make_engine
-from .errors import DatabaseUnavailableError, InvalidInputError
+from .dialects import Listener, dialect_for, make_engine, stored_ids_by_key
+from .errors import DatabaseUnavailableError, InvalidInputError, NotFoundError
 from .job import Job, JobStatus, decode_json, encode_payload, new_job_id, validate_job
-from .schema import PENDING, PROCESSING, build_table
+from .schema import PENDING, PROCESSING, WAITING, build_tables, claim_sort_key
 
 #: Stale jobs recovered per transaction.
 RECOVERY_BATCH = 1000
@@ -41,10 +41,27 @@ COMPLETION_SLICE = 500
 
 COMPLETED = JobStatus.COMPLETED.value
 FAILED = JobStatus.FAILED.value
+CANCELLED = JobStatus.CANCELLED.value
 
 #: A job's columns as ``Job`` attributes of the same name.
 _JOB_ATTRIBUTES = ("id", "queue", "attempts", "max_retries", "last_error", "created_at", "available_at",
-                   "reserved_by", "reserved_at", "finished_at", "batch_id")
+                   "reserved_by", "reserved_at", "finished_at", "batch_id", "priority")
+
+
+@dataclass
+class WaitGroup:
+    """Jobs of one push that wait for the same parents (``Job.depends_on``, ``map(after=)``, ``then``).
+
+    ``wait_id`` names the group (stable for an idempotent re-run: the same
+    group is found, not made twice); ``members`` are indexes into the push's
+    rows; ``parent_ids`` are job ids (of stored jobs, or of jobs earlier in the
+    same push) and ``parent_batches`` batch ids, each standing for all its jobs.
+    """
+
+    wait_id: str
+    members: list[int]
+    parent_ids: list[str]
+    parent_batches: list[str]
 
 JobFactory = Callable[[Any], Job]
 
@@ -79,8 +96,10 @@ class JobStore:
     def __init__(self, db: sa.Engine | str, table: str = "kronix_jobs"):
         self.engine = make_engine(db)
         self.dialect = dialect_for(self.engine)
-        self.table = build_table(table, partial_indexes=self.dialect.partial_indexes,
-                                 now_default=self.dialect.now_default)
+        #: The jobs table and its companions (wait groups, their edges, queue settings).
+        self.tables = build_tables(table, partial_indexes=self.dialect.partial_indexes,
+                                   now_default=self.dialect.now_default)
+        self.table = self.tables.jobs
         self.table_name = table
         #: Where workers are woken when jobs arrive (PostgreSQL LISTEN/NOTIFY).
         self.channel = f"kronix_{table.replace('.', '_')}"[:63]
@@ -145,13 +164,14 @@ class JobStore:
     # -- schema --------------------------------------------------------------------
 
     def create_or_upgrade_table(self) -> None:
-        """CREATE the table and its indexes, or ALTER an older one in place (safe from many processes)."""
-        self.dialect.create_or_upgrade(self._writer, self.table)
+        """CREATE the tables and their indexes, or ALTER older ones in place (safe from many processes)."""
+        self.dialect.create_or_upgrade(self._writer, self.tables)
 
     def drop_table(self) -> None:
-        """DROP the table and everything in it, if it exists."""
+        """DROP the jobs table, its companions and everything in them, where they exist."""
         with self._transaction() as conn:
-            self.table.drop(conn, checkfirst=True)
+            for table in reversed(self.tables.all()):
+                table.drop(conn, checkfirst=True)
 
     def missing_database(self) -> str | None:
         """Why the database is not there (a SQLite file that does not exist), asked without creating it."""
@@ -165,7 +185,10 @@ class JobStore:
             if not inspector.has_table(name, schema=schema):
                 return None
             columns = {f"column {column['name']}" for column in inspector.get_columns(name, schema=schema)}
-            return columns | {f"index {index['name']}" for index in inspector.get_indexes(name, schema=schema)}
+            companions = {f"table {table.name}" for table in self.tables.all()[1:]
+                          if inspector.has_table(table.name, schema=schema)}
+            return columns | companions | {f"index {index['name']}"
+                                           for index in inspector.get_indexes(name, schema=schema)}
 
     def database_now(self) -> datetime:
         """The database's clock (UTC), which every due time and lease is measured by."""
@@ -190,6 +213,8 @@ class JobStore:
             "payload": encode_payload(job),
             "job_key": job.key,
             "batch_id": job.batch_id,
+            "priority": job.priority,
+            "wait_id": None,
             "due": job.available_at,
         }
 
@@ -215,18 +240,22 @@ class JobStore:
 
     # -- producing --------------------------------------------------------------------
 
-    def insert_jobs(self, rows: list[dict[str, Any]]) -> list[str]:
+    def insert_jobs(self, rows: list[dict[str, Any]], waits: Sequence[WaitGroup] = ()) -> list[str]:
         """INSERT new jobs in one transaction and NOTIFY listeners once; returns their ids, in order.
 
         A row whose ``job_key`` is already stored is not inserted: its id is the
         stored job's.  A taken id fails the whole push (nothing is written).
+        ``waits`` are the groups of these rows that wait for parents (see
+        :meth:`_join_wait_groups`); an unknown parent or a cycle fails the whole push.
         """
         keyed = [row for row in rows if row["job_key"] is not None]
         if len({row["job_key"] for row in keyed}) < len(keyed):
             raise InvalidInputError("two jobs in one push share a key; keys must be unique")
-        plain = [row for row in rows if row["job_key"] is None]
         try:
             with self._transaction() as conn:
+                if waits:
+                    self._join_wait_groups(conn, rows, waits)
+                plain = [row for row in rows if row["job_key"] is None]
                 if plain:
                     self.dialect.insert(conn, self.table, plain)
                 if keyed:
@@ -237,6 +266,97 @@ class JobStore:
         except sa.exc.IntegrityError as error:
             raise InvalidInputError(f"a job id is already in table {self.table_name!r}: {error.orig}") from error
         return [row["id"] for row in rows]
+
+    def _join_wait_groups(self, conn: sa.Connection, rows: list[dict[str, Any]], waits: Sequence[WaitGroup]) -> None:
+        """Make each wait group (or find it, on a re-run) and set its members' status and ``wait_id``.
+
+        A new group locks its stored parents (``FOR UPDATE``, in id order), so a
+        parent completing meanwhile is either seen completed here or, once this
+        commits, sees the group and counts itself off it: never both, never
+        neither.  Its ``remaining`` is the parents not completed; the parents are
+        marked ``has_dependents``.  Members wait while ``remaining > 0``, and are
+        cancelled at once if a parent already was.
+        """
+        c, waits_table, deps = self.table.c, self.tables.waits, self.tables.deps
+        by_id = {row["id"]: row for row in rows}
+        self._refuse_cycles(rows, waits)
+        keys = [rows[i]["job_key"] for group in waits for i in group.members if rows[i]["job_key"] is not None]
+        already = set(stored_ids_by_key(conn, self.table, keys)) if keys else set()
+        for group in waits:
+            members = [rows[i] for i in group.members if rows[i]["job_key"] not in already]
+            if not members:
+                continue  # a re-run: every member is stored already, with its group
+            found = conn.execute(sa.select(waits_table.c.remaining).where(waits_table.c.wait_id == group.wait_id)
+                                 .with_for_update()).scalar()
+            cancelled_parent = None
+            if found is None:
+                statuses = self._lock_parents(conn, group, by_id)
+                cancelled_parent = next((parent for parent, status in statuses.items() if status == CANCELLED), None)
+                remaining = sum(status != COMPLETED for status in statuses.values())
+                conn.execute(waits_table.insert().values(wait_id=group.wait_id, remaining=remaining,
+                                                         created_at=self.dialect.now()))
+                conn.execute(deps.insert(), [{"parent_id": parent, "wait_id": group.wait_id} for parent in statuses])
+                stored_parents = [parent for parent in statuses if parent not in by_id]
+                for start in range(0, len(stored_parents), IN_LIST_LIMIT):
+                    conn.execute(self.dialect.update_by_id(self.table)
+                                 .where(c.id.in_(stored_parents[start:start + IN_LIST_LIMIT]),
+                                        c.has_dependents == sa.false())
+                                 .values(has_dependents=True))
+                for parent in statuses:
+                    if parent in by_id:
+                        by_id[parent]["has_dependents"] = True
+            else:
+                remaining = found
+            for row in members:
+                row["wait_id"] = group.wait_id
+                if cancelled_parent is not None:
+                    row.update(status=CANCELLED, finished_at=conn.execute(sa.select(self.dialect.now())).scalar_one(),
+                               last_error=f"cancelled: job {cancelled_parent} it depends on was cancelled")
+                elif remaining > 0:
+                    row["status"] = JobStatus.WAITING.value
+        for row in rows:  # every row of a push has the same columns, so one statement takes them all
+            row.setdefault("has_dependents", False)
+            row.setdefault("finished_at", None)
+            row.setdefault("last_error", None)
+
+    def _lock_parents(self, conn: sa.Connection, group: WaitGroup, pushed: dict[str, dict[str, Any]]) -> dict[str, str]:
+        """Every parent of a new group and its status, the stored ones locked; an unknown one is refused."""
+        c = self.table.c
+        statuses = {parent: JobStatus.PENDING.value for parent in group.parent_ids if parent in pushed}
+        stored = sorted({parent for parent in group.parent_ids if parent not in pushed})
+        found: dict[str, str] = {}
+        for start in range(0, len(stored), IN_LIST_LIMIT):
+            found.update(conn.execute(sa.select(c.id, c.status).where(c.id.in_(stored[start:start + IN_LIST_LIMIT]))
+                                      .order_by(c.id).with_for_update()).all())
+        unknown = [parent for parent in stored if parent not in found]
+        if unknown:
+            raise InvalidInputError(f"job {unknown[0]!r} to depend on is not in table {self.table_name!r}"
+                                    + (f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""))
+        statuses.update(found)
+        for batch in group.parent_batches:
+            chunks = dict(conn.execute(sa.select(c.id, c.status).where(c.batch_id == batch).order_by(c.id)
+                                       .with_for_update()).all())
+            if not chunks:
+                raise InvalidInputError(f"no job has batch id {batch!r} to depend on in table {self.table_name!r}")
+            statuses.update(chunks)
+        return statuses
+
+    @staticmethod
+    def _refuse_cycles(rows: list[dict[str, Any]], waits: Sequence[WaitGroup]) -> None:
+        """A job of this push may wait for another of it, but never (through others) for itself."""
+        import graphlib
+
+        pushed = {row["id"] for row in rows}
+        graph: dict[str, set[str]] = {}
+        for group in waits:
+            parents = {parent for parent in group.parent_ids if parent in pushed}
+            for i in group.members:
+                graph.setdefault(rows[i]["id"], set()).update(parents)
+        try:
+            graphlib.TopologicalSorter(graph).prepare()
+        except graphlib.CycleError as error:
+            cycle = " -> ".join(error.args[1])
+            raise InvalidInputError(f"the jobs' dependencies form a cycle: {cycle}") from None
 
     def count_stored_keys(self, batch_id: str, keys: Sequence[str]) -> int:
         """COUNT the jobs of a batch whose key is among ``keys`` (a re-run enqueue stops at this)."""
@@ -252,7 +372,7 @@ class JobStore:
     # -- consuming --------------------------------------------------------------------
 
     def claim(self, worker_id: str, n: int, queue: str) -> list[dict[str, Any]]:
-        """Atomically take up to ``n`` due pending jobs of ``queue`` for a worker, oldest first."""
+        """Atomically take up to ``n`` due pending jobs of ``queue`` for a worker: highest priority, then oldest."""
         with self._transaction() as conn:
             return self._claim(conn, worker_id, n, queue)
 
@@ -272,21 +392,42 @@ class JobStore:
         return held, rows
 
     def _claim(self, conn: sa.Connection, worker_id: str, n: int, queue: str) -> list[dict[str, Any]]:
-        """The claimed rows, in claim order, with what the claim set filled in (not read back)."""
+        """The claimed rows, in claim order, with what the claim set filled in (not read back).
+
+        A paused queue gives nothing: the check is a clause of the claim itself
+        (an uncorrelated NOT EXISTS the planner evaluates once), not a round trip.
+        """
+        c, queues = self.table.c, self.tables.queues.c
+        not_paused = ~sa.exists().where(queues.queue == queue, queues.paused == sa.true())
+        conditions = [c.queue == queue, c.status == PENDING, c.available_at <= self.dialect.now(), not_paused]
         changes = {"status": JobStatus.PROCESSING.value, "reserved_by": worker_id}
-        rows = self.dialect.claim(conn, self.table, queue, n, changes)
-        rows.sort(key=lambda row: (row["available_at"], row["id"]))
+        rows = self.dialect.claim(conn, self.table, conditions, n, changes)
+        rows.sort(key=claim_sort_key)
         for row in rows:
             row.update(status=JobStatus.PROCESSING.value, reserved_by=worker_id, finished_at=None, result=None)
         return rows
 
     # -- finishing held jobs ------------------------------------------------------------
+    #
+    # Each finishing write has a fast path for the common job (no dependents, no
+    # cancel asked), matched in the statement itself; a job the fast path does not
+    # match is finished one by one, which completes it and releases its
+    # dependents, or records it as cancelled and cancels its dependents.
 
     def _held(self, worker_id: str, job: Job) -> sa.ColumnElement[bool]:
         """The ownership rule: this worker still holds this very attempt."""
         c = self.table.c
         return sa.and_(c.id == job.id, c.reserved_by == worker_id, c.attempts == job.attempts,
                        c.status == PROCESSING)
+
+    def _plain(self) -> sa.ColumnElement[bool]:
+        """A held job the fast path may finish: nothing waits for it and no cancel was asked."""
+        c = self.table.c
+        return sa.and_(c.has_dependents == sa.false(), c.cancel_requested_at.is_(None))
+
+    def _cancelled_values(self, reason: str) -> dict[str, Any]:
+        """What a cancelled job's row is set to: final, finished now, with the reason."""
+        return {"status": CANCELLED, "finished_at": self.dialect.now(), "heartbeat_at": None, "last_error": reason}
 
     def complete(self, worker_id: str, completions: Sequence[tuple[Job, str | None]]) -> int:
         """Mark held jobs completed with their JSON results, in one transaction; returns how many were held."""
@@ -298,25 +439,65 @@ class JobStore:
         PyMySQL runs an executemany of UPDATEs as one round trip per row."""
         c = self.table.c
         values = {"status": COMPLETED, "finished_at": self.dialect.now(), "heartbeat_at": None}
-        without = [job for job, result in completions if result is None and job.id is not None]
-        with_result = [(job, result) for job, result in completions if result is not None and job.id is not None]
+        # In id order: a push that makes a wait group locks its parents in id order too, so the two never deadlock.
+        completions = sorted((pair for pair in completions if pair[0].id is not None), key=lambda pair: pair[0].id)
+        without = [(job, None) for job, result in completions if result is None]
+        with_result = [(job, result) for job, result in completions if result is not None]
         changed = 0
         for start in range(0, len(without), COMPLETION_SLICE):
-            pairs = [(job.id, job.attempts) for job in without[start:start + COMPLETION_SLICE]]
+            part = without[start:start + COMPLETION_SLICE]
             statement = (self.dialect.update_by_id(self.table)
-                         .where(sa.tuple_(c.id, c.attempts).in_(pairs), c.reserved_by == worker_id,
-                                c.status == PROCESSING)
+                         .where(sa.tuple_(c.id, c.attempts).in_([(job.id, job.attempts) for job, _ in part]),
+                                c.reserved_by == worker_id, c.status == PROCESSING, self._plain())
                          .values(values))
-            changed += conn.execute(statement).rowcount
+            fast = conn.execute(statement).rowcount
+            changed += fast + (self._finish_one_by_one(conn, worker_id, part) if fast < len(part) else 0)
         if with_result:
-            changed += self._update_each_held(conn, worker_id, [job for job, _ in with_result],
-                                              {**values, "result": sa.bindparam("job_result")},
-                                              [{"job_result": result} for _, result in with_result])
+            fast = self._update_each_held(conn, worker_id, [job for job, _ in with_result],
+                                          {**values, "result": sa.bindparam("job_result")},
+                                          [{"job_result": result} for _, result in with_result], plain=True)
+            changed += fast + (self._finish_one_by_one(conn, worker_id, with_result) if fast < len(with_result) else 0)
         return changed
+
+    def _finish_one_by_one(self, conn: sa.Connection, worker_id: str,
+                           completions: Sequence[tuple[Job, str | None]]) -> int:
+        """Complete the held jobs the fast path left (those already completed by it are no longer held),
+        releasing what waits for them; a job whose cancel was asked is recorded as cancelled instead."""
+        values = {"status": COMPLETED, "finished_at": self.dialect.now(), "heartbeat_at": None}
+        completed, cancelled = [], []
+        for job, result in completions:
+            statement = (self.dialect.update_by_id(self.table)
+                         .where(self._held(worker_id, job), self.table.c.cancel_requested_at.is_(None))
+                         .values({**values, "result": result}))
+            if conn.execute(statement).rowcount:
+                completed.append(job.id)
+            elif self._cancel_held(conn, worker_id, job):
+                cancelled.append(job.id)
+        if completed:
+            self._release_waiting(conn, completed)
+        if cancelled:
+            self._cancel_dependents(conn, cancelled)
+        return len(completed) + len(cancelled)
+
+    def _cancel_held(self, conn: sa.Connection, worker_id: str, job: Job) -> bool:
+        """Record a held job whose cancel was asked as cancelled (not failed, not retried)."""
+        reason = f"cancelled while running on worker {worker_id}"
+        statement = (self.dialect.update_by_id(self.table)
+                     .where(self._held(worker_id, job), self.table.c.cancel_requested_at.is_not(None))
+                     .values(self._cancelled_values(reason)))
+        return conn.execute(statement).rowcount == 1
+
+    def finish_cancelled(self, worker_id: str, jobs: Iterable[Job]) -> int:
+        """Record held jobs whose cancel was asked as cancelled, and cancel what waits for them."""
+        with self._transaction() as conn:
+            cancelled = [job.id for job in jobs if job.id is not None and self._cancel_held(conn, worker_id, job)]
+            if cancelled:
+                self._cancel_dependents(conn, cancelled)
+        return len(cancelled)
 
     def release(self, worker_id: str, job: Job, delay_s: float | None = None) -> bool:
         """Put a held job back as pending with its ``last_error``, due after ``delay_s`` (database clock)
-        or at ``job.available_at`` or now."""
+        or at ``job.available_at`` or now.  A job whose cancel was asked is cancelled instead."""
         if delay_s is not None:
             due = self.dialect.now_plus(delay_s)
         elif job.available_at is not None:
@@ -328,24 +509,40 @@ class JobStore:
                                                  "reserved_at": None, "heartbeat_at": None})
 
     def dead_letter(self, worker_id: str, job: Job) -> bool:
-        """Move a held job to the dead letters (status failed) with its ``last_error``."""
+        """Move a held job to the dead letters (status failed) with its ``last_error``; a job whose cancel
+        was asked is cancelled instead."""
         return self._finish_one(worker_id, job, {"status": FAILED, "last_error": job.last_error,
                                                  "finished_at": self.dialect.now(), "heartbeat_at": None})
 
     def _finish_one(self, worker_id: str, job: Job, values: dict[str, Any]) -> bool:
+        """Set ``values`` on one held job in its own transaction; cancelled instead if a cancel was asked."""
         if job.id is None:
             return False
-        statement = self.dialect.update_by_id(self.table).where(self._held(worker_id, job)).values(values)
+        statement = (self.dialect.update_by_id(self.table)
+                     .where(self._held(worker_id, job), self.table.c.cancel_requested_at.is_(None)).values(values))
         with self._transaction() as conn:
-            return conn.execute(statement).rowcount == 1
+            if conn.execute(statement).rowcount == 1:
+                return True
+            if self._cancel_held(conn, worker_id, job):
+                self._cancel_dependents(conn, [job.id])
+                return True
+        return False
 
     def unclaim(self, worker_id: str, jobs: Iterable[Job]) -> int:
-        """Give held jobs that never started back: pending again, the attempt not counted."""
+        """Give held jobs that never started back: pending again, the attempt not counted (cancelled,
+        if a cancel was asked meanwhile)."""
         c = self.table.c
+        jobs = [job for job in jobs if job.id is not None]
         with self._transaction() as conn:
-            return self._update_each_held(conn, worker_id, list(jobs), {
+            given_back = self._update_each_held(conn, worker_id, jobs, {
                 "status": JobStatus.PENDING.value, "attempts": c.attempts - 1, "reserved_by": None,
-                "reserved_at": None, "heartbeat_at": None})
+                "reserved_at": None, "heartbeat_at": None}, cancel_asked=False)
+            if given_back == len(jobs):
+                return given_back
+            cancelled = [job.id for job in jobs if self._cancel_held(conn, worker_id, job)]
+            if cancelled:
+                self._cancel_dependents(conn, cancelled)
+        return given_back + len(cancelled)
 
     def renew_leases(self, worker_id: str, jobs: Iterable[Job]) -> int:
         """Set ``heartbeat_at`` to now on the jobs this worker holds, so recovery leaves them alone."""
@@ -363,21 +560,165 @@ class JobStore:
                 changed += conn.execute(statement).rowcount
         return changed
 
+    def cancels_asked(self, worker_id: str, job_ids: Sequence[str]) -> list[str]:
+        """SELECT which of the jobs this worker holds have had a cancel asked (the worker tells the jobs)."""
+        c = self.table.c
+        asked: list[str] = []
+        with self._reading() as conn:
+            for start in range(0, len(job_ids), IN_LIST_LIMIT):
+                asked += conn.execute(sa.select(c.id).where(
+                    c.id.in_(list(job_ids[start:start + IN_LIST_LIMIT])), c.reserved_by == worker_id,
+                    c.status == PROCESSING, c.cancel_requested_at.is_not(None))).scalars().all()
+        return asked
+
     def _update_each_held(self, conn: sa.Connection, worker_id: str, jobs: list[Job], values: dict[str, Any],
-                          extra: list[dict[str, Any]] | None = None) -> int:
-        """One UPDATE run for each held job (executemany), ownership checked per row."""
+                          extra: list[dict[str, Any]] | None = None, *, plain: bool = False,
+                          cancel_asked: bool | None = None) -> int:
+        """One UPDATE run for each held job (executemany), ownership checked per row; ``plain`` adds the
+        fast path's condition, ``cancel_asked=False`` only that no cancel was asked."""
         c = self.table.c
         params = [{"job_id": job.id, "job_attempts": job.attempts, **(extra[i] if extra else {})}
                   for i, job in enumerate(jobs) if job.id is not None]
         if not params:
             return 0
-        statement = (
-            self.dialect.update_by_id(self.table)
-            .where(c.id == sa.bindparam("job_id"), c.attempts == sa.bindparam("job_attempts"),
-                   c.reserved_by == worker_id, c.status == PROCESSING)
-            .values(values)
-        )
+        conditions = [c.id == sa.bindparam("job_id"), c.attempts == sa.bindparam("job_attempts"),
+                      c.reserved_by == worker_id, c.status == PROCESSING]
+        if plain:
+            conditions.append(self._plain())
+        elif cancel_asked is False:
+            conditions.append(c.cancel_requested_at.is_(None))
+        statement = self.dialect.update_by_id(self.table).where(*conditions).values(values)
         return conn.execute(statement, params).rowcount
+
+    # -- what waits for what -------------------------------------------------------------
+
+    def _release_waiting(self, conn: sa.Connection, completed_ids: Sequence[str]) -> int:
+        """Count completed parents off their wait groups and make the jobs of groups left with none due.
+
+        O(1) per completed job: its edges, one decrement per group (in wait id
+        order, so two completions never lock two groups in opposite orders), and
+        the release of a group only when it reaches zero.  Returns how many jobs
+        became due (and NOTIFYs listeners if any did).
+        """
+        deps, waits, c = self.tables.deps.c, self.tables.waits, self.table.c
+        counts: dict[str, int] = {}
+        for start in range(0, len(completed_ids), IN_LIST_LIMIT):
+            part = list(completed_ids[start:start + IN_LIST_LIMIT])
+            for wait_id, parents in conn.execute(sa.select(deps.wait_id, sa.func.count()).where(
+                    deps.parent_id.in_(part)).group_by(deps.wait_id)):
+                counts[wait_id] = counts.get(wait_id, 0) + parents
+        if not counts:
+            return 0
+        conn.execute(waits.update().where(waits.c.wait_id == sa.bindparam("group"))
+                     .values(remaining=waits.c.remaining - sa.bindparam("parents")),
+                     [{"group": wait_id, "parents": counts[wait_id]} for wait_id in sorted(counts)])
+        ready = list(conn.execute(sa.select(waits.c.wait_id).where(
+            waits.c.wait_id.in_(sorted(counts)), waits.c.remaining <= 0)).scalars())
+        released = 0
+        if ready:
+            released = conn.execute(self.table.update().where(c.wait_id.in_(ready), c.status == WAITING)
+                                    .values(status=JobStatus.PENDING.value, available_at=self.dialect.now())).rowcount
+            if released:
+                self.dialect.notify(conn, self.channel)
+        return released
+
+    def _cancel_dependents(self, conn: sa.Connection, cancelled_ids: Sequence[str]) -> int:
+        """Cancel the waiting jobs whose groups wait for these cancelled jobs, and theirs in turn."""
+        deps, c = self.tables.deps.c, self.table.c
+        frontier, cancelled = list(cancelled_ids), 0
+        while frontier:
+            groups: set[str] = set()
+            for start in range(0, len(frontier), IN_LIST_LIMIT):
+                groups.update(conn.execute(sa.select(deps.wait_id).where(
+                    deps.parent_id.in_(frontier[start:start + IN_LIST_LIMIT]))).scalars())
+            victims: list[str] = []
+            for wait_id in sorted(groups):
+                victims += conn.execute(sa.select(c.id).where(c.wait_id == wait_id, c.status == WAITING)
+                                        .order_by(c.id).with_for_update()).scalars().all()
+            for start in range(0, len(victims), IN_LIST_LIMIT):
+                part = victims[start:start + IN_LIST_LIMIT]
+                cancelled += conn.execute(self.table.update().where(c.id.in_(part), c.status == WAITING).values(
+                    self._cancelled_values("cancelled: a job it depends on was cancelled"))).rowcount
+            frontier = victims
+        return cancelled
+
+    def cancel_job(self, job_id: str) -> bool:
+        """Cancel one job: a pending or waiting one at once (and what waits for it); for a running one,
+        set ``cancel_requested_at`` for its worker to see.  False if it had finished; NotFoundError if unknown."""
+        c = self.table.c
+        with self._transaction() as conn:
+            status = conn.execute(sa.select(c.status).where(c.id == job_id).with_for_update()).scalar()
+            if status is None:
+                raise NotFoundError(f"no job has id {job_id!r} in table {self.table_name!r}")
+            if status in (JobStatus.PENDING.value, JobStatus.WAITING.value):
+                conn.execute(self.dialect.update_by_id(self.table).where(c.id == job_id)
+                             .values(self._cancelled_values("cancelled before it ran")))
+                self._cancel_dependents(conn, [job_id])
+                return True
+            if status == JobStatus.PROCESSING.value:
+                conn.execute(self.dialect.update_by_id(self.table).where(c.id == job_id)
+                             .values(cancel_requested_at=sa.func.coalesce(c.cancel_requested_at, self.dialect.now())))
+                return True
+        return False
+
+    def cancel_batch(self, batch_id: str) -> dict[str, int]:
+        """Cancel a batch's pending and waiting jobs at once (and what waits for them), and ask its
+        running ones to stop; returns how many of each there were."""
+        c = self.table.c
+        with self._transaction() as conn:
+            rows = conn.execute(sa.select(c.id, c.status).where(
+                c.batch_id == batch_id, c.status.in_([JobStatus.PENDING.value, WAITING, PROCESSING]))
+                .order_by(c.id).with_for_update()).all()
+            by_status: dict[str, list[str]] = {}
+            for job_id, status in rows:
+                by_status.setdefault(status, []).append(job_id)
+            stopping = by_status.get(JobStatus.PENDING.value, []) + by_status.get(JobStatus.WAITING.value, [])
+            for start in range(0, len(stopping), IN_LIST_LIMIT):
+                conn.execute(self.table.update().where(c.id.in_(stopping[start:start + IN_LIST_LIMIT]))
+                             .values(self._cancelled_values("cancelled with its batch before it ran")))
+            running = by_status.get(JobStatus.PROCESSING.value, [])
+            for start in range(0, len(running), IN_LIST_LIMIT):
+                conn.execute(self.table.update().where(c.id.in_(running[start:start + IN_LIST_LIMIT]))
+                             .values(cancel_requested_at=sa.func.coalesce(c.cancel_requested_at, self.dialect.now())))
+            if stopping:
+                self._cancel_dependents(conn, stopping)
+        return {"pending": len(by_status.get(JobStatus.PENDING.value, [])),
+                "waiting": len(by_status.get(JobStatus.WAITING.value, [])), "running": len(running)}
+
+    def read_parent_results(self, job_id: str) -> list[dict[str, Any]]:
+        """SELECT ``id``, ``job_key``, ``batch_id``, ``status`` and ``result`` of the jobs a job waited for."""
+        c, deps = self.table.c, self.tables.deps
+        child = self.table.alias("child")
+        statement = (sa.select(c.id, c.job_key, c.batch_id, c.status, c.result)
+                     .join(deps, deps.c.parent_id == c.id)
+                     .join(child, child.c.wait_id == deps.c.wait_id)
+                     .where(child.c.id == job_id))
+        with self._reading() as conn:
+            return [dict(row) for row in conn.execute(statement).mappings()]
+
+    # -- queues ---------------------------------------------------------------------------
+
+    def set_paused(self, queue: str, paused: bool) -> None:
+        """INSERT or UPDATE a queue's row with ``paused``; resuming NOTIFYs listeners, so workers claim at once."""
+        queues = self.tables.queues
+        with self._transaction() as conn:
+            values = {"queue": queue, "paused": paused, "changed_at": self.dialect.now()}
+            self.dialect.upsert(conn, queues, values, {"paused": paused, "changed_at": self.dialect.now()})
+            if not paused:
+                self.dialect.notify(conn, self.channel)
+
+    def count_jobs_by_queue_and_status(self) -> list[tuple[str, str, int]]:
+        """COUNT every job by queue and status (an index-only scan of ``<table>_status``)."""
+        c = self.table.c
+        with self._reading() as conn:
+            return [tuple(row) for row in conn.execute(
+                sa.select(c.queue, c.status, sa.func.count()).group_by(c.status, c.queue))]
+
+    def read_queue_settings(self) -> dict[str, dict[str, Any]]:
+        """SELECT every queue's settings row (a queue without one has the defaults)."""
+        queues = self.tables.queues
+        with self._reading() as conn:
+            return {row["queue"]: dict(row) for row in conn.execute(sa.select(queues)).mappings()}
 
     # -- maintenance ------------------------------------------------------------------
 
@@ -391,22 +732,29 @@ class JobStore:
         """
         c = self.table.c
         exhausted = c.attempts > c.max_retries
+        asked = c.cancel_requested_at.is_not(None)  # a job cancelled while its worker died ends cancelled
+        ends = sa.or_(exhausted, asked)
         note = sa.literal(f"lease expired: no heartbeat for {timeout_s:g}s from worker ") + sa.func.coalesce(
             c.reserved_by, "?")
         stale = sa.and_(c.status == PROCESSING, c.heartbeat_at < self.dialect.now_plus(-timeout_s))
         statement = self.dialect.set_in_order(
             self.dialect.update_by_id(self.table).where(stale, c.id.in_(sa.bindparam("stale_ids", expanding=True))),
-            [(c.last_error, sa.case((exhausted, note + sa.literal("; attempts used up")), else_=note)),
-             (c.status, sa.case((exhausted, FAILED), else_=JobStatus.PENDING.value)),
-             (c.finished_at, sa.case((exhausted, self.dialect.now()), else_=sa.null())),
-             (c.reserved_by, sa.case((exhausted, c.reserved_by), else_=sa.null())),
-             (c.reserved_at, sa.case((exhausted, c.reserved_at), else_=sa.null())),
+            [(c.last_error, sa.case((asked, sa.literal("cancelled; ") + note),
+                                    (exhausted, note + sa.literal("; attempts used up")), else_=note)),
+             (c.status, sa.case((asked, CANCELLED), (exhausted, FAILED), else_=JobStatus.PENDING.value)),
+             (c.finished_at, sa.case((ends, self.dialect.now()), else_=sa.null())),
+             (c.reserved_by, sa.case((ends, c.reserved_by), else_=sa.null())),
+             (c.reserved_at, sa.case((ends, c.reserved_at), else_=sa.null())),
              (c.heartbeat_at, sa.null())])
         changed = 0
         while True:
             with self._transaction() as conn:
                 ids = self.dialect.lock_rows(conn, self.table, stale, limit=RECOVERY_BATCH)
                 changed += conn.execute(statement, {"stale_ids": ids}).rowcount if ids else 0
+                cancelled = conn.execute(sa.select(c.id).where(c.id.in_(ids), c.status == CANCELLED)).scalars().all() \
+                    if ids else []
+                if cancelled:
+                    self._cancel_dependents(conn, cancelled)
             if len(ids) < RECOVERY_BATCH:
                 return changed
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import InvalidInputError
-from .job import Job, RetryPolicy
+from .job import Job, RetryPolicy, validate_priority
 
 Hook = Callable[[Job, BaseException], None]
 
@@ -31,14 +31,18 @@ class Task:
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     on_failure: Hook | None = None
     on_permanent_failure: Hook | None = None
+    priority: int = 0
+
+    def __post_init__(self):
+        validate_priority(self.priority, f"priority of task {self.name!r}")
 
     def __call__(self, payload: Any = None) -> Any:
         """Run the function here and now, without the queue (handy in a notebook)."""
         return self.function(payload)
 
     def job(self, payload: Any = None, **options: Any) -> TaskJob:
-        """A job for this task, ready to push; ``options`` override queue, max_retries, id..."""
-        options = {"queue": self.queue, "max_retries": self.max_retries, **options}
+        """A job for this task, ready to push; ``options`` override queue, max_retries, priority, id..."""
+        options = {"queue": self.queue, "max_retries": self.max_retries, "priority": self.priority, **options}
         job = TaskJob(self.name, payload, **options)
         job.task = self
         return job
@@ -71,7 +75,8 @@ class TaskJob(Job):
 
 def task(name: str | None = None, *, queue: str = "default", max_retries: int = 3,
          timeout: float | None = None, retry: RetryPolicy | None = None,
-         on_failure: Hook | None = None, on_permanent_failure: Hook | None = None) -> Callable[[Callable], Task]:
+         on_failure: Hook | None = None, on_permanent_failure: Hook | None = None,
+         priority: int = 0) -> Callable[[Callable], Task]:
     """Register a function as a task: ``@task(name="etl.clean", max_retries=3)``.
 
     The name defaults to ``module.function``.  Registering a different
@@ -81,7 +86,8 @@ def task(name: str | None = None, *, queue: str = "default", max_retries: int = 
 
     def register(function: Callable[[Any], Any]) -> Task:
         registered = Task(name or f"{function.__module__}.{function.__qualname__}", function, queue,
-                          max_retries, timeout, retry or RetryPolicy(), on_failure, on_permanent_failure)
+                          max_retries, timeout, retry or RetryPolicy(), on_failure, on_permanent_failure,
+                          priority)
         existing = _registry.get(registered.name)
         if existing is not None and not _same_function(existing.function, function):
             raise InvalidInputError(f"task name {registered.name!r} is already registered to "

@@ -25,6 +25,7 @@ import queue as queue_module
 from dataclasses import dataclass, field
 from typing import Any
 
+from .context import JobContext, running as running_job
 from .driver import DatabaseQueueDriver
 from .errors import InvalidInputError
 from .job import Job, encode_result
@@ -46,11 +47,13 @@ class WorkerStats:
     recovered: int = 0
     database_errors: int = 0
     unclaimed: int = 0
+    cancelled: int = 0
 
 
 @dataclass
 class _Running:
     job: Job
+    context: JobContext
     started: float | None = None  # set by the pool thread: a prefetched job's clock starts when it runs
     abandoned: bool = False
 
@@ -145,6 +148,9 @@ class Worker:
         beyond the free slots.
     listen
         Wait for pushes with LISTEN where the database has it (PostgreSQL).
+    cancel_check_interval
+        How often the worker asks which of its running jobs someone wants
+        cancelled, and tells them (``current_job().cancel_requested()``).
 
     Every option is checked when the worker is built
     (:class:`~kronix_data.worker_options.WorkerOptions`): a wrong type or value,
@@ -175,6 +181,7 @@ class Worker:
         self._first_done_at = 0.0  # when the oldest job in _to_complete finished
         self._retries_due_at = 0.0  # when the last retry this worker scheduled becomes due (burst waits)
         self._to_fail: list[_Failure] = []
+        self._to_cancel: list[Job] = []  # ended after a cancel was asked: recorded as cancelled
         self._thread: threading.Thread | None = None
         self._signals = 0
 
@@ -287,6 +294,7 @@ class Worker:
     def _loop(self, executor: _JobThreads) -> None:
         now = time.monotonic()
         next_heartbeat = now + self.options.lease_timeout / 4
+        next_cancel_check = now + self.options.cancel_check_interval
         next_recovery = now + random.uniform(0, self.options.lease_timeout / 2)
         idle_wait, error_wait = 0.01, 0.1
         grace_deadline: float | None = None
@@ -301,15 +309,20 @@ class Worker:
                 self._hard_stop.set()
                 self._try(self._flush_completions, force=True)
                 self._try(self._flush_failures)
+                self._try(self._flush_cancelled)
                 return
             try:
                 self._collect_finished()
                 self._expire_timeouts(now)
                 self._flush_failures()
+                self._flush_cancelled()
                 claimed = self._exchange(executor, stopping)
                 if now >= next_heartbeat:
                     self._heartbeat()
                     next_heartbeat = now + self.options.lease_timeout / 4
+                if now >= next_cancel_check:
+                    self._pass_on_cancels()
+                    next_cancel_check = now + self.options.cancel_check_interval
                 if now >= next_recovery:
                     self.stats.recovered += self.driver.recover_stale_jobs(self.options.lease_timeout)
                     next_recovery = now + self.options.lease_timeout / 2
@@ -329,12 +342,12 @@ class Worker:
             if claimed:
                 idle_wait = 0.01
                 continue
-            self._wait(min(idle_wait, next_heartbeat - now, next_recovery - now))
+            self._wait(min(idle_wait, next_heartbeat - now, next_recovery - now, next_cancel_check - now))
             idle_wait = min(idle_wait * 2, self.options.poll_interval)
 
     def _busy(self) -> bool:
         # Timed-out threads count too: their slots are taken until they really end.
-        return bool(self._running or self._to_complete or self._to_fail or self._finished)
+        return bool(self._running or self._to_complete or self._to_fail or self._finished or self._to_cancel)
 
     def _wait(self, timeout: float) -> None:
         if self._to_complete:
@@ -393,20 +406,23 @@ class Worker:
                                  f"on worker {self.driver.worker_id}")
             self._record_failure(job, reason, permanent=True)
             return
-        running = self._running[job.id, job.attempts] = _Running(job)
+        running = self._running[job.id, job.attempts] = _Running(job, JobContext(job, self.driver))
         executor.submit(running)
 
     def _execute(self, running: _Running) -> None:
-        """Run one job on a pool thread and leave its outcome for the loop."""
+        """Run one job on a pool thread and leave its outcome for the loop (a job whose cancel was
+        asked before it started is not run at all)."""
         job = running.job
         outcome = _Outcome(job)
         running.started = time.monotonic()
-        try:
-            job.result = job.handle()
-            outcome.result_json = encode_result(job)  # a result that cannot be stored is the job's failure
-        except Exception as error:  # noqa: BLE001 - a job's failure is data
-            outcome.error = error
-            outcome.formatted = "".join(traceback.format_exception(error))
+        if not running.context.cancel_requested():
+            try:
+                with running_job(running.context):
+                    job.result = job.handle()
+                outcome.result_json = encode_result(job)  # a result that cannot be stored is the job's failure
+            except Exception as error:  # noqa: BLE001 - a job's failure is data
+                outcome.error = error
+                outcome.formatted = "".join(traceback.format_exception(error))
         outcome.finished_at = time.monotonic()
         outcome.run_time = outcome.finished_at - running.started
         with self._lock:
@@ -435,7 +451,9 @@ class Worker:
             if running.abandoned:
                 log.info("discarding the late result of job %s (it timed out)", outcome.job.id)
                 continue
-            if outcome.error is None:
+            if running.context.cancel_requested():
+                self._to_cancel.append(outcome.job)
+            elif outcome.error is None:
                 if not self._to_complete:
                     self._first_done_at = outcome.finished_at
                 self._to_complete.append((outcome.job, outcome.result_json))
@@ -446,6 +464,9 @@ class Worker:
         for running in self._running.values():
             if not running.abandoned and running.past_deadline(now):
                 running.abandoned = True
+                if running.context.cancel_requested():
+                    self._to_cancel.append(running.job)
+                    continue
                 self.stats.timed_out += 1
                 error = TimeoutError(f"job {running.job.name!r} ran past its timeout of {running.job.timeout}s; "
                                      "its thread could not be stopped and its result will be discarded")
@@ -501,8 +522,24 @@ class Worker:
         del self._to_complete[:len(batch)]
         self._first_done_at = time.monotonic()
 
+    def _pass_on_cancels(self) -> None:
+        """Ask the database which held jobs someone wants cancelled, and tell those jobs."""
+        running = [entry for entry in self._running.values() if not entry.context.cancel_requested()]
+        if not running:
+            return
+        asked = self.driver.cancels_asked([entry.job for entry in running])
+        for entry in running:
+            if entry.job.id in asked:
+                log.info("cancel asked for job %s", entry.job.id)
+                entry.context.request_cancel()
+
+    def _flush_cancelled(self) -> None:
+        if self._to_cancel:
+            self.stats.cancelled += self.driver.finish_cancelled(self._to_cancel)
+            self._to_cancel = []
+
     def _heartbeat(self) -> None:
         held = [running.job for running in self._running.values()]
-        held += [job for job, _ in self._to_complete] + [failure.job for failure in self._to_fail]
+        held += [job for job, _ in self._to_complete] + [failure.job for failure in self._to_fail] + self._to_cancel
         if held:
             self.driver.heartbeat(held)

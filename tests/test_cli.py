@@ -300,3 +300,33 @@ def test_init_stats_dead_letters_and_retry_on_a_server(backend, tmp_path):
             assert driver.size("loads") == 2 and len(driver.dead_letter_jobs()) == 1
     finally:
         drop_table(url, table)
+
+
+def test_cancel_pause_resume_and_queues(tmp_path, sqlite_url, sqlite_driver):
+    ids = sqlite_driver.push_many([Job("n", i, queue="etl") for i in range(3)])
+    waiting = Job("n", "after", queue="etl", depends_on=[ids[0]])
+    sqlite_driver.push(waiting)
+    batch = sqlite_driver.map("chunk", [1, 2, 3], chunk_size=1, queue="load")
+    environment = cli_environment(KRONIX_DATABASE_URL=sqlite_url)
+
+    paused, listed = kronix("pause", "etl", cwd=tmp_path, environment=environment), \
+        kronix("--json", "queues", cwd=tmp_path, environment=environment)
+    assert paused.returncode == 0 and "paused queue 'etl'" in paused.stdout
+    queues = {row["queue"]: row for row in json.loads(listed.stdout)}
+    assert queues["etl"]["paused"] is True and queues["etl"]["waiting"] == 1 and queues["load"]["pending"] == 3
+    assert sqlite_driver.pop("etl") is None
+    assert kronix("resume", "etl", cwd=tmp_path, environment=environment).returncode == 0
+    assert sqlite_driver.pop("etl").id == ids[0]
+
+    cancelled = kronix("cancel", ids[1], cwd=tmp_path, environment=environment)
+    assert cancelled.returncode == 0 and f"cancelled job {ids[1]}" in cancelled.stdout
+    by_batch, again, unknown, neither = kronix_in_parallel(
+        ["--json", "cancel", "--batch", batch.id], ["cancel", ids[1]], ["cancel", "nope"], ["cancel"],
+        cwd=tmp_path, environment=environment)
+    assert json.loads(by_batch.stdout) == {"batch": batch.id, "pending": 3, "waiting": 0, "running": 0}
+    assert (again.returncode, unknown.returncode, neither.returncode) == (1, 1, 2)
+    assert "already finished" in again.stderr and "no job has id 'nope'" in unknown.stderr
+    assert "give a job id or --batch" in neither.stderr
+    assert sqlite_driver.get_job(ids[1]).status is JobStatus.CANCELLED and batch.progress()["cancelled"] == 3
+    missing = kronix("cancel", "--batch", "no-such-batch", cwd=tmp_path, environment=environment)
+    assert missing.returncode == 1 and "no job has batch id 'no-such-batch'" in missing.stderr

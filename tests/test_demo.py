@@ -59,8 +59,8 @@ def test_demo_on_sqlite_prints_stats_failures_and_a_summary_that_match_the_data(
     assert "working them with 2 local worker processes" in out
 
     stats = out.split("fetch_stats(window=timedelta(seconds=")[1].splitlines()
-    assert stats[1].split()[:9] == ["queue", "pending", "processing", "completed", "failed", "oldest_pending_age_s",
-                                    "wait_s_mean", "wait_s_p50", "wait_s_p95"]
+    assert stats[1].split()[:11] == ["queue", "pending", "processing", "completed", "failed", "waiting", "cancelled",
+                                     "oldest_pending_age_s", "wait_s_mean", "wait_s_p50", "wait_s_p95"]
     assert stats[2].split()[:5] == ["default", "0", "0", str(chunks - len(planted)), str(len(planted))]
 
     failures = out.split("batch.failures(): the dead letters of the batch, one per failed chunk:\n")[1]

@@ -104,8 +104,10 @@ def test_set_in_order_reads_every_column_as_it_was_before_the_update(store):
 def test_claims_take_due_jobs_oldest_first_and_return_the_claimed_columns(store):
     store.insert_jobs([store.row_for_push(Job("n", i, id=f"j{i}")) for i in range(3)])
     store.insert_jobs([store.row_for_push(Job("n", id="later", available_at=scalar(store, store.dialect.now_plus(60))))])
+    c = store.table.c
     with store.engine.begin() as conn:
-        rows = store.dialect.claim(conn, store.table, "default", 10, {"status": "processing", "reserved_by": "w"})
+        due = [c.queue == "default", c.status == "pending", c.available_at <= store.dialect.now()]
+        rows = store.dialect.claim(conn, store.table, due, 10, {"status": "processing", "reserved_by": "w"})
     assert sorted(row["id"] for row in rows) == ["j0", "j1", "j2"]
     assert all(set(row) == set(CLAIMED_COLUMNS) and row["attempts"] == 1 and row["reserved_at"] for row in rows)
 

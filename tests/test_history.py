@@ -57,7 +57,7 @@ def test_jobs_filters_combine(driver):
 
 
 @pytest.mark.parametrize("options, error, message", [
-    ({"status": "done"}, ValueError, "unknown status.*pending, processing, completed, failed"),
+    ({"status": "done"}, ValueError, "unknown status.*pending, processing, completed, failed, waiting, cancelled"),
     ({"status": ["pending", "dead"]}, ValueError, "unknown status"),
     ({"since": datetime(2026, 1, 1)}, ValueError, "since must be timezone-aware"),
     ({"until": "yesterday"}, TypeError, "until must be a timezone-aware datetime or a timedelta"),

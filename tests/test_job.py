@@ -29,7 +29,8 @@ def test_deeply_nested_payloads_are_refused_with_the_jobs_name():
 
 
 def test_status_values_are_the_seeds_text():
-    assert [status.value for status in JobStatus] == ["pending", "processing", "completed", "failed"]
+    assert [status.value for status in JobStatus] == ["pending", "processing", "completed", "failed",
+                                                         "waiting", "cancelled"]
     assert str(JobStatus.FAILED) == "failed"
 
 

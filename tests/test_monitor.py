@@ -56,7 +56,7 @@ def test_refresh_shows_counts_bars_failures_and_throughput(driver):
     assert "<td>default</td>" in monitor.counts.value
     assert "<td>8</td>" in monitor.counts.value and "<td>2</td>" in monitor.counts.value
     assert monitor.batch_progress == {batch.id: {"total": 10, "pending": 0, "processing": 0,
-                                                 "completed": 8, "failed": 2}}
+                                                 "completed": 8, "failed": 2, "waiting": 0, "cancelled": 0}}
     bar = monitor.progress_bars[batch.id]
     assert (bar.value, bar.max, bar.bar_style) == (10, 10, "danger")
     assert "10/10 done" in monitor.batch_box.children[0].children[1].value
@@ -229,3 +229,25 @@ except ImportError as error:
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == f"ImportError: {INSTALL_HINT}"
     assert "pip install 'kronix-data[notebook]'" in INSTALL_HINT
+
+
+def test_a_queue_toggle_pauses_the_queue_for_every_worker_and_shows_a_pause_made_elsewhere(driver, other_driver):
+    from kronix_data import Job
+
+    driver.push_many([Job("n", 1, queue="etl"), Job("n", 2, queue="load")])
+    waiting = Job("n", 3, queue="load", depends_on=[driver.jobs(queue="load")["id"].iloc[0]])
+    driver.push(waiting)
+    monitor = QueueMonitor(driver, refresh=60, start=False)
+    try:
+        assert set(monitor.queue_buttons) == {"etl", "load"} and monitor.queue_paused == {"etl": False, "load": False}
+        assert "waiting" in monitor.counts.value and monitor.stats.set_index("queue").loc["load", "waiting"] == 1
+        monitor.queue_buttons["etl"].value = True  # a click
+        assert other_driver.pop("etl") is None and monitor.queue_paused["etl"] is True
+        assert monitor.queue_buttons["etl"].description == "etl: paused" and "paused queue &#x27;etl&#x27;" in monitor.status.value
+        other_driver.pause("load")  # from another notebook
+        monitor.refresh_now()
+        assert monitor.queue_buttons["load"].value is True and other_driver.pop("load") is None
+        monitor.queue_buttons["etl"].value = False
+        assert other_driver.pop("etl").payload == 1
+    finally:
+        monitor.close()

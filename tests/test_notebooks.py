@@ -14,10 +14,10 @@ import pytest
 from nbclient import NotebookClient
 
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
-NAMES = ["01_quickstart.ipynb", "02_etl_in_chunks.ipynb", "03_failure_analysis.ipynb"]
+NAMES = ["01_quickstart.ipynb", "02_etl_in_chunks.ipynb", "03_failure_analysis.ipynb", "04_pipelines.ipynb"]
 
 
-def test_the_three_notebooks_are_there_and_nothing_else():
+def test_the_four_notebooks_are_there_and_nothing_else():
     assert sorted(path.name for path in NOTEBOOKS.glob("*.ipynb")) == NAMES
 
 
@@ -57,15 +57,20 @@ def run(name: str, tmp_path: Path, monkeypatch) -> list[str]:
     return texts
 
 
+def flat(text: str) -> str:
+    """An output with its whitespace runs made single spaces (IPython wraps a long dict over lines)."""
+    return " ".join(text.split())
+
+
 def test_quickstart(tmp_path, monkeypatch):
     outputs = run("01_quickstart.ipynb", tmp_path, monkeypatch)
     assert "pushed 20 jobs; 20 pending" in outputs[1]
     assert "completed=19, retried=1, dead_lettered=1" in outputs[2]  # the WorkerStats
     assert "ValueError  13 is unlucky  {'n': 13}" in outputs[5]
     assert "{'n': 3, 'square': 9}" in outputs[6]
-    assert "{'total': 10, 'pending': 10," in outputs[7]
+    assert "{'total': 10, 'pending': 10," in flat(outputs[7])
     assert "chunk  rows    amount" in outputs[8]  # the chunks' records, concatenated
-    assert "True {'total': 10, 'pending': 0, 'processing': 0, 'completed': 10, 'failed': 0}" in outputs[9]
+    assert "True {'total': 10, 'pending': 0, 'processing': 0, 'completed': 10, 'failed': 0, 'waiting': 0, 'cancelled': 0}" in flat(outputs[9])
 
 
 def test_etl_in_chunks_across_worker_processes_with_the_monitor(tmp_path, monkeypatch):
@@ -73,18 +78,27 @@ def test_etl_in_chunks_across_worker_processes_with_the_monitor(tmp_path, monkey
     assert "QueueMonitor('kronix_jobs', running, every 0.5s" in outputs[3]  # the monitor's text/plain
     assert "'model_id'" in outputs[3]  # and its widget view
     assert "LocalWorkers(0/2 alive" in outputs[4]  # burst workers left once the batch was done
-    assert "{'total': 20, 'pending': 0, 'processing': 0, 'completed': 20, 'failed': 0}" in outputs[5]
+    assert "{'total': 20, 'pending': 0, 'processing': 0, 'completed': 20, 'failed': 0, 'waiting': 0, 'cancelled': 0}" in flat(outputs[5])
     assert "jobs/s over the last minute" in outputs[5]
-    assert "{'total': 20, 'pending': 0, 'processing': 0, 'completed': 20, 'failed': 0}" in outputs[6]
+    assert "{'total': 20, 'pending': 0, 'processing': 0, 'completed': 20, 'failed': 0, 'waiting': 0, 'cancelled': 0}" in flat(outputs[6])
     assert "store        berlin" in outputs[7]
 
 
 def test_failure_analysis_fixes_and_retries_until_complete(tmp_path, monkeypatch):
     outputs = run("03_failure_analysis.ipynb", tmp_path, monkeypatch)
-    assert "{'total': 20, 'pending': 0, 'processing': 0, 'completed': 16, 'failed': 4}" in outputs[2]
+    assert "{'total': 20, 'pending': 0, 'processing': 0, 'completed': 16, 'failed': 4, 'waiting': 0, 'cancelled': 0}" in flat(outputs[2])
     assert "KeyError      3" in outputs[3] and "ValueError    1" in outputs[3]  # the groupby
     assert "'SEK'" in outputs[4] and "21/03/2026 09:57 is not ISO8601" in outputs[4]
     assert outputs[5].startswith("ValueError: Time data 21/03/2026 09:57") and "Traceback" in outputs[5]
     assert "ordered_at = pd.to_datetime(orders" in outputs[5]  # the traceback points at the line to fix
     assert "retried 4 chunks" in outputs[7]
-    assert "{'total': 20, 'pending': 0, 'processing': 0, 'completed': 20, 'failed': 0}" in outputs[7]
+    assert "{'total': 20, 'pending': 0, 'processing': 0, 'completed': 20, 'failed': 0, 'waiting': 0, 'cancelled': 0}" in flat(outputs[7])
+
+
+def test_pipelines_wait_for_their_parents_cancel_a_batch_and_pause_a_queue(tmp_path, monkeypatch):
+    outputs = run("04_pipelines.ipynb", tmp_path, monkeypatch)
+    assert "'waiting': 3" in flat(outputs[1]) and "JobStatus.WAITING" in outputs[1]  # step 2 waits for step 1
+    assert "readings" in outputs[2] and "mean_f" in outputs[2]  # the report read its parents' results
+    assert "cancelled at once: {'pending':" in outputs[3] and "cancelled" in outputs[3]
+    assert "load True 6 0" in flat(outputs[4])  # the paused queue's jobs stay pending
+    assert "started in this order: ['urgent', 0, 1, 2, 3, 4]" in outputs[5]

@@ -69,7 +69,7 @@ def test_a_seed_table_is_upgraded_in_place_without_losing_rows(backend, db_url, 
     columns = {column["name"] for column in inspector.get_columns(table_name)}
     assert {"reserved_at", "heartbeat_at", "result"} <= columns
     indexes = {index["name"] for index in inspector.get_indexes(table_name)}
-    assert {f"{table_name}_claim", f"{table_name}_lease", f"idx_{table_name}_pop"} <= indexes
+    assert {f"{table_name}_due", f"{table_name}_lease", f"idx_{table_name}_pop"} <= indexes
     stats = driver.fetch_stats().set_index("queue").loc["default"]
     assert (stats["pending"], stats["processing"], stats["completed"], stats["failed"]) == (1, 1, 1, 1)
     # The seed's pending row had no available_at: it is due now and claimable.

@@ -192,7 +192,8 @@ def test_keyed_inserts_return_the_stored_ids_and_a_taken_id_writes_nothing(store
 
 def test_table_parts_and_the_clock(store):
     parts = store.table_parts()
-    assert {"column id", "column job_key", "index " + store.table.name + "_claim"} <= parts
+    assert {"column id", "column job_key", "index " + store.table.name + "_due",
+            "table " + store.table.name + "_deps"} <= parts
     now = store.database_now()
     assert now.tzinfo is not None
     store.drop_table()
