@@ -77,7 +77,7 @@ def task(name: str | None = None, *, queue: str = "default", max_retries: int = 
          timeout: float | None = None, retry: RetryPolicy | None = None,
          on_failure: Hook | None = None, on_permanent_failure: Hook | None = None,
          priority: int = 0) -> Callable[[Callable], Task]:
-    """Register a function as a task: ``@task(name="etl.clean", max_retries=3)``.
+    """Register a function as a task: ``@task(name="etl.clean", max_retries=3)``, or plain ``@task``.
 
     The name defaults to ``module.function``.  Registering a different
     function under a name already taken is an error (two modules would
@@ -95,6 +95,11 @@ def task(name: str | None = None, *, queue: str = "default", max_retries: int = 
         _registry[registered.name] = registered
         return registered
 
+    if callable(name):  # used bare, as @task: the function itself came in the name's place
+        function, name = name, None
+        return register(function)
+    if name is not None and not isinstance(name, str):
+        raise InvalidInputError(f"task name must be a str, got {type(name).__name__}")
     return register
 
 

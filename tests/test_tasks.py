@@ -9,7 +9,7 @@ import uuid
 import pytest
 
 from helpers import run_burst
-from kronix_data import Job, JobStatus, RetryPolicy, Task, task
+from kronix_data import InvalidInputError, Job, JobStatus, RetryPolicy, Task, task
 from kronix_data.tasks import TaskJob
 
 
@@ -197,3 +197,16 @@ def test_a_worker_retries_a_failing_task_after_its_tasks_delay_and_runs_its_hook
     assert (job.status, job.attempts, job.result) == (JobStatus.COMPLETED, 3, "done")
     assert hooks == [("retry", 1), ("retry", 2)] and worker.stats.retried == 2
     assert all(later - earlier >= delay for earlier, later in zip(seen, seen[1:]))  # never before its delay
+
+
+def test_a_bare_decorator_registers_the_function_under_its_default_name(driver):
+    @task
+    def bare(payload):
+        return payload + 1
+
+    assert isinstance(bare, Task) and bare.name.endswith("bare") and bare(1) == 2
+    job_id = driver.push(bare.job(41))
+    run_burst(driver)
+    assert driver.get_job(job_id).result == 42
+    with pytest.raises(InvalidInputError, match="task name must be a str, got int"):
+        task(7)
