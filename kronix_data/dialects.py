@@ -268,7 +268,23 @@ def _claim_values(table: sa.Table, changes: dict[str, Any], now: Any) -> dict[st
     return {**changes, "attempts": table.c.attempts + 1, "reserved_at": now, "heartbeat_at": now}
 
 
-class PostgresDialect(QueueDialect):
+class OnConflictDialect(QueueDialect):
+    """PostgreSQL and SQLite: ``INSERT ... ON CONFLICT`` names the constraint a duplicate may hit."""
+
+    def insert_with_conflicts(self, table: sa.Table) -> sa.Insert:
+        """The database's own INSERT construct, the one with ``on_conflict_do_*``."""
+        raise NotImplementedError
+
+    def insert_skipping_stored_keys(self, table):
+        return self.insert_with_conflicts(table).on_conflict_do_nothing(index_elements=["job_key"])
+
+    def upsert(self, conn, table, values, changes):
+        key = [column.name for column in table.primary_key]
+        conn.execute(self.insert_with_conflicts(table).values(values).on_conflict_do_update(
+            index_elements=key, set_=changes))
+
+
+class PostgresDialect(OnConflictDialect):
     """PostgreSQL: SKIP LOCKED claims in one statement, partial indexes."""
 
     backends = ("postgresql",)
@@ -314,16 +330,10 @@ class PostgresDialect(QueueDialect):
             for row in rows:
                 copy.write_row([row[column] for column in columns])
 
-    def insert_skipping_stored_keys(self, table):
+    def insert_with_conflicts(self, table):
         from sqlalchemy.dialects.postgresql import insert
 
-        return insert(table).on_conflict_do_nothing(index_elements=["job_key"])
-
-    def upsert(self, conn, table, values, changes):
-        from sqlalchemy.dialects.postgresql import insert
-
-        key = [column.name for column in table.primary_key]
-        conn.execute(insert(table).values(values).on_conflict_do_update(index_elements=key, set_=changes))
+        return insert(table)
 
     def claim(self, conn, table, conditions, limit, changes):
         # Lock the candidates, skipping rows another worker holds, then update
@@ -479,7 +489,7 @@ class MySQLDialect(QueueDialect):
         return rows
 
 
-class SQLiteDialect(QueueDialect):
+class SQLiteDialect(OnConflictDialect):
     """SQLite: WAL, durable commits, and claims inside ``BEGIN IMMEDIATE``.
 
     The write lock is taken when the transaction begins, so two processes can
@@ -530,16 +540,10 @@ class SQLiteDialect(QueueDialect):
     def seconds_between(self, later, earlier):
         return (sa.func.julianday(later) - sa.func.julianday(earlier)) * 86400.0
 
-    def insert_skipping_stored_keys(self, table):
+    def insert_with_conflicts(self, table):
         from sqlalchemy.dialects.sqlite import insert
 
-        return insert(table).on_conflict_do_nothing(index_elements=["job_key"])
-
-    def upsert(self, conn, table, values, changes):
-        from sqlalchemy.dialects.sqlite import insert
-
-        key = [column.name for column in table.primary_key]
-        conn.execute(insert(table).values(values).on_conflict_do_update(index_elements=key, set_=changes))
+        return insert(table)
 
     def claim(self, conn, table, conditions, limit, changes):
         now = self.now()
