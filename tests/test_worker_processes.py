@@ -104,10 +104,16 @@ def test_workers_survive_their_connections_being_killed(driver, table_name, tagg
 
 
 @pytest.mark.parametrize("backend", SERVERS)
-def test_two_kronix_worker_commands_share_a_queue(driver, db_url, table_name):
-    """What a user does in two terminals (or on two machines): `kronix worker` twice."""
+def test_two_kronix_worker_commands_share_a_queue(driver, db_url, table_name, runs_table):
+    """What a user does in two terminals (or on two machines): `kronix worker` twice.
+
+    The first jobs are a meeting: each waits until both processes have run one, so the first
+    terminal to start cannot drain the queue before the second is up (a worker claims no more
+    than its 4 slots while all of them wait, so 8 meeting jobs leave some for the other).
+    """
     jobs = 3000
-    driver.push_many([Job("test.noop", n) for n in range(jobs)])
+    driver.push_many([Job("test.meet", {"n": n, "url": db_url, "runs": runs_table, "parties": 2}) for n in range(8)]
+                     + [Job("test.noop", n) for n in range(jobs - 8)])
     command = [sys.executable, "-m", "kronix_data.cli", "--db", db_url, "--table", table_name,
                "worker", "-m", "worker_jobs", "-c", "4", "--burst"]
     terminals = [subprocess.Popen(command, cwd=Path(__file__).parent, stderr=subprocess.PIPE, text=True)

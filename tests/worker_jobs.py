@@ -54,3 +54,21 @@ def record(payload):
 def whoami(payload):
     """The worker process that ran the job (the local-workers tests check which processes did the work)."""
     return os.getpid()
+
+
+@task(name="test.meet", max_retries=0)
+def meet(payload):
+    """Record this process in the runs table, then wait until ``parties`` processes have: a barrier, so a
+    test can know that several workers each ran part of a queue, whatever their start-up speed."""
+    engine, runs = _engine(payload["url"]), payload["runs"]
+    with engine.begin() as conn:
+        conn.execute(sa.text(f"INSERT INTO {runs} (job, pid, started) VALUES (:job, :pid, :started)"),
+                     {"job": payload["n"], "pid": os.getpid(), "started": time.time()})
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        with engine.connect() as conn:
+            met = conn.execute(sa.text(f"SELECT COUNT(DISTINCT pid) FROM {runs}")).scalar_one()
+        if met >= payload["parties"]:
+            return met
+        time.sleep(0.02)
+    raise TimeoutError(f"only {met} of {payload['parties']} worker processes came to the meeting")
