@@ -188,7 +188,7 @@ def test_workers_on_a_multi_host_url_survive_the_primary_failing_over_to_the_sta
                        for _ in range(WORKERS)]
         try:
             wait_until(lambda: final_jobs(driver) >= 0.3 * JOBS, 180, "30% of the jobs to be done")
-            primary.crash()  # pg_ctl stop -m immediate: no checkpoint, every session cut
+            primary.crash()  # an immediate stop: no checkpoint, every session cut
             stopped_at = datetime.now(timezone.utc)  # from here on, a completion can only be the new primary's
             standby.promote()
             promoted_at = datetime.now(timezone.utc)
