@@ -79,6 +79,13 @@ def typed_frame(records: Sequence[Mapping[str, Any]], columns: Mapping[str, str]
     return frame
 
 
+def with_lag(frame: pd.DataFrame, store: JobStore) -> pd.DataFrame:
+    """The frame, saying in ``frame.attrs["replica_lag_s"]`` how stale it may be: 0 when read from the
+    primary, the standby's replay lag when read from one (``read_db``), None where unknown."""
+    frame.attrs["replica_lag_s"] = store.read_lag_s()
+    return frame
+
+
 def window_seconds(window: timedelta | float) -> float:
     """A stats window in seconds; a clear error for anything but a positive span."""
     seconds = window.total_seconds() if isinstance(window, timedelta) else window
@@ -115,7 +122,7 @@ def fetch_stats(store: JobStore, window: timedelta | float) -> pd.DataFrame:
         if queue in queues:
             completed = values.pop("completed_in_window")
             queues[queue].update(values, throughput_per_s=completed / seconds)
-    return typed_frame([queues[queue] for queue in sorted(queues)], STATS_COLUMNS)
+    return with_lag(typed_frame([queues[queue] for queue in sorted(queues)], STATS_COLUMNS), store)
 
 
 def _count_rows(rows: Sequence[Any]) -> dict[str, dict[str, Any]]:
@@ -186,7 +193,7 @@ def split_error(last_error: str | None) -> tuple[str, str]:
 
 def dead_letter_jobs(store: JobStore, queue: str | None = None, batch: str | None = None) -> pd.DataFrame:
     """The dead letters (of a queue and/or batch), newest first, payload decoded, error split."""
-    return dead_letter_frame(store.read_dead_letters(DEAD_LETTER_SOURCE_COLUMNS, queue, batch))
+    return with_lag(dead_letter_frame(store.read_dead_letters(DEAD_LETTER_SOURCE_COLUMNS, queue, batch)), store)
 
 
 def dead_letter_frame(rows: Sequence[Mapping[str, Any]]) -> pd.DataFrame:

@@ -23,7 +23,7 @@ from typing import Any, Protocol
 
 import pandas as pd
 
-from .analytics import dead_letter_frame, dead_letter_jobs, typed_frame
+from .analytics import dead_letter_frame, dead_letter_jobs, typed_frame, with_lag
 from .chunking import checked_batch_id, chunks, default_batch_id, frame_batch_id
 from .errors import InvalidInputError, NotFoundError
 from .history import time_bound
@@ -91,9 +91,9 @@ class Batch:
 
     # -- progress -----------------------------------------------------------
 
-    def progress(self) -> dict[str, int]:
+    def progress(self, *, on_primary: bool = False) -> dict[str, int]:
         """Chunk counts: ``{"total", "pending", "processing", "completed", "failed", "waiting", "cancelled"}``."""
-        counts = self.store.count_batch_by_status(self.id)
+        counts = self.store.count_batch_by_status(self.id, on_primary=on_primary)
         result = {"total": sum(counts.values())}
         result.update({status: int(counts.get(status, 0)) for status in _STATUSES})
         return result
@@ -122,6 +122,12 @@ class Batch:
         try:
             while True:
                 counts = self.progress()
+                if self.store.read_engine is not None:
+                    lag = self.store.read_lag_s()
+                    # A standby may say "done" too early (a retry it has not replayed), and one that stopped
+                    # replaying would never say it: the primary has the last word then.
+                    if not any(counts[status] for status in _UNFINISHED) or lag is None or lag > 5 * poll_interval:
+                        counts = self.progress(on_primary=True)
                 if bar is not None:
                     _show(bar, counts)
                 if not any(counts[status] for status in _UNFINISHED):
@@ -146,7 +152,12 @@ class Batch:
         ``chunk`` column first.
         """
         rows = self.store.read_batch_results(self.id)
-        return results_frame(self.store, [(job_id, key, self.id, result) for job_id, key, result in rows])
+        on_primary = False
+        if self.store.read_engine is not None and len(rows) < self.store.count_batch_by_status(
+                self.id, on_primary=True).get(JobStatus.COMPLETED.value, 0):
+            rows, on_primary = self.store.read_batch_results(self.id, on_primary=True), True  # the standby lags
+        return results_frame(self.store, [(job_id, key, self.id, result) for job_id, key, result in rows],
+                             on_primary=on_primary)
 
     def failures(self) -> pd.DataFrame:
         """The dead-lettered chunks, same columns as ``driver.dead_letter_jobs()``."""
@@ -265,7 +276,7 @@ def batches_frame(store: JobStore, since: datetime | timedelta | None = None) ->
     refreshing it stays cheap on a big table.
     """
     rows = store.summarise_batches(None if since is None else time_bound(since, "since"))
-    return typed_frame(_fold_batches(rows), BATCH_COLUMNS)
+    return with_lag(typed_frame(_fold_batches(rows), BATCH_COLUMNS), store)
 
 
 def _fold_batches(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
@@ -393,14 +404,15 @@ def push_jobs(store: JobStore, jobs: list[Job], queue: str | None = None) -> lis
     return rows
 
 
-def results_frame(store: JobStore, rows: Sequence[tuple[str, str | None, str | None, str | None]]) -> pd.DataFrame:
+def results_frame(store: JobStore, rows: Sequence[tuple[str, str | None, str | None, str | None]], *,
+                  on_primary: bool = False) -> pd.DataFrame:
     """Completed jobs' results ``(id, key, batch_id, result)`` as ``Batch.results()`` shows them.
 
     One row per job (``chunk``, ``job_id``, ``result``) in chunk order, or, when
     every result is a list of records or a dict of equal-length lists, their
     concatenation with a ``chunk`` column first.
     """
-    chunk_of = _chunk_numbers(store, rows)
+    chunk_of = _chunk_numbers(store, rows, on_primary)
     records = sorted(({"chunk": chunk_of[job_id], "job_id": job_id, "batch_id": batch_id,
                        "result": decode_json(result)} for job_id, _, batch_id, result in rows),
                      key=lambda record: (record["batch_id"] or "", record["chunk"], record["job_id"]))
@@ -412,7 +424,8 @@ def results_frame(store: JobStore, rows: Sequence[tuple[str, str | None, str | N
     return typed_frame(records, {"chunk": "int64", "job_id": "object", "result": "object"})
 
 
-def _chunk_numbers(store: JobStore, rows: Sequence[tuple[str, str | None, str | None, Any]]) -> dict[str, int]:
+def _chunk_numbers(store: JobStore, rows: Sequence[tuple[str, str | None, str | None, Any]],
+                   on_primary: bool) -> dict[str, int]:
     """Chunk numbers from the keys ``f"{batch_id}:{n}"``; from the payload for a job pushed by hand."""
     numbers, unkeyed = {}, []
     for job_id, key, batch_id, _ in rows:
@@ -422,7 +435,7 @@ def _chunk_numbers(store: JobStore, rows: Sequence[tuple[str, str | None, str | 
             numbers[job_id] = int(suffix)
         else:
             unkeyed.append(job_id)
-    for job_id, payload in store.read_payloads(unkeyed).items() if unkeyed else ():
+    for job_id, payload in store.read_payloads(unkeyed, on_primary=on_primary).items() if unkeyed else ():
         chunk = decode_json(payload).get("chunk") if payload and payload.startswith("{") else None
         numbers[job_id] = int(chunk) if isinstance(chunk, int) else -1
     return numbers
@@ -432,7 +445,7 @@ def parent_results_frame(store: JobStore, job_id: str) -> pd.DataFrame:
     """The results of the completed jobs a job waited for, shaped as ``Batch.results()``."""
     rows = [(row["id"], row["job_key"], row["batch_id"], row["result"])
             for row in store.read_parent_results(job_id) if row["status"] == JobStatus.COMPLETED.value]
-    return results_frame(store, rows)
+    return results_frame(store, rows, on_primary=True)  # a job's input is never read from a standby
 
 
 def queues_frame(store: JobStore) -> pd.DataFrame:
@@ -445,4 +458,4 @@ def queues_frame(store: JobStore) -> pd.DataFrame:
     for queue, status, jobs in counts:
         if status in _STATUSES:
             records[queue][status] += jobs
-    return typed_frame([records[queue] for queue in names], QUEUE_COLUMNS)
+    return with_lag(typed_frame([records[queue] for queue in names], QUEUE_COLUMNS), store)

@@ -9,6 +9,7 @@ and every message and log line is scrubbed of it.
 environment:
   KRONIX_DATABASE_URL  database URL when --db is not given (else sqlite:///kronix.db)
   KRONIX_TABLE         table name when --table is not given (else kronix_jobs)
+  KRONIX_READ_DATABASE_URL  a hot standby the inspecting commands read from (--read-db)
   ('kronix demo' ignores both: it empties its table, so it only goes where --db/--table say,
   else to sqlite:///kronix_demo.db in the current directory, table kronix_demo)
 
@@ -39,6 +40,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from . import __version__
+from .dialects import multi_host_url
 from .driver import DatabaseQueueDriver
 from .errors import MissingDriverError, NotFoundError
 
@@ -67,27 +69,31 @@ class CommandError(Exception):
         self.exit_code = exit_code
 
 
-def database_password(url: str) -> str | None:
+def database_password(url: str | None) -> str | None:
+    if url is None:
+        return None
     try:
-        return sa.make_url(url).password
+        return sa.make_url(multi_host_url(url)).password
     except Exception:  # noqa: BLE001 - an unparsable URL is reported elsewhere
         return None
 
 
-def redact(text: str, password: str | None = None) -> str:
-    """``text`` without any ``user:password@`` secret, nor the known password itself.
+def redact(text: str, password: str | tuple[str | None, ...] | None = None) -> str:
+    """``text`` without any ``user:password@`` secret, nor the known password(s) themselves.
 
     A password under four characters is only hidden in URLs: replacing it
     everywhere would garble messages without protecting much.
     """
     text = _URL_PASSWORD.sub(r"\1***@", text)
-    return text.replace(password, "***") if password and len(password) >= 4 else text
+    for secret in password if isinstance(password, tuple) else (password,):
+        text = text.replace(secret, "***") if secret and len(secret) >= 4 else text
+    return text
 
 
 def shown_url(url: str) -> str:
     """The URL as it may be printed: password hidden, even when it cannot be parsed."""
     try:
-        return redact(sa.make_url(url).render_as_string(hide_password=True))
+        return redact(sa.make_url(multi_host_url(url)).render_as_string(hide_password=True))
     except Exception:  # noqa: BLE001 - unparsable: shown only if no secret can be in it
         scrubbed = redact(url)
         return scrubbed if scrubbed != url or "@" not in url else "(an unparsable URL, not shown)"
@@ -96,7 +102,7 @@ def shown_url(url: str) -> str:
 class RedactingFilter(logging.Filter):
     """Scrubs the database password from every log record, whoever logs it."""
 
-    def __init__(self, password: str | None):
+    def __init__(self, password: str | tuple[str | None, ...] | None):
         super().__init__()
         self.password = password
 
@@ -119,15 +125,17 @@ class RedactingArgumentParser(argparse.ArgumentParser):
 def open_driver(args: argparse.Namespace, *, require_table: bool = True) -> Iterator[DatabaseQueueDriver]:
     """The driver for ``--db``/``--table``, closed afterwards; checks the table exists first."""
     try:
-        if "@" in (sa.make_url(args.db).host or ""):  # else the host error would show part of the password
-            raise ValueError("the host contains '@': write an '@' in the password as %40")
-        driver = DatabaseQueueDriver(args.db, table=args.table)
+        for url in filter(None, (args.db, args.read_db)):  # else the host error would show part of the password
+            if "@" in (sa.make_url(multi_host_url(url)).host or ""):
+                raise ValueError("the host contains '@': write an '@' in the password as %40")
+        driver = DatabaseQueueDriver(args.db, table=args.table, read_db=args.read_db)
     except MissingDriverError as error:  # its message is the fix; the table has nothing to do with it
         raise CommandError(f"{error} (database {shown_url(args.db)})", EXIT_CONFIGURATION) from error
     except (ValueError, ImportError, sa.exc.ArgumentError) as error:
         raise CommandError(f"invalid configuration: {error} (database {shown_url(args.db)}, "
                            f"table {args.table!r})", EXIT_CONFIGURATION) from error
-    log.info("using table %r in %s", args.table, shown_url(args.db))
+    log.info("using table %r in %s%s", args.table, shown_url(args.db),
+             f", reading views from {shown_url(args.read_db)}" if args.read_db else "")
     with driver:
         missing = driver.store.missing_database() if require_table else None
         if missing:
@@ -336,6 +344,8 @@ def global_options() -> argparse.ArgumentParser:
     options = argparse.ArgumentParser(add_help=False, argument_default=argparse.SUPPRESS)
     options.add_argument("--db", metavar="URL", help=f"database URL (default: $KRONIX_DATABASE_URL, else {DEFAULT_URL})")
     options.add_argument("--table", metavar="NAME", help=f"jobs table (default: $KRONIX_TABLE, else {DEFAULT_TABLE})")
+    options.add_argument("--read-db", metavar="URL", help="a hot standby to read stats, dead letters and queues "
+                                                          "from (default: $KRONIX_READ_DATABASE_URL, else none)")
     options.add_argument("--json", action="store_true", help="print one JSON document on stdout")
     options.add_argument("-v", "--verbose", action="store_true", help="log at INFO level on stderr")
     return options
@@ -407,11 +417,13 @@ def settle_global_options(args: argparse.Namespace) -> None:
         args.table = getattr(args, "table", None) or DEMO_TABLE
     args.db = getattr(args, "db", None) or os.environ.get("KRONIX_DATABASE_URL") or DEFAULT_URL
     args.table = getattr(args, "table", None) or os.environ.get("KRONIX_TABLE") or DEFAULT_TABLE
+    args.read_db = getattr(args, "read_db", None) or (None if args.command == "demo"
+                                                      else os.environ.get("KRONIX_READ_DATABASE_URL"))
     args.json = getattr(args, "json", False)
     args.verbose = getattr(args, "verbose", False)
 
 
-def configure_logging(verbose: bool, password: str | None) -> None:
+def configure_logging(verbose: bool, password: str | tuple[str | None, ...] | None) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     handler.addFilter(RedactingFilter(password))
@@ -429,7 +441,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run one command; returns its exit code (the console script exits with it)."""
     args = build_parser().parse_args(argv)
     settle_global_options(args)
-    password = database_password(args.db)
+    password = (database_password(args.db), database_password(args.read_db))
     configure_logging(args.verbose, password)
     try:
         return args.handler(args)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import threading
 import time
 from collections.abc import Sequence
@@ -44,7 +45,7 @@ def make_engine(db: sa.Engine | str) -> sa.Engine:
         return db
     if not isinstance(db, (str, sa.URL)):
         raise InvalidInputError(f"db must be a SQLAlchemy Engine or a database URL, got {type(db).__name__}")
-    url = sa.make_url(db)
+    url = sa.make_url(multi_host_url(db) if isinstance(db, str) else db)
     if url.drivername in _DEFAULT_DRIVERS:
         url = url.set(drivername=_DEFAULT_DRIVERS[url.drivername])
     dialect = dialect_class(url.get_backend_name())
@@ -91,6 +92,26 @@ def missing_driver(url: sa.URL, error: ImportError) -> MissingDriverError:
         message = f"{known.database} needs the {known.package} driver, which {why} ({cause}): {known.install}"
         install = known.install
     return MissingDriverError(message, name=error.name or driver, database=known.database, install=install)
+
+
+#: ``postgresql://[user@]host1:port1,host2:port2/db?...``, as libpq writes several hosts.
+_LIBPQ_HOSTS = re.compile(r"(?P<scheme>postgres(?:ql)?(?:\+\w+)?://)(?P<user>[^@/]*@)?(?P<hosts>[^/?@]*,[^/?@]*)"
+                          r"(?P<path>/[^?]*)?(?:\?(?P<query>.*))?")
+
+
+def multi_host_url(text: str) -> str:
+    """A libpq multi-host URL (``postgresql://h1:5432,h2:5432/db``) in the form SQLAlchemy parses
+    (``postgresql://@/db?host=h1:5432&host=h2:5432``); any other URL unchanged.
+
+    With ``target_session_attrs=read-write`` a connection goes to whichever host is the primary
+    now, which is how workers follow a failover.
+    """
+    match = _LIBPQ_HOSTS.fullmatch(text)
+    if match is None:
+        return text
+    hosts = "&".join(f"host={host}" for host in match["hosts"].split(","))
+    query = f"{hosts}&{match['query']}" if match["query"] else hosts
+    return f"{match['scheme']}{match['user'] or ''}{match['path'] or '/'}?{query}"
 
 
 def dialect_class(backend: str) -> type[QueueDialect]:
@@ -174,6 +195,10 @@ class QueueDialect:
         None where the database has no such aggregate (the stats then compute
         them in pandas from the window's rows).
         """
+        return None
+
+    def replay_lag_s(self, conn: sa.Connection) -> float | None:
+        """How far a standby's data is behind its primary, in seconds (0 on a primary; None: unknown here)."""
         return None
 
     def notify(self, conn: sa.Connection, channel: str) -> None:
@@ -309,6 +334,15 @@ class PostgresDialect(OnConflictDialect):
     def notify(self, conn, channel):
         conn.execute(sa.select(sa.func.pg_notify(channel, "")))
 
+    def replay_lag_s(self, conn):
+        # Caught up (everything received is replayed) means no lag, however long ago the last
+        # commit was; otherwise the age of the last replayed commit bounds how stale a read is.
+        return float(conn.execute(sa.select(sa.case(
+            (~sa.func.pg_is_in_recovery(), 0.0),
+            (sa.func.pg_last_wal_receive_lsn() == sa.func.pg_last_wal_replay_lsn(), 0.0),
+            else_=sa.func.coalesce(sa.extract("epoch", sa.func.now() - sa.func.pg_last_xact_replay_timestamp()),
+                                   0.0)))).scalar_one())
+
     def listener(self, engine, channel):
         return PostgresListener(engine, channel)
 
@@ -371,9 +405,10 @@ class PostgresListener(Listener):
         import psycopg
         import psycopg.sql
 
-        url = engine.url
-        args = url.translate_connect_args(database="dbname", username="user")
-        self._conn = psycopg.connect(**args, **dict(url.query), autocommit=True)
+        # The engine's own connect arguments: multi-host URLs and target_session_attrs included,
+        # so after a failover the listener finds the new primary as the pool does.
+        args, kwargs = engine.dialect.create_connect_args(engine.url)
+        self._conn = psycopg.connect(*args, **kwargs, autocommit=True)
         quoted = psycopg.sql.Identifier(channel)
         self._conn.execute(psycopg.sql.SQL("LISTEN {}").format(quoted))
 

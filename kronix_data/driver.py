@@ -54,11 +54,18 @@ class DatabaseQueueDriver:
         The table name, optionally ``schema.table``; validated as an identifier.
     worker_id
         Who holds the jobs this driver pops; unique per process by default.
+    read_db
+        A hot standby of ``db`` (URL or Engine): ``fetch_stats``, ``jobs``, ``dead_letter_jobs``,
+        ``batches``, ``queues``, ``Batch.progress/results/failures`` and the monitor read there, so
+        watching a queue puts no load on the primary; their DataFrames carry
+        ``attrs["replica_lag_s"]``.  Everything that changes state goes to ``db``, and
+        ``Batch.wait()`` confirms the end there.
     """
 
-    def __init__(self, db: Any, table: str = "kronix_jobs", worker_id: str | None = None):
+    def __init__(self, db: Any, table: str = "kronix_jobs", worker_id: str | None = None, *,
+                 read_db: Any = None):
         #: Every statement the driver runs, under a name (kronix_data.store).
-        self.store = JobStore(db, table)
+        self.store = JobStore(db, table, read_db=read_db)
         self.worker_id = worker_id or default_worker_id()
         self._factories: dict[str, JobFactory] = {}
 
@@ -77,8 +84,10 @@ class DatabaseQueueDriver:
         return self.store.table_name
 
     def __repr__(self) -> str:
+        standby = "" if self.store.read_engine is None else \
+            f", read_db={self.store.read_engine.url.render_as_string(hide_password=True)!r}"
         return (f"DatabaseQueueDriver({self.store.url_shown!r}, table={self.table_name!r}, "
-                f"worker_id={self.worker_id!r})")
+                f"worker_id={self.worker_id!r}{standby})")
 
     def close(self) -> None:
         """Close the pooled connections of an engine this driver made."""

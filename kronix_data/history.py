@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
-from .analytics import typed_frame
+from .analytics import typed_frame, with_lag
 from .errors import InvalidInputError
 from .job import JobStatus
 
@@ -66,7 +66,7 @@ def jobs(store: JobStore, queue: str | None = None, name: str | None = None,
     frame = typed_frame(rows, {column: JOB_COLUMNS[column] for column in read})
     frame["wait_s"] = (frame["reserved_at"] - frame["available_at"]).dt.total_seconds().astype("float64")
     frame["run_s"] = (frame["finished_at"] - frame["reserved_at"]).dt.total_seconds().astype("float64")
-    return frame[list(JOB_COLUMNS)]
+    return with_lag(frame[list(JOB_COLUMNS)], store)
 
 
 def _statuses(status: str | Iterable[str]) -> list[str]:

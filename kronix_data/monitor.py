@@ -112,6 +112,8 @@ class QueueMonitor:
         self.last_error: str | None = None
         self.last_refreshed: datetime | None = None
         self.last_retried: int | None = None
+        #: How far behind the primary the last refresh's figures may be (0: read from the primary).
+        self.replica_lag_s: float | None = 0.0
         self._completed_before: tuple[float, int] | None = None  # (monotonic time, completed jobs)
 
         self.title = widgets.HTML(f"<b>kronix queue</b> <code>{html.escape(driver.table_name)}</code>")
@@ -237,6 +239,7 @@ class QueueMonitor:
 
     def _show_stats(self, stats: pd.DataFrame) -> None:
         self.stats = stats
+        self.replica_lag_s = stats.attrs.get("replica_lag_s", 0.0)
         completed = int(stats["completed"].sum())
         now = time.monotonic()
         if self._completed_before is not None and now > self._completed_before[0]:
@@ -381,6 +384,9 @@ class QueueMonitor:
         parts = [state]
         if self.last_refreshed is not None:
             parts.append(f"last refresh {self.last_refreshed.astimezone():%H:%M:%S}")
+        if self.driver.store.read_engine is not None:
+            lag = self.replica_lag_s
+            parts.append("read from a standby" + ("" if lag is None or lag != lag else f", {lag:.1f}s behind"))
         if self._notice:
             parts.append(html.escape(self._notice))
         text = " · ".join(parts)

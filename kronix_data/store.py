@@ -20,6 +20,7 @@ Two rules hold for every statement:
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Sequence
+import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
@@ -91,9 +92,13 @@ class JobStore:
         A SQLAlchemy ``Engine`` or a database URL (see :func:`kronix_data.dialects.make_engine`).
     table
         The table name, optionally ``schema.table``; validated as an identifier.
+    read_db
+        A hot standby of ``db`` (URL or Engine) for the analytics views (stats, history, dead
+        letters, batches, progress); everything that changes state, and every read a decision
+        rests on, goes to ``db``.
     """
 
-    def __init__(self, db: sa.Engine | str, table: str = "kronix_jobs"):
+    def __init__(self, db: sa.Engine | str, table: str = "kronix_jobs", read_db: sa.Engine | str | None = None):
         self.engine = make_engine(db)
         self.dialect = dialect_for(self.engine)
         #: The jobs table and its companions (wait groups, their edges, queue settings).
@@ -109,9 +114,21 @@ class JobStore:
                                                                   self.engine.dialect.loaded_dbapi.Error)
         self._writer = self.dialect.writer(self.engine)
         self._reader = self.dialect.reader(self.engine)
+        #: Where the analytics views read (a hot standby), or None: the primary.
+        self.read_engine: sa.Engine | None = None
+        self._analytics_reader = self._reader
+        if read_db is not None:
+            self.read_engine = make_engine(read_db)
+            read_dialect = dialect_for(self.read_engine)
+            if type(read_dialect) is not type(self.dialect):
+                raise InvalidInputError(f"read_db must be the same kind of database as db (a standby of it), got "
+                                        f"{self.read_engine.dialect.name} for {self.engine.dialect.name}")
+            self._analytics_reader = read_dialect.reader(self.read_engine)
+        self._lag = threading.local()
 
     def __repr__(self) -> str:
-        return f"JobStore({self.url_shown!r}, table={self.table_name!r})"
+        standby = f", read_db={self.read_engine.url.render_as_string(hide_password=True)!r}" if self.read_engine else ""
+        return f"JobStore({self.url_shown!r}, table={self.table_name!r}{standby})"
 
     @property
     def url_shown(self) -> str:
@@ -126,6 +143,8 @@ class JobStore:
     def close(self) -> None:
         """Close the pooled connections."""
         self.engine.dispose()
+        if self.read_engine is not None:
+            self.read_engine.dispose()
 
     # -- connections ---------------------------------------------------------------
 
@@ -140,6 +159,24 @@ class JobStore:
         """A connection for reads (SQLite: a deferred transaction, never blocked by writers under WAL)."""
         with self._connected(self._reader) as conn:
             yield conn
+
+    @contextmanager
+    def _reading_analytics(self) -> Iterator[sa.Connection]:
+        """A connection for the analytics views: the standby's when there is one (its replay lag read first,
+        for :meth:`read_lag_s`), else the same as :meth:`_reading`."""
+        if self.read_engine is None:
+            self._lag.seconds = 0.0
+            with self._reading() as conn:
+                yield conn
+            return
+        with self._connected(self._analytics_reader) as conn:
+            self._lag.seconds = self.dialect.replay_lag_s(conn)
+            yield conn
+
+    def read_lag_s(self) -> float | None:
+        """How far behind the primary this thread's last analytics read may be, in seconds: 0 on the
+        primary, the standby's replay lag on one (None where the database cannot say)."""
+        return getattr(self._lag, "seconds", 0.0)
 
     @staticmethod
     @contextmanager
@@ -710,14 +747,14 @@ class JobStore:
     def count_jobs_by_queue_and_status(self) -> list[tuple[str, str, int]]:
         """COUNT every job by queue and status (an index-only scan of ``<table>_status``)."""
         c = self.table.c
-        with self._reading() as conn:
+        with self._reading_analytics() as conn:
             return [tuple(row) for row in conn.execute(
                 sa.select(c.queue, c.status, sa.func.count()).group_by(c.status, c.queue))]
 
     def read_queue_settings(self) -> dict[str, dict[str, Any]]:
         """SELECT every queue's settings row (a queue without one has the defaults)."""
         queues = self.tables.queues
-        with self._reading() as conn:
+        with self._reading_analytics() as conn:
             return {row["queue"]: dict(row) for row in conn.execute(sa.select(queues)).mappings()}
 
     # -- maintenance ------------------------------------------------------------------
@@ -834,7 +871,7 @@ class JobStore:
             statement = statement.where(c.queue == queue)
         if batch is not None:
             statement = statement.where(c.batch_id == batch)
-        with self._reading() as conn:
+        with self._reading_analytics() as conn:
             return [dict(row) for row in conn.execute(statement).mappings()]
 
     def read_queue_stats(self, window_s: float) -> QueueStatsRows:
@@ -849,7 +886,7 @@ class JobStore:
         wait = dialect.seconds_between(c.reserved_at, c.available_at)
         run = sa.case((c.status == COMPLETED, dialect.seconds_between(c.finished_at, c.reserved_at)))
         in_window = c.finished_at >= dialect.now_plus(-window_s)
-        with self._reading() as conn:
+        with self._reading_analytics() as conn:
             now = conn.execute(sa.select(dialect.now())).scalar_one()
             count_rows = [tuple(row) for row in conn.execute(counts)]
             earliest_rows = [tuple(row) for row in conn.execute(earliest)]
@@ -892,7 +929,7 @@ class JobStore:
             conditions.append(c.created_at < self._time_bound(until, "until"))
         read = [c.job_key.label("key") if column == "key" else c[column] for column in columns]
         statement = sa.select(*read).where(*conditions).order_by(c.created_at.desc(), c.id.desc()).limit(limit)
-        with self._reading() as conn:
+        with self._reading_analytics() as conn:
             return [dict(row) for row in conn.execute(statement).mappings()]
 
     def _time_bound(self, value: datetime | float, what: str) -> sa.ColumnElement:
@@ -903,25 +940,25 @@ class JobStore:
 
     # -- batches ------------------------------------------------------------------------
 
-    def count_batch_by_status(self, batch_id: str) -> dict[str, int]:
+    def count_batch_by_status(self, batch_id: str, *, on_primary: bool = False) -> dict[str, int]:
         """COUNT a batch's jobs by status (through the ``<table>_batch`` index)."""
         c = self.table.c
         statement = sa.select(c.status, sa.func.count()).where(c.batch_id == batch_id).group_by(c.status)
-        with self._reading() as conn:
+        with self._reading() if on_primary else self._reading_analytics() as conn:
             return {status: int(count) for status, count in conn.execute(statement)}
 
-    def read_batch_results(self, batch_id: str) -> list[tuple[str, str | None, str | None]]:
+    def read_batch_results(self, batch_id: str, *, on_primary: bool = False) -> list[tuple[str, str | None, str | None]]:
         """SELECT ``(id, job_key, result)`` of a batch's completed jobs."""
         c = self.table.c
         statement = sa.select(c.id, c.job_key, c.result).where(c.batch_id == batch_id, c.status == COMPLETED)
-        with self._reading() as conn:
+        with self._reading() if on_primary else self._reading_analytics() as conn:
             return [tuple(row) for row in conn.execute(statement)]
 
-    def read_payloads(self, job_ids: Sequence[str]) -> dict[str, str | None]:
+    def read_payloads(self, job_ids: Sequence[str], *, on_primary: bool = False) -> dict[str, str | None]:
         """SELECT the payloads (JSON text) of jobs by id."""
         c = self.table.c
         payloads: dict[str, str | None] = {}
-        with self._reading() as conn:
+        with self._reading() if on_primary else self._reading_analytics() as conn:
             for start in range(0, len(job_ids), IN_LIST_LIMIT):
                 part = list(job_ids[start:start + IN_LIST_LIMIT])
                 payloads.update(conn.execute(sa.select(c.id, c.payload).where(c.id.in_(part))).all())
@@ -947,7 +984,7 @@ class JobStore:
                                sa.func.min(c.created_at).label("created_at"),
                                sa.func.max(c.finished_at).label("finished_at"))
                      .group_by(c.batch_id, c.status))
-        with self._reading() as conn:
+        with self._reading_analytics() as conn:
             if since is None:
                 return [dict(row) for row in conn.execute(statement.where(c.batch_id.is_not(None))).mappings()]
             recent = list(conn.execute(sa.select(c.batch_id).distinct().where(

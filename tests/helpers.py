@@ -14,7 +14,9 @@ shared servers a test kills only the sessions it tagged itself (:func:`tagged_se
 from __future__ import annotations
 
 import atexit
+import collections
 import contextlib
+import json
 import os
 import random
 import shlex
@@ -36,6 +38,7 @@ from typing import Any, TypeVar
 import pytest
 import sqlalchemy as sa
 
+import chaos_jobs
 from kronix_data import DatabaseQueueDriver, Job, Worker
 
 T = TypeVar("T")
@@ -419,8 +422,8 @@ def _postgres_binaries() -> Path:
     if configured:
         return Path(configured)
     found = shutil.which("pg_ctl")
-    if found:
-        return Path(found).parent
+    if found:  # through a link (/usr/local/bin/pg_ctl -> .../15/bin/pg_ctl) to where its siblings are
+        return Path(found).resolve().parent
     installed = sorted(glob("/usr/lib/postgresql/*/bin/pg_ctl"), key=lambda path: int(path.split("/")[4]))
     if not installed:
         raise PrivateServerError("initdb/pg_ctl not found: install PostgreSQL or set KRONIX_TEST_POSTGRES_BIN")
@@ -436,8 +439,11 @@ class PrivatePostgres(PrivateServer):
 
     backend = "postgresql"
 
-    def __init__(self) -> None:
+    def __init__(self, settings: dict[str, str] | None = None) -> None:
         self.binaries = _postgres_binaries()  # before the directory exists: nothing to clean up if missing
+        #: Server settings on top of the throwaway defaults (``-c name=value`` at every start).
+        self.settings = {"fsync": "off", "synchronous_commit": "off", "full_page_writes": "off",
+                         "max_connections": "200", **(settings or {})}
         super().__init__()
         self.data = self.directory / "data"
         self._as_user: list[str] = []
@@ -463,10 +469,9 @@ class PrivatePostgres(PrivateServer):
             hba.write("host all all samenet trust\n")
 
     def _launch(self) -> None:
+        settings = [part for name, value in self.settings.items() for part in ("-c", f"{name}={value}")]
         options = shlex.join(["-p", str(self.port), "-k", str(self.directory),
-                              "-c", f"listen_addresses={','.join(self.addresses)}",
-                              "-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off",
-                              "-c", "max_connections=200"])
+                              "-c", f"listen_addresses={','.join(self.addresses)}", *settings])
         self._run(str(self.binaries / "pg_ctl"), "-D", str(self.data), "-l", str(self.log), "-o", options,
                   "-w", "-t", str(int(self.startup_timeout)), "start", timeout=self.startup_timeout + 30)
 
@@ -478,6 +483,10 @@ class PrivatePostgres(PrivateServer):
             self._run(pg_ctl, "-D", str(self.data), "-m", "fast", "-w", "-t", "60", "stop")
         except (PrivateServerError, subprocess.TimeoutExpired):
             self._run(pg_ctl, "-D", str(self.data), "-m", "immediate", "-w", "-t", "60", "stop")
+
+    def crash(self) -> None:
+        """Stop at once, as a machine that loses power would (``pg_ctl stop -m immediate``): no checkpoint."""
+        self._run(str(self.binaries / "pg_ctl"), "-D", str(self.data), "-m", "immediate", "-w", "-t", "60", "stop")
 
     def is_running(self) -> bool:
         return subprocess.run([*self._as_user, str(self.binaries / "pg_ctl"), "-D", str(self.data), "status"],
@@ -492,6 +501,77 @@ class PrivatePostgres(PrivateServer):
         with engine.connect() as conn:
             conn.exec_driver_sql("CREATE DATABASE test")
         engine.dispose()
+
+
+class PrivateStandby(PrivatePostgres):
+    """A hot standby of a :class:`PrivatePostgres` primary: a base backup (``pg_basebackup -R``) that
+    streams the primary's WAL and answers reads; :meth:`promote` makes it the primary (a failover).
+
+    Its settings are the primary's (``primary.settings``); it has no database of its own to make,
+    the primary's ``test`` arrives with the backup.
+    """
+
+    def __init__(self, primary: PrivatePostgres) -> None:
+        self.primary = primary
+        super().__init__(dict(primary.settings))
+
+    def _initialise(self) -> None:
+        self._run(str(self.binaries / "pg_basebackup"), "-D", str(self.data), "-h", "127.0.0.1",
+                  "-p", str(self.primary.port), "-U", "postgres", "-R", "-X", "stream", "--no-sync",
+                  "-c", "fast")
+
+    def _create_database(self) -> None:
+        """The primary's databases come with the base backup."""
+
+    def _accepts_connections(self) -> bool:
+        return _answers(f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/test")
+
+    def promote(self) -> None:
+        """Make this standby the primary, and return once it accepts writes."""
+        self._run(str(self.binaries / "pg_ctl"), "-D", str(self.data), "-w", "-t", "60", "promote")
+
+
+
+@contextlib.contextmanager
+def replicated_postgres(synchronous: bool = True, settings: dict[str, str] | None = None
+                        ) -> Iterator[tuple[PrivatePostgres, PrivateStandby]]:
+    """A private primary and a hot standby of it, both closed afterwards (skipped, or failed under CI,
+    if they cannot start).
+
+    ``synchronous``: every commit waits until the standby has it on disk (``synchronous_commit=on``,
+    ``synchronous_standby_names='*'``), so a failover loses nothing.  The standby list is set on the
+    primary only after the base backup: a standby that inherited it would, once promoted, wait for
+    ever for a standby of its own.
+    """
+    expected = (PrivateServerError, OSError, subprocess.SubprocessError, sa.exc.DBAPIError)
+    made: list[PrivateServer] = []
+    try:
+        primary = PrivatePostgres({"synchronous_commit": "on" if synchronous else "off", "hot_standby": "on",
+                                   "wal_level": "replica", "max_wal_senders": "10", **(settings or {})})
+        made.append(primary)
+        _open_servers.append(primary)
+        primary.setup()
+        standby = PrivateStandby(primary)
+        made.append(standby)
+        _open_servers.append(standby)
+        standby._initialise()
+        standby.port = free_port()
+        standby.start()
+        if synchronous:
+            engine = sa.create_engine(primary.url, isolation_level="AUTOCOMMIT", poolclass=sa.pool.NullPool)
+            with engine.connect() as conn:
+                conn.exec_driver_sql("ALTER SYSTEM SET synchronous_standby_names = '*'")
+                conn.exec_driver_sql("SELECT pg_reload_conf()")
+            engine.dispose()
+    except expected as error:
+        for server in reversed(made):
+            close_private_server(server)
+        skip_or_fail(f"cannot start a private PostgreSQL primary and standby: {error}")
+    try:
+        yield primary, standby
+    finally:
+        for server in reversed(made):
+            close_private_server(server)
 
 
 class PrivateMariaDB(PrivateServer):
@@ -600,3 +680,133 @@ def close_private_server(server: PrivateServer) -> None:
     if server in _open_servers:
         _open_servers.remove(server)
     server.close()
+
+
+# -- chaos audits: every status change logged by a trigger, checked against the runs ------------------
+
+def create_audit(url: str, table: str, audit: str) -> None:
+    """A trigger logs every status change of a job (and every write of a final status) as the database saw it."""
+    engine = sa.create_engine(url)
+    with engine.begin() as conn:
+        conn.exec_driver_sql(f"CREATE TABLE {audit} (job VARCHAR(128), status VARCHAR(16), attempts INTEGER, "
+                             "reserved_by VARCHAR(255), at DOUBLE PRECISION)")
+        if engine.dialect.name == "postgresql":
+            conn.exec_driver_sql(f"""
+                CREATE FUNCTION {audit}_log() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN
+                  INSERT INTO {audit} VALUES (NEW.id, NEW.status, NEW.attempts, NEW.reserved_by,
+                                              extract(epoch FROM clock_timestamp()));
+                  RETURN NEW;
+                END $$""")
+            conn.exec_driver_sql(f"""
+                CREATE TRIGGER {audit}_trigger AFTER UPDATE ON {table} FOR EACH ROW
+                WHEN (NEW.status <> OLD.status OR NEW.status IN ('completed', 'failed'))
+                EXECUTE FUNCTION {audit}_log()""")
+        else:
+            conn.exec_driver_sql(f"""
+                CREATE TRIGGER {audit}_trigger AFTER UPDATE ON {table} FOR EACH ROW
+                INSERT INTO {audit} SELECT NEW.id, NEW.status, NEW.attempts, NEW.reserved_by,
+                                           UNIX_TIMESTAMP(NOW(6)) FROM DUAL
+                WHERE NEW.status <> OLD.status OR NEW.status IN ('completed', 'failed')""")
+    engine.dispose()
+
+
+def drop_audit(url: str, audit: str) -> None:
+    engine = sa.create_engine(url)
+    with engine.begin() as conn:
+        conn.exec_driver_sql(f"DROP TABLE IF EXISTS {audit}")
+        if engine.dialect.name == "postgresql":
+            conn.exec_driver_sql(f"DROP FUNCTION IF EXISTS {audit}_log() CASCADE")
+    engine.dispose()
+
+
+def overlapping_runs(runs, killed_at: dict[int, float]) -> list:
+    """Pairs of runs of one job that overlap in time.
+
+    A run lasts from its start to its recorded end; a run without an end was cut
+    by kill -9 and lasts until its worker's kill (a run without an end on a worker
+    that was never killed is itself reported).
+    """
+    spans = collections.defaultdict(list)
+    for job, attempt, worker, started, ended, _ok in runs:
+        if ended is None:
+            pid = int(worker.split("-")[1])
+            ended = max(started, killed_at.get(pid, float("inf")))
+        spans[job].append((started, ended, attempt, worker))
+    overlaps = []
+    for job, runs_of_job in spans.items():
+        runs_of_job.sort()
+        for earlier, later in zip(runs_of_job, runs_of_job[1:]):
+            if later[0] < earlier[1]:
+                overlaps.append((job, earlier, later))
+    return overlaps
+
+
+def audit_chaos_jobs(driver: DatabaseQueueDriver, url: str, runs_table: str, audit: str, pushed: int,
+                     killed_at: dict[int, float]) -> dict:
+    """Check the jobs of a chaos run (``chaos_jobs``, ids ``c0000000``...), the audit log and the runs against
+    each other; returns figures and problems (see tests/test_chaos.py)."""
+    problems: list[str] = []
+    c = driver.table.c
+    with driver.engine.connect() as conn:
+        jobs = {row.id: row for row in conn.execute(
+            sa.select(c.id, c.status, c.attempts, c.max_retries, c.reserved_by, c.last_error, c.result,
+                      c.payload))}
+    runs = select(url, f"SELECT job, attempt, worker, started, ended, ok FROM {runs_table}")
+    changes = select(url, f"SELECT job, status, attempts, reserved_by FROM {audit} ORDER BY at")
+
+    # Every job is there, and final.
+    expected = {f"c{n:07d}" for n in range(pushed)}
+    missing = expected - jobs.keys()
+    not_final = [job_id for job_id, row in jobs.items() if row.status not in ("completed", "failed")]
+    problems += [f"missing {job_id}" for job_id in sorted(missing)] + [f"not final {job_id}" for job_id in not_final]
+
+    # The audit: each attempt handed out once; one final write per job, matching the row; never both.
+    claims = collections.Counter((job, attempts) for job, status, attempts, _ in changes if status == "processing")
+    problems += [f"attempt {key} handed out {count} times" for key, count in claims.items() if count > 1]
+    finals = collections.defaultdict(list)
+    for job, status, attempts, reserved_by in changes:
+        if status in ("completed", "failed"):
+            finals[job].append((status, attempts, reserved_by))
+    duplicates = [job for job, writes in finals.items() if len(writes) > 1]
+    problems += [f"{job} finished {len(finals[job])} times: {finals[job]}" for job in duplicates]
+
+    runs_by_attempt = collections.defaultdict(list)
+    for job, attempt, worker, started, ended, ok in runs:
+        runs_by_attempt[f"c{job:07d}", attempt].append((worker, ended, ok))
+    problems += [f"attempt {key} ran {len(found)} times" for key, found in runs_by_attempt.items() if len(found) > 1]
+
+    lost, dead_by_design, dead_by_chaos, reasons = [], 0, 0, collections.Counter()
+    for job_id, row in jobs.items():
+        n = int(job_id[1:])
+        if [status for status, _, _ in finals.get(job_id, [])][:1] != [row.status] and row.status in (
+                "completed", "failed"):
+            problems.append(f"{job_id} is {row.status} but the audit says {finals.get(job_id)}")
+        if row.status == "completed":
+            result = json.loads(row.result)
+            backing = [(worker, ok) for worker, ended, ok in runs_by_attempt.get((job_id, row.attempts), [])]
+            if result != {"attempt": row.attempts, "worker": row.reserved_by}:
+                problems.append(f"{job_id} completed by attempt {row.attempts} of {row.reserved_by}, result {result}")
+            if backing != [(row.reserved_by, 1)]:
+                lost.append(job_id)  # completed, but the completing attempt's side effect is not there
+            if chaos_jobs.always_fails(n):
+                problems.append(f"{job_id} should always fail but completed")
+        elif row.status == "failed":
+            # A dead letter has used up its attempts, and says why: its own failure, or (when its last
+            # attempt died with its worker) the expired lease.
+            reasons.update([(row.last_error or "").split(":")[0]])
+            if not row.last_error or row.attempts <= row.max_retries:
+                problems.append(f"{job_id} dead-lettered after {row.attempts} attempts: {row.last_error!r}")
+            if chaos_jobs.always_fails(n):
+                dead_by_design += 1
+            else:
+                dead_by_chaos += 1
+    lost += sorted(missing) + not_final
+
+    overlaps = overlapping_runs(runs, killed_at)
+    problems += [f"runs overlap: {overlap}" for overlap in overlaps]
+    successes = collections.Counter(job for job, _, _, _, _, ok in runs if ok == 1)
+    statuses = collections.Counter(row.status for row in jobs.values())
+    return {"completed": statuses["completed"], "dead": statuses["failed"], "dead_by_design": dead_by_design,
+            "dead_by_chaos": dead_by_chaos, "cut_runs": sum(ended is None for *_, ended, _ in runs),
+            "re_executed": sum(count > 1 for count in successes.values()), "duplicates": len(duplicates),
+            "lost": len(lost), "problems": problems, "reasons": dict(reasons)}

@@ -55,8 +55,8 @@ import pytest
 import sqlalchemy as sa
 
 import chaos_jobs
-from helpers import (SERVERS, TESTS, PrivateServer, drop_table, kill_sessions_tagged, select, tagged_sessions,
-                     unique_table, wait_until)
+from helpers import (SERVERS, TESTS, PrivateServer, audit_chaos_jobs, create_audit, drop_audit, drop_table,
+                     kill_sessions_tagged, overlapping_runs, select, tagged_sessions, unique_table, wait_until)
 from kronix_data import DatabaseQueueDriver, Job
 
 JOBS = int(os.environ.get("KRONIX_CHAOS_JOBS", "10000"))
@@ -68,43 +68,6 @@ PROGRESS = 500
 WORKERS = 4
 LEASE_SECONDS = 4.0
 DEADLINE = 180.0  # for any one wait: far beyond what a slow machine needs, so only a real hang fails
-
-
-# -- the database: an audit of every status change ---------------------------------------------
-
-def create_audit(url: str, table: str, audit: str) -> None:
-    """A trigger logs every status change of a job (and every write of a final status) as the database saw it."""
-    engine = sa.create_engine(url)
-    with engine.begin() as conn:
-        conn.exec_driver_sql(f"CREATE TABLE {audit} (job VARCHAR(128), status VARCHAR(16), attempts INTEGER, "
-                             "reserved_by VARCHAR(255), at DOUBLE PRECISION)")
-        if engine.dialect.name == "postgresql":
-            conn.exec_driver_sql(f"""
-                CREATE FUNCTION {audit}_log() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN
-                  INSERT INTO {audit} VALUES (NEW.id, NEW.status, NEW.attempts, NEW.reserved_by,
-                                              extract(epoch FROM clock_timestamp()));
-                  RETURN NEW;
-                END $$""")
-            conn.exec_driver_sql(f"""
-                CREATE TRIGGER {audit}_trigger AFTER UPDATE ON {table} FOR EACH ROW
-                WHEN (NEW.status <> OLD.status OR NEW.status IN ('completed', 'failed'))
-                EXECUTE FUNCTION {audit}_log()""")
-        else:
-            conn.exec_driver_sql(f"""
-                CREATE TRIGGER {audit}_trigger AFTER UPDATE ON {table} FOR EACH ROW
-                INSERT INTO {audit} SELECT NEW.id, NEW.status, NEW.attempts, NEW.reserved_by,
-                                           UNIX_TIMESTAMP(NOW(6)) FROM DUAL
-                WHERE NEW.status <> OLD.status OR NEW.status IN ('completed', 'failed')""")
-    engine.dispose()
-
-
-def drop_audit(url: str, audit: str) -> None:
-    engine = sa.create_engine(url)
-    with engine.begin() as conn:
-        conn.exec_driver_sql(f"DROP TABLE IF EXISTS {audit}")
-        if engine.dialect.name == "postgresql":
-            conn.exec_driver_sql(f"DROP FUNCTION IF EXISTS {audit}_log() CASCADE")
-    engine.dispose()
 
 
 # -- the workers and the faults ----------------------------------------------------------------------
@@ -250,28 +213,6 @@ def final_jobs(driver: DatabaseQueueDriver) -> int | None:
 
 # -- the test and its checks -------------------------------------------------------------------------
 
-def overlapping_runs(runs, killed_at: dict[int, float]) -> list:
-    """Pairs of runs of one job that overlap in time.
-
-    A run lasts from its start to its recorded end; a run without an end was cut
-    by kill -9 and lasts until its worker's kill (a run without an end on a worker
-    that was never killed is itself reported).
-    """
-    spans = collections.defaultdict(list)
-    for job, attempt, worker, started, ended, _ok in runs:
-        if ended is None:
-            pid = int(worker.split("-")[1])
-            ended = max(started, killed_at.get(pid, float("inf")))
-        spans[job].append((started, ended, attempt, worker))
-    overlaps = []
-    for job, runs_of_job in spans.items():
-        runs_of_job.sort()
-        for earlier, later in zip(runs_of_job, runs_of_job[1:]):
-            if later[0] < earlier[1]:
-                overlaps.append((job, earlier, later))
-    return overlaps
-
-
 @pytest.mark.parametrize("backend", SERVERS)
 def test_no_job_is_lost_or_completed_twice_under_kills_dropped_connections_and_a_restart(
         backend, private_server, tmp_path, capsys):
@@ -297,7 +238,7 @@ def test_no_job_is_lost_or_completed_twice_under_kills_dropped_connections_and_a
             wait_until(lambda: final_jobs(driver) == chaos.pushed, DEADLINE, "every job to be final after the chaos")
             drained = time.monotonic() - began
             exit_codes = chaos.stop()
-            report = audit_everything(driver, server.url, runs, audit, chaos)
+            report = audit_chaos_jobs(driver, server.url, runs, audit, chaos.pushed, chaos.killed_at)
         finally:
             for process in chaos.alive():
                 process.kill()
@@ -331,75 +272,6 @@ def test_no_job_is_lost_or_completed_twice_under_kills_dropped_connections_and_a
     assert len(chaos.killed_at) == 3 * ROUNDS and report["cut_runs"] >= 3 * ROUNDS
     assert chaos.session_faults == 3 * ROUNDS and chaos.sessions_killed >= 3 * ROUNDS
     assert chaos.restarts == ROUNDS and stats.get("database_errors", 0) >= 1
-
-
-def audit_everything(driver: DatabaseQueueDriver, url: str, runs_table: str, audit: str, chaos: Chaos) -> dict:
-    """Check the jobs, the audit log and the runs against each other; returns figures and problems."""
-    problems: list[str] = []
-    c = driver.table.c
-    with driver.engine.connect() as conn:
-        jobs = {row.id: row for row in conn.execute(
-            sa.select(c.id, c.status, c.attempts, c.max_retries, c.reserved_by, c.last_error, c.result,
-                      c.payload))}
-    runs = select(url, f"SELECT job, attempt, worker, started, ended, ok FROM {runs_table}")
-    changes = select(url, f"SELECT job, status, attempts, reserved_by FROM {audit} ORDER BY at")
-
-    # Every job is there, and final.
-    expected = {f"c{n:07d}" for n in range(chaos.pushed)}
-    missing = expected - jobs.keys()
-    not_final = [job_id for job_id, row in jobs.items() if row.status not in ("completed", "failed")]
-    problems += [f"missing {job_id}" for job_id in sorted(missing)] + [f"not final {job_id}" for job_id in not_final]
-
-    # The audit: each attempt handed out once; one final write per job, matching the row; never both.
-    claims = collections.Counter((job, attempts) for job, status, attempts, _ in changes if status == "processing")
-    problems += [f"attempt {key} handed out {count} times" for key, count in claims.items() if count > 1]
-    finals = collections.defaultdict(list)
-    for job, status, attempts, reserved_by in changes:
-        if status in ("completed", "failed"):
-            finals[job].append((status, attempts, reserved_by))
-    duplicates = [job for job, writes in finals.items() if len(writes) > 1]
-    problems += [f"{job} finished {len(finals[job])} times: {finals[job]}" for job in duplicates]
-
-    runs_by_attempt = collections.defaultdict(list)
-    for job, attempt, worker, started, ended, ok in runs:
-        runs_by_attempt[f"c{job:07d}", attempt].append((worker, ended, ok))
-    problems += [f"attempt {key} ran {len(found)} times" for key, found in runs_by_attempt.items() if len(found) > 1]
-
-    lost, dead_by_design, dead_by_chaos, reasons = [], 0, 0, collections.Counter()
-    for job_id, row in jobs.items():
-        n = int(job_id[1:])
-        if [status for status, _, _ in finals.get(job_id, [])][:1] != [row.status] and row.status in (
-                "completed", "failed"):
-            problems.append(f"{job_id} is {row.status} but the audit says {finals.get(job_id)}")
-        if row.status == "completed":
-            result = json.loads(row.result)
-            backing = [(worker, ok) for worker, ended, ok in runs_by_attempt.get((job_id, row.attempts), [])]
-            if result != {"attempt": row.attempts, "worker": row.reserved_by}:
-                problems.append(f"{job_id} completed by attempt {row.attempts} of {row.reserved_by}, result {result}")
-            if backing != [(row.reserved_by, 1)]:
-                lost.append(job_id)  # completed, but the completing attempt's side effect is not there
-            if chaos_jobs.always_fails(n):
-                problems.append(f"{job_id} should always fail but completed")
-        elif row.status == "failed":
-            # A dead letter has used up its attempts, and says why: its own failure, or (when its last
-            # attempt died with its worker) the expired lease.
-            reasons.update([(row.last_error or "").split(":")[0]])
-            if not row.last_error or row.attempts <= row.max_retries:
-                problems.append(f"{job_id} dead-lettered after {row.attempts} attempts: {row.last_error!r}")
-            if chaos_jobs.always_fails(n):
-                dead_by_design += 1
-            else:
-                dead_by_chaos += 1
-    lost += sorted(missing) + not_final
-
-    overlaps = overlapping_runs(runs, chaos.killed_at)
-    problems += [f"runs overlap: {overlap}" for overlap in overlaps]
-    successes = collections.Counter(job for job, _, _, _, _, ok in runs if ok == 1)
-    statuses = collections.Counter(row.status for row in jobs.values())
-    return {"completed": statuses["completed"], "dead": statuses["failed"], "dead_by_design": dead_by_design,
-            "dead_by_chaos": dead_by_chaos, "cut_runs": sum(ended is None for *_, ended, _ in runs),
-            "re_executed": sum(count > 1 for count in successes.values()), "duplicates": len(duplicates),
-            "lost": len(lost), "problems": problems, "reasons": dict(reasons)}
 
 
 def test_the_ownership_check_finds_overlapping_runs_and_ends_killed_runs_at_the_kill():
