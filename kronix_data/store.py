@@ -501,10 +501,18 @@ class JobStore:
         """Complete the held jobs the fast path left (those already completed by it are no longer held),
         releasing what waits for them; a job whose cancel was asked is recorded as cancelled instead."""
         values = {"status": COMPLETED, "finished_at": self.dialect.now(), "heartbeat_at": None}
+        c = self.table.c
+        # Only those still held: in a batch of a hundred with one such job, one look-up, not two
+        # statements for each of the ninety-nine the fast path already completed.
+        still_held = set(conn.execute(sa.select(c.id).where(
+            sa.tuple_(c.id, c.attempts).in_([(job.id, job.attempts) for job, _ in completions]),
+            c.reserved_by == worker_id, c.status == PROCESSING)).scalars())
         completed, cancelled = [], []
         for job, result in completions:
+            if job.id not in still_held:
+                continue
             statement = (self.dialect.update_by_id(self.table)
-                         .where(self._held(worker_id, job), self.table.c.cancel_requested_at.is_(None))
+                         .where(self._held(worker_id, job), c.cancel_requested_at.is_(None))
                          .values({**values, "result": result}))
             if conn.execute(statement).rowcount:
                 completed.append(job.id)

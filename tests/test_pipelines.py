@@ -400,3 +400,17 @@ def test_a_table_of_the_previous_release_is_upgraded_in_place(db_url, table_name
     finally:
         driver.drop_table()
         driver.close()
+
+
+def test_one_job_with_dependents_in_a_batch_of_completions_costs_a_look_up_not_two_statements_a_job(driver):
+    """The fast path completes the plain jobs; only the one that has dependents is finished on its own."""
+    ids = driver.push_many([Job("n", i) for i in range(50)])
+    waiter = Job("after", depends_on=[ids[25]])
+    driver.push(waiter)
+    jobs = driver.pop_many(50)
+    statements = []
+    sa.event.listen(driver.engine, "before_cursor_execute",
+                    lambda _c, _cur, statement, *_: statements.append(statement.split()[0]))
+    assert driver.complete_many(jobs) == 50
+    assert statements.count("UPDATE") <= 5 and len(statements) <= 12, statements
+    assert status_of(driver, waiter.id) is JobStatus.PENDING and driver.fetch_stats()["completed"].sum() == 50
