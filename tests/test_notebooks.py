@@ -82,6 +82,10 @@ def test_etl_in_chunks_across_worker_processes_with_the_monitor(tmp_path, monkey
     assert "jobs/s over the last minute" in outputs[5]
     assert "{'total': 20, 'pending': 0, 'processing': 0, 'completed': 20, 'failed': 0, 'waiting': 0, 'cancelled': 0, 'units_done':" in flat(outputs[6])
     assert "store        berlin" in outputs[7]
+    assert "'units_total': 600000" in outputs[8] and "eta: 0:00:" in outputs[8]  # rows within running chunks
+    assert "live" in outputs[8] and "stopped" in outputs[8]  # these workers, and the burst workers that left
+    assert "gone" in outputs[9] and "live" in outputs[9]  # the killed worker, and the one that took over
+    assert "attempt  resumed_from" in outputs[10]  # the chunk cut short resumed from its checkpoint
 
 
 def test_failure_analysis_fixes_and_retries_until_complete(tmp_path, monkeypatch):
