@@ -15,6 +15,7 @@ from .errors import (DatabaseUnavailableError, InvalidInputError, KronixError, M
                      NotHeldError)
 from .job import Job, JobStatus, RetryPolicy
 from .local import LocalWorkers, start_local_workers
+from .slices import FrameSlices, frame_slices
 from .store import JobStore
 from .tasks import Task, task
 from .worker import Worker, WorkerStats
@@ -24,3 +25,5 @@ __all__ = ["Batch", "DatabaseQueueDriver", "DatabaseUnavailableError", "InvalidI
            "JobStatus", "JobStore", "KronixError", "LocalWorkers", "MissingDriverError", "NotFoundError",
            "NotHeldError", "RetryPolicy", "Task", "Worker", "WorkerOptions", "WorkerStats", "as_frame", "current_job",
            "enqueue_chunks", "start_local_workers", "task"]
+# Progress and checkpoints: slicing a DataFrame chunk with a checkpoint after each slice.
+__all__ += ["FrameSlices", "frame_slices"]

@@ -28,6 +28,7 @@ from .chunking import checked_batch_id, chunks, default_batch_id, frame_batch_id
 from .errors import InvalidInputError, NotFoundError
 from .history import time_bound
 from .job import Job, JobStatus, decode_json, new_job_id
+from .progress import BatchView, batch_eta, batch_view, chunk_number, format_duration, stragglers_frame
 from .store import JobStore, WaitGroup
 from .tasks import Task
 
@@ -68,12 +69,17 @@ class Batch:
         The queue its jobs are in (the ``DatabaseQueueDriver`` that made or found it).
     name
         The job name of its chunks (None if unknown).
+    unit
+        What its chunks' progress counts, for the bar of :meth:`wait`: ``"row"``
+        for the chunks of a DataFrame (each has its rows as its total from the
+        start), else ``"unit"``.
     """
 
-    def __init__(self, id: str, driver: QueueHandle, name: str | None = None):
+    def __init__(self, id: str, driver: QueueHandle, name: str | None = None, unit: str = "unit"):
         self.id = id
         self.driver = driver
         self.name = name
+        self.unit = unit
 
     @property
     def store(self) -> JobStore:
@@ -91,24 +97,55 @@ class Batch:
 
     # -- progress -----------------------------------------------------------
 
-    def progress(self, *, on_primary: bool = False) -> dict[str, int]:
-        """Chunk counts: ``{"total", "pending", "processing", "completed", "failed", "waiting", "cancelled"}``."""
-        counts = self.store.count_batch_by_status(self.id, on_primary=on_primary)
-        result = {"total": sum(counts.values())}
-        result.update({status: int(counts.get(status, 0)) for status in _STATUSES})
-        return result
+    def progress(self, *, on_primary: bool = False) -> dict[str, Any]:
+        """Chunk counts and the units reported within them.
+
+        ``{"total", "pending", "processing", "completed", "failed", "waiting",
+        "cancelled"}`` count chunks; ``units_done`` is the units of the completed
+        chunks (their total) plus what running chunks reported done with
+        ``current_job().progress()``, ``units_running`` the latter alone, and
+        ``units_total`` the chunks' totals summed (None until every chunk has
+        one; a DataFrame chunk has its rows from the start).
+        """
+        view = batch_view(self.store, self.id, on_primary=on_primary)
+        return {**view.progress(), "units_running": view.units_running}
+
+    def eta(self) -> timedelta | None:
+        """The expected time until the batch is done, from what this batch has shown so far.
+
+        The chunks left (pending and waiting ones at the batch's run time per unit
+        or per chunk, running ones at their own reported pace) shared among the
+        chunks that run at once, at most the live workers' concurrency on the
+        batch's queue (``driver.workers()``).  ``timedelta(0)`` once done; None
+        while nothing tells yet (no chunk completed or reported), or with no live
+        worker and nothing running.
+        """
+        return batch_eta(self.store, batch_view(self.store, self.id))
+
+    def stragglers(self, factor: float = 3) -> pd.DataFrame:
+        """The running chunks whose elapsed time is over ``factor`` times the batch's p95 chunk run time.
+
+        One row per straggler, slowest first: ``id``, ``chunk``, its worker
+        (``reserved_by``), ``reserved_at``, ``elapsed_s``, ``p95_run_s`` and its last
+        progress report (``progress_done``, ``progress_total``, ``progress_info``,
+        ``progress_at``).  Empty while no chunk has completed.
+        """
+        return stragglers_frame(self.store, self.id, batch_view(self.store, self.id), factor)
 
     @property
     def done(self) -> bool:
         """True when no chunk is pending, waiting or processing (each completed, dead-lettered or cancelled)."""
-        counts = self.progress()
-        return not any(counts[status] for status in _UNFINISHED)
+        counts = self.store.count_batch_by_status(self.id)  # an index-only count: cheap to poll
+        return not any(counts.get(status) for status in _UNFINISHED)
 
     def wait(self, progress: bool = True, timeout: float | None = None, poll_interval: float = 0.5) -> Batch:
         """Block until the batch is done, with a tqdm bar (terminal or Jupyter) unless ``progress=False``.
 
-        Dead-lettered and cancelled chunks count as finished (the bar shows how
-        many failed); look at :meth:`failures`.  Returns the batch, so ``batch.wait().results()`` reads well.
+        The bar counts units when every chunk has a total (rows, for a DataFrame
+        batch), else chunks, and advances within running chunks as their tasks
+        report progress; it shows :meth:`eta`.  Dead-lettered and cancelled chunks
+        count as finished (the bar shows how many failed); look at :meth:`failures`.
+        Returns the batch, so ``batch.wait().results()`` reads well.
 
         Raises
         ------
@@ -118,18 +155,20 @@ class Batch:
         if poll_interval <= 0:
             raise InvalidInputError(f"poll_interval must be > 0, got {poll_interval!r}")
         deadline = None if timeout is None else time.monotonic() + timeout
-        bar = _progress_bar(self) if progress else None
+        bar = None
         try:
             while True:
-                counts = self.progress()
+                view = batch_view(self.store, self.id)
                 if self.store.read_engine is not None:
                     lag = self.store.read_lag_s()
                     # A standby may say "done" too early (a retry it has not replayed), and one that stopped
                     # replaying would never say it: the primary has the last word then.
-                    if not any(counts[status] for status in _UNFINISHED) or lag is None or lag > 5 * poll_interval:
-                        counts = self.progress(on_primary=True)
-                if bar is not None:
-                    _show(bar, counts)
+                    if not any(view.counts[status] for status in _UNFINISHED) or lag is None or \
+                            lag > 5 * poll_interval:
+                        view = batch_view(self.store, self.id, on_primary=True)
+                counts = view.counts
+                if progress:
+                    bar = _show(bar, self, view)
                 if not any(counts[status] for status in _UNFINISHED):
                     return self
                 if deadline is not None and time.monotonic() >= deadline:
@@ -237,21 +276,42 @@ def _equal_length_lists(result: Mapping[str, Any]) -> bool:
     return len(lengths) == 1 and -1 not in lengths
 
 
-def _progress_bar(batch: Batch):
+#: The bar of Batch.wait: tqdm's own remaining time is left out, for the batch's ETA in the postfix.
+_BAR_FORMAT = "{l_bar}{bar}| {n_fmt}/{total_fmt} {unit} [{elapsed}{postfix}]"
+
+
+def _progress_bar(batch: Batch, total: float, unit: str, position: float, postfix: dict[str, Any]):
+    """A tqdm bar made once its total is known (a Jupyter bar's length is fixed when it is made)."""
     try:
         from tqdm.auto import tqdm
     except ImportError as error:
         raise ImportError("Batch.wait(progress=True) needs tqdm: pip install 'kronix-data[notebook]' "
                           "(or pass progress=False)") from error
-    return tqdm(total=0, desc=batch.name or batch.id, unit="chunk")
+    return tqdm(total=total, initial=position, desc=batch.name or batch.id, unit=unit, bar_format=_BAR_FORMAT,
+                postfix=postfix)
 
 
-def _show(bar, counts: Mapping[str, int]) -> None:
-    if bar.total != counts["total"]:
-        bar.total = counts["total"]
-    bar.n = counts["completed"] + counts["failed"] + counts["cancelled"]
-    bar.set_postfix(failed=counts["failed"], running=counts["processing"], refresh=False)
+def _show(bar, batch: Batch, view: BatchView):
+    """Make or move the bar: in units when every chunk has a total, else in chunks (with the running
+    chunks' reported fractions); its ETA and counts in the postfix.  Returns the bar."""
+    counts, units_total = view.counts, view.units_total
+    if units_total:
+        total, unit, position = units_total, batch.unit + "s", view.units_finished
+    else:
+        total, unit, position = counts["total"], "chunks", view.chunks_finished
+    position = min(round(position, 1), total)
+    position = int(position) if float(position).is_integer() else position
+    eta = timedelta(0) if view.done else batch_eta(batch.store, view)
+    postfix = {"eta": format_duration(eta), "failed": counts["failed"], "running": counts["processing"]}
+    if bar is None:
+        return _progress_bar(batch, total, unit, position, postfix)
+    if bar.total != total or bar.unit != unit:  # a task reported another total: a new length
+        bar.unit = unit
+        bar.reset(total=total)
+    bar.n = position
+    bar.set_postfix(postfix, refresh=False)
     bar.refresh()
+    return bar
 
 
 # -- finding batches ------------------------------------------------------------
@@ -358,12 +418,19 @@ def enqueue_chunks(driver: QueueHandle, name: str | Task, data: Any, chunk_size:
     store = driver.store
     if store.count_stored_keys(batch_id, [f"{batch_id}:{n}" for n in range(expected)]) < expected:
         make = task.job if task else lambda payload, **options: Job(job_name, payload, **options)
-        rows = [store.row_for_push(make(payload, queue=queue, max_retries=max_retries, priority=priority,
-                                        key=f"{batch_id}:{payload['chunk']}", batch_id=batch_id))
+        rows = [_with_rows(store.row_for_push(make(payload, queue=queue, max_retries=max_retries, priority=priority,
+                                                   key=f"{batch_id}:{payload['chunk']}", batch_id=batch_id)), payload)
                 for payload in (cut if payloads is None else payloads)]
         waits = [WaitGroup(f"batch:{batch_id}:after", list(range(len(rows))), *parents)] if after is not None else []
         store.insert_jobs(rows, waits)
-    return Batch(batch_id, driver, job_name)
+    return Batch(batch_id, driver, job_name, unit="row" if frame is not None else "unit")
+
+
+def _with_rows(row: dict[str, Any], payload: Mapping[str, Any]) -> dict[str, Any]:
+    """A DataFrame chunk's row with its rows as its progress total, so the batch counts rows from the start."""
+    if "frame" in payload:
+        row["progress_total"] = payload["stop"] - payload["start"]
+    return row
 
 
 # -- pipelines ------------------------------------------------------------------
@@ -429,10 +496,9 @@ def _chunk_numbers(store: JobStore, rows: Sequence[tuple[str, str | None, str | 
     """Chunk numbers from the keys ``f"{batch_id}:{n}"``; from the payload for a job pushed by hand."""
     numbers, unkeyed = {}, []
     for job_id, key, batch_id, _ in rows:
-        prefix = f"{batch_id}:"
-        suffix = key[len(prefix):] if key and batch_id and key.startswith(prefix) else ""
-        if suffix.isdigit():
-            numbers[job_id] = int(suffix)
+        number = chunk_number(batch_id, key) if batch_id else -1
+        if number >= 0:
+            numbers[job_id] = number
         else:
             unkeyed.append(job_id)
     for job_id, payload in store.read_payloads(unkeyed, on_primary=on_primary).items() if unkeyed else ():

@@ -199,8 +199,55 @@ def command_init(args: argparse.Namespace) -> int:
 def command_stats(args: argparse.Namespace) -> int:
     with open_driver(args) as driver:
         frame = driver.fetch_stats()
+        reporting = running_progress(driver)
     human = (frame.to_string(index=False, na_rep="-", float_format=lambda value: f"{value:.1f}")
              if len(frame) else f"no jobs in table {args.table!r}")
+    if reporting:
+        human += "\n\nprogress of running jobs (current_job().progress()):\n" + text_table(
+            [{**record, "progress": progress_text(record), "info": one_line(record["info"] or "", 40)}
+             for record in reporting[:RUNNING_SHOWN]], ["queue", "id", "name", "reserved_by", "progress", "info"])
+        if len(reporting) > RUNNING_SHOWN:
+            human += f"\n... {len(reporting) - RUNNING_SHOWN} more"
+    records = json_records(frame)
+    for record in records:
+        record["running_progress"] = [item for item in reporting if item["queue"] == record["queue"]]
+    emit(args, human, records)
+    return EXIT_OK
+
+
+# -- progress and the worker registry ---------------------------------------------
+
+#: Running jobs listed by 'kronix stats' (the JSON has them all).
+RUNNING_SHOWN = 20
+
+
+def running_progress(driver: DatabaseQueueDriver) -> list[dict[str, Any]]:
+    """The running jobs that reported progress, as JSON-ready records (newest first)."""
+    running = driver.jobs(status="processing", limit=1000)
+    running = running[running["progress_at"].notna()]
+    return [{"queue": record["queue"], "id": record["id"], "name": record["name"],
+             "reserved_by": record["reserved_by"], "done": json_value(record["progress_done"]),
+             "total": json_value(record["progress_total"]), "info": record["progress_info"],
+             "progress_at": json_value(record["progress_at"])} for record in running.to_dict(orient="records")]
+
+
+def progress_text(record: dict[str, Any]) -> str:
+    """``1,200/5,000 (24%)``, or ``1,200`` without a total."""
+    done, total = record["done"] or 0, record["total"]
+    if not total:
+        return f"{done:,g}"
+    return f"{done:,g}/{total:,g} ({100 * done / total:.0f}%)"
+
+
+def command_workers(args: argparse.Namespace) -> int:
+    """The worker registry: live workers, and those stopped or gone within the last hour."""
+    with open_driver(args) as driver:
+        frame = driver.workers()
+    rows = [{**record, "queues": ",".join(record["queues"]), "last_seen": f"{record['seen_s_ago']:.0f}s ago",
+             "started_at": record["started_at"].strftime("%Y-%m-%d %H:%M:%S") if record["started_at"] == record[
+                 "started_at"] else "-"} for record in frame.to_dict(orient="records")]
+    human = text_table(rows, ["worker_id", "state", "host", "pid", "queues", "concurrency", "running", "started_at",
+                              "last_seen"]) if rows else f"no worker seen in the last hour on table {args.table!r}"
     emit(args, human, json_records(frame))
     return EXIT_OK
 
@@ -385,6 +432,7 @@ def build_parser() -> argparse.ArgumentParser:
     resume = add("resume", command_pause, "let workers claim jobs of a paused queue again")
     resume.add_argument("queue", metavar="QUEUE")
     add("queues", command_queues, "each queue: paused or not, and its jobs by status")
+    add("workers", command_workers, "workers of this table: live ones, and those stopped or gone in the last hour")
     recover = add("recover", command_recover, "return jobs of dead workers to pending")
     recover.add_argument("--timeout", type=bounded(float, 0), default=300.0, metavar="SECONDS",
                          help="lease age after which a job counts as stale (default: 300)")

@@ -189,6 +189,11 @@ class QueueDialect:
         """``later - earlier`` in seconds, as a float expression."""
         raise NotImplementedError
 
+    def now_minus(self, seconds: sa.ColumnElement) -> sa.ColumnElement:
+        """The database's current time minus ``seconds``, an expression (a bound parameter of an
+        executemany, say), where :meth:`now_plus` takes a Python number."""
+        raise NotImplementedError
+
     def percentiles(self, fractions: list[float], expression: sa.ColumnElement) -> sa.ColumnElement | None:
         """An aggregate of ``expression``'s linearly interpolated percentiles, as an array.
 
@@ -324,6 +329,10 @@ class PostgresDialect(OnConflictDialect):
 
     def seconds_between(self, later, earlier):
         return sa.cast(sa.extract("epoch", later - earlier), sa.Float)
+
+    def now_minus(self, seconds):
+        return sa.type_coerce(sa.func.now() - sa.func.make_interval(0, 0, 0, 0, 0, 0, sa.cast(seconds, sa.Double())),
+                              UTCDateTime())
 
     def percentiles(self, fractions, expression):
         # One ordered-set aggregate for all fractions: one sort of the window, not one per fraction.
@@ -498,6 +507,13 @@ class MySQLDialect(QueueDialect):
     def seconds_between(self, later, earlier):
         return sa.func.timestampdiff(sa.literal_column("MICROSECOND"), earlier, later) / 1_000_000.0
 
+    def now_minus(self, seconds):
+        microseconds = sa.cast(sa.func.round(seconds * -1_000_000), sa.Integer)
+        return sa.type_coerce(
+            sa.func.timestampadd(sa.literal_column("MICROSECOND"), microseconds, sa.literal_column("UTC_TIMESTAMP(6)")),
+            UTCDateTime(),
+        )
+
     def claim(self, conn, table, conditions, limit, changes):
         # Lock and read the rows (with the server's clock), then mark them.
         now = self.now().label("kronix_now")
@@ -574,6 +590,10 @@ class SQLiteDialect(OnConflictDialect):
 
     def seconds_between(self, later, earlier):
         return (sa.func.julianday(later) - sa.func.julianday(earlier)) * 86400.0
+
+    def now_minus(self, seconds):
+        modifier = sa.func.printf("%+.6f seconds", -seconds)
+        return sa.type_coerce(sa.func.strftime("%Y-%m-%d %H:%M:%f000", "now", modifier), UTCDateTime())
 
     def insert_with_conflicts(self, table):
         from sqlalchemy.dialects.sqlite import insert

@@ -21,7 +21,8 @@ from . import analytics, history
 from .batches import Batch, batches_frame, enqueue_chunks, find_batch, push_jobs, queues_frame
 from .errors import InvalidInputError
 from .job import Job, encode_result, possible_job_id, validate_queue
-from .store import JobStore
+from .store import JobStore, ProgressWrite, WorkerBeat
+from .workers import workers_frame
 from .tasks import Task, task_factory
 
 log = logging.getLogger(__name__)
@@ -225,9 +226,18 @@ class DatabaseQueueDriver:
         """
         return self.store.unclaim(self.worker_id, jobs)
 
-    def heartbeat(self, jobs: Iterable[Job]) -> int:
-        """Renew the lease of held jobs so stale recovery leaves them alone; returns how many."""
-        return self.store.renew_leases(self.worker_id, jobs)
+    def heartbeat(self, jobs: Iterable[Job], *, progress: Sequence[ProgressWrite] = (),
+                  worker: WorkerBeat | None = None) -> int:
+        """Renew the lease of held jobs so stale recovery leaves them alone; returns how many.
+
+        A worker passes its jobs' unwritten ``progress`` reports and its own
+        ``worker`` row (the registry) too: all in one transaction.
+        """
+        return self.store.heartbeat(self.worker_id, list(jobs), list(progress), worker)
+
+    def write_progress(self, reports: Sequence[ProgressWrite]) -> int:
+        """Write the progress held jobs reported (the worker's throttled write); returns how many were held."""
+        return self.store.write_progress(self.worker_id, reports)
 
     def cancels_asked(self, jobs: Iterable[Job]) -> set[str]:
         """The ids of held jobs someone has asked to cancel (a worker passes it on to them)."""
@@ -349,6 +359,16 @@ class DatabaseQueueDriver:
         """Delete completed jobs (and dead letters if ``dead_letters``) finished more than
         ``older_than`` ago, ``chunk_size`` rows per transaction; returns how many."""
         return history.prune(self.store, older_than, dead_letters=dead_letters, chunk_size=chunk_size)
+
+    def workers(self) -> pd.DataFrame:
+        """The workers of this table, live ones first, then those stopped or gone within the last hour.
+
+        Columns: see :data:`kronix_data.workers.WORKER_COLUMNS`; ``state`` is ``live``
+        (a heartbeat within its ``lease_timeout``), ``stopped`` (it left by itself)
+        or ``gone`` (it fell silent: killed, or its machine lost).  Every worker's
+        heartbeat keeps its row; rows an hour old age out.
+        """
+        return workers_frame(self.store)
 
     # -- batches ----------------------------------------------------------
 

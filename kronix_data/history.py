@@ -11,6 +11,7 @@ import pandas as pd
 from .analytics import typed_frame, with_lag
 from .errors import InvalidInputError
 from .job import JobStatus
+from .progress import decode_info
 
 if TYPE_CHECKING:
     from .store import JobStore
@@ -32,7 +33,15 @@ JOB_COLUMNS = {
     "last_error": "object",
     "wait_s": "float64",
     "run_s": "float64",
+    # What a running job last reported (current_job().progress) and when it last saved a checkpoint.
+    "progress_done": "float64",
+    "progress_total": "float64",
+    "progress_info": "object",
+    "progress_at": "datetime64[ns, UTC]",
+    "checkpoint_at": "datetime64[ns, UTC]",
 }
+#: Columns computed here rather than read.
+_COMPUTED = ("wait_s", "run_s")
 
 _STATUSES = tuple(status.value for status in JobStatus)
 #: Rows deleted per transaction by prune: short enough never to hold locks for long.
@@ -49,8 +58,10 @@ def jobs(store: JobStore, queue: str | None = None, name: str | None = None,
     a timezone-aware datetime, or a timedelta meaning that long before now
     (``since=timedelta(hours=1)``: created in the last hour).  ``wait_s`` is
     claim minus due time, ``run_s`` finish minus claim of the last attempt
-    (NaN where the job has not got that far).  Payloads and results are not
-    read (they can be large): ``driver.get_job(id)`` has them.
+    (NaN where the job has not got that far).  ``progress_*`` are the job's
+    last report from ``current_job().progress()`` (details decoded) and
+    ``checkpoint_at`` when it last saved a checkpoint.  Payloads, results and
+    checkpoints are not read (they can be large): ``driver.get_job(id)`` has the first two.
     """
     for value, what in ((queue, "queue"), (name, "name"), (batch, "batch")):
         if value is not None and not isinstance(value, str):
@@ -60,9 +71,11 @@ def jobs(store: JobStore, queue: str | None = None, name: str | None = None,
     until_bound = time_bound(until, "until") if until is not None else None
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
         raise InvalidInputError(f"limit must be an int >= 1 or None, got {limit!r}")
-    read = [column for column in JOB_COLUMNS if column not in ("wait_s", "run_s")]
+    read = [column for column in JOB_COLUMNS if column not in _COMPUTED]
     rows = store.read_history(read, queue=queue, name=name, statuses=statuses, batch=batch, since=since_bound,
                               until=until_bound, limit=limit)
+    for row in rows:
+        row["progress_info"] = decode_info(row["progress_info"])
     frame = typed_frame(rows, {column: JOB_COLUMNS[column] for column in read})
     frame["wait_s"] = (frame["reserved_at"] - frame["available_at"]).dt.total_seconds().astype("float64")
     frame["run_s"] = (frame["finished_at"] - frame["reserved_at"]).dt.total_seconds().astype("float64")

@@ -182,6 +182,11 @@ def encode_result(job: Job) -> str | None:
     return None if job.result is None else _encode(job.result, f"result of job {job.name!r}")
 
 
+def encode_value(value: Any, what: str) -> str | None:
+    """Serialise any value a job stores (a checkpoint, progress details) to strict JSON; ``None`` stays NULL."""
+    return None if value is None else _encode(value, what)
+
+
 #: Strict, compact JSON; one encoder reused (``json.dumps`` with options builds one per call).
 _ENCODER = json.JSONEncoder(allow_nan=False, separators=(",", ":"))
 

@@ -25,6 +25,8 @@ import pandas as pd
 from .analytics import split_error
 from .batches import Batch
 from .errors import InvalidInputError
+from .progress import STRAGGLER_COLUMNS, batch_eta, batch_view, format_duration, stragglers_frame
+from .workers import WORKER_COLUMNS
 
 log = logging.getLogger(__name__)
 
@@ -115,6 +117,16 @@ class QueueMonitor:
         #: How far behind the primary the last refresh's figures may be (0: read from the primary).
         self.replica_lag_s: float | None = 0.0
         self._completed_before: tuple[float, int] | None = None  # (monotonic time, completed jobs)
+        #: Running batch id -> its expected time to finish (Batch.eta()), as of the last refresh.
+        self.batch_eta: dict[str, timedelta | None] = {}
+        #: Running batch id -> {"units_done", "units_total", "units_running"} (units within running chunks).
+        self.batch_units: dict[str, dict[str, Any]] = {}
+        #: The running batches' stragglers (Batch.stragglers(straggler_factor)), with a batch_id column.
+        self.stragglers = pd.DataFrame(columns=["batch_id", *STRAGGLER_COLUMNS])
+        #: driver.workers(): live workers, and those stopped or gone in the last hour.
+        self.workers = pd.DataFrame(columns=list(WORKER_COLUMNS))
+        #: A running chunk is a straggler past this many times its batch's p95 chunk run time.
+        self.straggler_factor = 3.0
 
         self.title = widgets.HTML(f"<b>kronix queue</b> <code>{html.escape(driver.table_name)}</code>")
         self.counts = widgets.HTML()
@@ -128,6 +140,8 @@ class QueueMonitor:
         self.progress_bars: dict[str, Any] = {}
         self._batch_rows: dict[str, Any] = {}
         self.failure_table = widgets.HTML()
+        self.straggler_table = widgets.HTML()
+        self.workers_table = widgets.HTML()
         self.retry_button = widgets.Button(description="Retry dead letters", icon="redo",
                                            tooltip="driver.retry_dead_letters(): every dead letter back to pending")
         self.pause_button = widgets.ToggleButton(value=False, description="Pause", icon="pause",
@@ -138,6 +152,7 @@ class QueueMonitor:
         self.widget = widgets.VBox([
             self.title, self.counts, self.throughput, self.queue_box,
             widgets.HTML("<b>Batches</b>"), self.batch_box,
+            widgets.HTML("<b>Stragglers</b>"), self.straggler_table, widgets.HTML("<b>Workers</b>"), self.workers_table,
             widgets.HTML("<b>Latest failures</b>"), self.failure_table,
             widgets.HBox([self.retry_button, self.pause_button]), self.status,
         ])
@@ -222,6 +237,7 @@ class QueueMonitor:
                 # The newest few only: dead_letter_jobs() would read (and decode) every one each refresh.
                 failures = self.driver.jobs(status="failed", limit=self.failure_limit) if self.failure_limit \
                     else None
+                progress = self._read_progress(batches)
             except Exception as error:  # noqa: BLE001 - any database trouble is shown, never raised
                 self.error_count += 1
                 self.last_error = f"{type(error).__name__}: {_first_line(error)}"
@@ -230,6 +246,7 @@ class QueueMonitor:
             self._show_stats(stats)
             self._show_queues(list(stats["queue"]), settings)
             self._show_batches(batches)
+            self._show_progress(*progress)
             self._show_failures(failures)
             self.refresh_count += 1
             self.last_error = None
@@ -300,7 +317,8 @@ class QueueMonitor:
     def _read_batches(self) -> dict[str, dict[str, int]]:
         """Counts per batch: the batches asked for (by their index), else the newest recent ones."""
         if self.batch_ids is not None:
-            return {batch_id: Batch(batch_id, self.driver).progress() for batch_id in self.batch_ids}
+            return {batch_id: {key: count for key, count in Batch(batch_id, self.driver).progress().items()
+                               if key in _BATCH_COUNTS} for batch_id in self.batch_ids}
         recent = self.driver.batches(since=self.batches_since).head(self.max_batches)  # newest first
         return {record["batch_id"]: {key: int(record[key]) for key in _BATCH_COUNTS}
                 for record in recent.to_dict(orient="records")}
@@ -332,6 +350,49 @@ class QueueMonitor:
             f"{counts['failed']:,} failed · {counts['processing']:,} running"
             + (f" · {counts['waiting']:,} waiting" if counts["waiting"] else "")
             + (f" · {counts['cancelled']:,} cancelled" if counts["cancelled"] else ""))
+
+    # -- progress within running batches, stragglers and workers ---------------------
+
+    def _read_progress(self, batches: dict[str, dict[str, int]]) -> tuple[dict, dict, pd.DataFrame, pd.DataFrame]:
+        """For each unfinished batch shown: its units, ETA and stragglers; and the worker registry."""
+        store, units, etas, stragglers = self.driver.store, {}, {}, []
+        for batch_id, counts in batches.items():
+            if not any(counts[status] for status in ("pending", "waiting", "processing")):
+                continue
+            view = batch_view(store, batch_id)
+            units[batch_id] = {"units_done": view.units_done, "units_total": view.units_total,
+                               "units_running": view.units_running}
+            etas[batch_id] = batch_eta(store, view)
+            found = stragglers_frame(store, batch_id, view, self.straggler_factor)
+            if len(found):
+                stragglers.append(found.assign(batch_id=batch_id)[["batch_id", *STRAGGLER_COLUMNS]])
+        frame = pd.concat(stragglers, ignore_index=True) if stragglers else pd.DataFrame(
+            columns=["batch_id", *STRAGGLER_COLUMNS])
+        return units, etas, frame, self.driver.workers()
+
+    def _show_progress(self, units: dict, etas: dict, stragglers: pd.DataFrame, workers: pd.DataFrame) -> None:
+        self.batch_units, self.batch_eta, self.stragglers, self.workers = units, etas, stragglers, workers
+        for batch_id, eta in etas.items():
+            label = self._batch_rows[batch_id].children[1]
+            done, total = units[batch_id]["units_done"], units[batch_id]["units_total"]
+            slow = int((stragglers["batch_id"] == batch_id).sum()) if len(stragglers) else 0
+            label.value += ((f" · {done:,g}/{total:,g} units" if total else "") + f" · eta {format_duration(eta)}"
+                            + (f" · {slow} straggler{'s' * (slow != 1)}" if slow else ""))
+        if len(stragglers):
+            shown = stragglers.assign(
+                batch_id=stragglers["batch_id"].str[:16], elapsed_s=stragglers["elapsed_s"].round(1),
+                progress=[f"{done:,g}/{total:,g}" if total == total and done == done else "–"
+                          for done, total in zip(stragglers["progress_done"], stragglers["progress_total"])])
+            self.straggler_table.value = _html_table(shown[["batch_id", "chunk", "reserved_by", "elapsed_s",
+                                                            "p95_run_s", "progress"]], float_format=_number)
+        else:
+            self.straggler_table.value = "<i>no stragglers</i>"
+        if len(workers):
+            shown = workers.assign(queues=workers["queues"].map(", ".join), seen_s_ago=workers["seen_s_ago"].round(1))
+            self.workers_table.value = _html_table(shown[["worker_id", "state", "host", "pid", "queues",
+                                                          "concurrency", "running", "seen_s_ago"]])
+        else:
+            self.workers_table.value = "<i>no worker seen in the last hour</i>"
 
     def _show_failures(self, dead_letters: pd.DataFrame | None) -> None:
         """The newest dead letters (``jobs(status="failed")``), error split as in ``dead_letter_jobs()``."""
@@ -416,6 +477,7 @@ class QueueMonitor:
             for batch_id, counts in self.batch_progress.items())
         return (f"{self.title.value}{self.counts.value}<p>{self.throughput.value}</p>"
                 f"<b>Batches</b><ul>{batches or '<li>none</li>'}</ul>"
+                f"<b>Stragglers</b>{self.straggler_table.value}<b>Workers</b>{self.workers_table.value}"
                 f"<b>Latest failures</b>{self.failure_table.value}<p>{self.status.value}</p>")
 
 

@@ -104,23 +104,25 @@ def _long_text() -> sa.types.TypeEngine:
 
 @dataclass(frozen=True)
 class Tables:
-    """The jobs table and the three small tables beside it, on one MetaData.
+    """The jobs table and the small tables beside it, on one MetaData.
 
     ``jobs``: one row per job.  ``deps``: one row per (parent job, wait group)
     edge.  ``waits``: one row per wait group, the jobs that wait for the same
     parents (a job pushed with ``depends_on``, the chunks of a batch mapped
     ``after=`` another, a batch's ``then`` step), with how many of its parents
     have not completed yet.  ``queues``: one row per queue that has settings
-    (paused or not); a queue without a row has the defaults.
+    (paused or not); a queue without a row has the defaults.  ``workers``: one
+    row per worker, written by its heartbeat (the worker registry).
     """
 
     jobs: sa.Table
     deps: sa.Table
     waits: sa.Table
     queues: sa.Table
+    workers: sa.Table
 
     def all(self) -> tuple[sa.Table, ...]:
-        return (self.jobs, self.deps, self.waits, self.queues)
+        return (self.jobs, self.deps, self.waits, self.queues, self.workers)
 
 
 def build_tables(name: str, *, partial_indexes: bool, now_default: str) -> Tables:
@@ -164,6 +166,15 @@ def build_tables(name: str, *, partial_indexes: bool, now_default: str) -> Table
         sa.Column("wait_id", _key_text(MAX_KEY_LENGTH)),
         sa.Column("has_dependents", sa.Boolean, nullable=False, server_default=sa.false()),
         sa.Column("cancel_requested_at", UTCDateTime()),
+        # Progress and checkpoints: what the running job last reported (units done, of
+        # how many, a JSON object of details, when; written by its worker at most once a
+        # progress_interval), and the JSON cursor it last saved to resume from.
+        sa.Column("progress_done", sa.Double()),
+        sa.Column("progress_total", sa.Double()),
+        sa.Column("progress_info", _long_text()),
+        sa.Column("progress_at", UTCDateTime()),
+        sa.Column("checkpoint_state", _long_text()),
+        sa.Column("checkpoint_at", UTCDateTime()),
         **options,
     )
     c = table.c
@@ -224,7 +235,27 @@ def build_tables(name: str, *, partial_indexes: bool, now_default: str) -> Table
         sa.Column("changed_at", UTCDateTime()),
         **options,
     )
-    return Tables(table, deps, waits, queues)
+    workers = build_workers_table(metadata, table_name, options)
+    return Tables(table, deps, waits, queues, workers)
+
+
+def build_workers_table(metadata: sa.MetaData, table_name: str, options: dict) -> sa.Table:
+    """``<name>_workers``: one row per worker, upserted by its heartbeat, so ``driver.workers()`` can
+    tell live workers from dead ones (no heartbeat for ``lease_timeout``) and from stopped ones."""
+    return sa.Table(
+        f"{table_name}_workers", metadata,
+        sa.Column("worker_id", _key_text(255), primary_key=True),
+        sa.Column("host", _key_text(255)),
+        sa.Column("pid", sa.Integer),
+        sa.Column("queues", sa.Text),  # a JSON list of queue names
+        sa.Column("concurrency", sa.Integer),
+        sa.Column("running", sa.Integer),  # jobs running at the last heartbeat
+        sa.Column("lease_timeout", sa.Double()),  # seconds without a heartbeat after which it counts as gone
+        sa.Column("started_at", UTCDateTime()),
+        sa.Column("last_seen", UTCDateTime()),
+        sa.Column("stopped_at", UTCDateTime()),  # set when it stopped by itself (signal, stop(), burst end)
+        **options,
+    )
 
 
 #: Indexes an earlier release made that a newer one replaced: dropped on upgrade.

@@ -19,6 +19,7 @@ Two rules hold for every statement:
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterable, Iterator, Sequence
 import threading
 from contextlib import contextmanager
@@ -65,6 +66,51 @@ class WaitGroup:
     parent_batches: list[str]
 
 JobFactory = Callable[[Any], Job]
+
+
+@dataclass
+class ProgressWrite:
+    """One running job's last report, as its worker writes it: ``done`` of ``total`` units (None: keep the
+    stored total), ``info`` as JSON text (None: keep the stored info), reported ``age_s`` seconds ago."""
+
+    job: Job
+    done: float
+    total: float | None
+    info: str | None
+    age_s: float
+
+
+@dataclass
+class WorkerBeat:
+    """What a worker's heartbeat records of the worker itself in ``<table>_workers``.
+
+    ``starting`` is set on the first beat of a run: it (re)sets ``started_at``
+    and clears ``stopped_at``.
+    """
+
+    worker_id: str
+    host: str
+    pid: int
+    queues: list[str]
+    concurrency: int
+    running: int
+    lease_timeout: float
+    starting: bool = False
+
+
+@dataclass
+class BatchProgressRows:
+    """What ``batch.progress()``, ``eta()``, ``stragglers()`` and ``wait()`` read of one batch, from one
+    connection: the progress module shapes it.
+
+    ``by_status``: status -> ``{"jobs", "units", "with_units", "done", "total", "with_total", "run_s",
+    "queue"}`` (``units``: each job's total, else its last ``done``; ``run_s``: finished minus claimed,
+    summed over completed jobs).  ``running``: the running jobs' rows.
+    """
+
+    now: datetime
+    by_status: dict[str, dict[str, Any]]
+    running: list[dict[str, Any]]
 
 
 @dataclass
@@ -594,15 +640,18 @@ class JobStore:
         ids = [job.id for job in jobs if job.id is not None]
         if not ids:
             return 0
+        with self._transaction() as conn:
+            return self._renew_leases(conn, worker_id, ids)
+
+    def _renew_leases(self, conn: sa.Connection, worker_id: str, ids: Sequence[str]) -> int:
         c = self.table.c
         changed = 0
-        with self._transaction() as conn:
-            for start in range(0, len(ids), IN_LIST_LIMIT):
-                statement = (self.dialect.update_by_id(self.table)
-                             .where(c.id.in_(ids[start:start + IN_LIST_LIMIT]), c.reserved_by == worker_id,
-                                    c.status == PROCESSING)
-                             .values(heartbeat_at=self.dialect.now()))
-                changed += conn.execute(statement).rowcount
+        for start in range(0, len(ids), IN_LIST_LIMIT):
+            statement = (self.dialect.update_by_id(self.table)
+                         .where(c.id.in_(ids[start:start + IN_LIST_LIMIT]), c.reserved_by == worker_id,
+                                c.status == PROCESSING)
+                         .values(heartbeat_at=self.dialect.now()))
+            changed += conn.execute(statement).rowcount
         return changed
 
     def cancels_asked(self, worker_id: str, job_ids: Sequence[str]) -> list[str]:
@@ -1008,3 +1057,131 @@ class JobStore:
         c = self.table.c
         with self._reading() as conn:
             return conn.execute(sa.select(c.name).where(c.name != name).limit(1)).scalar()
+
+    # -- progress and checkpoints ---------------------------------------------------------
+    #
+    # A running job's progress is written by its worker, at most once per
+    # progress_interval for all its jobs and with every heartbeat, never once per
+    # call; a checkpoint is written by the job's own thread, in a transaction of
+    # its own.  Both match the ownership rule, so a worker that lost the job (its
+    # lease expired, another worker runs a later attempt) changes nothing.
+
+    def write_progress(self, worker_id: str, reports: Sequence[ProgressWrite]) -> int:
+        """UPDATE the reported progress of jobs this worker holds, in one transaction; returns how many."""
+        if not reports:
+            return 0
+        with self._transaction() as conn:
+            return self._write_progress(conn, worker_id, reports)
+
+    def _write_progress(self, conn: sa.Connection, worker_id: str, reports: Sequence[ProgressWrite]) -> int:
+        """One UPDATE per job (executemany), ownership checked per row; ``progress_at`` is when it was
+        reported, by the database's clock."""
+        c = self.table.c
+        values = {"progress_done": sa.bindparam("p_done", type_=sa.Double()),
+                  "progress_total": sa.func.coalesce(sa.bindparam("p_total", type_=sa.Double()), c.progress_total),
+                  "progress_info": sa.func.coalesce(sa.bindparam("p_info", type_=sa.Text()), c.progress_info),
+                  "progress_at": self.dialect.now_minus(sa.bindparam("p_age", type_=sa.Double()))}
+        extra = [{"p_done": report.done, "p_total": report.total, "p_info": report.info, "p_age": report.age_s}
+                 for report in reports]
+        return self._update_each_held(conn, worker_id, [report.job for report in reports], values, extra)
+
+    def heartbeat(self, worker_id: str, jobs: Sequence[Job], reports: Sequence[ProgressWrite],
+                  worker: WorkerBeat | None) -> int:
+        """In one transaction: renew the leases of the jobs this worker holds, write their reported progress,
+        and upsert the worker's row in ``<table>_workers``; returns how many leases were renewed."""
+        ids = [job.id for job in jobs if job.id is not None]
+        if not ids and not reports and worker is None:
+            return 0
+        with self._transaction() as conn:
+            renewed = self._renew_leases(conn, worker_id, ids) if ids else 0
+            if reports:
+                self._write_progress(conn, worker_id, reports)
+            if worker is not None:
+                self._upsert_worker(conn, worker)
+        return renewed
+
+    def save_checkpoint(self, worker_id: str, job: Job, state_json: str | None) -> bool:
+        """UPDATE a held job's checkpoint (its JSON cursor) in a transaction of its own; False if not held."""
+        statement = (self.dialect.update_by_id(self.table).where(self._held(worker_id, job))
+                     .values(checkpoint_state=state_json, checkpoint_at=self.dialect.now()))
+        with self._transaction() as conn:
+            return conn.execute(statement).rowcount == 1
+
+    def read_checkpoint(self, job_id: str) -> str | None:
+        """SELECT a job's last saved checkpoint (JSON text), or None."""
+        with self._reading() as conn:
+            return conn.execute(sa.select(self.table.c.checkpoint_state)
+                                .where(self.table.c.id == job_id)).scalar()
+
+    def read_batch_progress(self, batch_id: str, *, on_primary: bool = False) -> BatchProgressRows:
+        """Per status of a batch's jobs, in one connection: COUNT, the units reported (done, totals, and how
+        many have one) and the completed jobs' summed run time; then the running jobs, with their worker,
+        claim time and last report (both through the ``<table>_batch`` index); and the database's clock."""
+        c, dialect = self.table.c, self.dialect
+        units = sa.func.coalesce(c.progress_total, c.progress_done)
+        run = sa.case((c.status == COMPLETED, dialect.seconds_between(c.finished_at, c.reserved_at)))
+        grouped = (sa.select(c.status, sa.func.count().label("jobs"), sa.func.sum(units).label("units"),
+                             sa.func.count(units).label("with_units"), sa.func.sum(c.progress_done).label("done"),
+                             sa.func.sum(c.progress_total).label("total"),
+                             sa.func.count(c.progress_total).label("with_total"), sa.func.sum(run).label("run_s"),
+                             sa.func.min(c.queue).label("queue"))
+                   .where(c.batch_id == batch_id).group_by(c.status))
+        running = (sa.select(c.id, c.job_key, c.queue, c.reserved_by, c.reserved_at, c.attempts, c.progress_done,
+                             c.progress_total, c.progress_info, c.progress_at)
+                   .where(c.batch_id == batch_id, c.status == PROCESSING).order_by(c.reserved_at, c.id))
+        with self._reading() if on_primary else self._reading_analytics() as conn:
+            now = conn.execute(sa.select(dialect.now())).scalar_one()
+            by_status = {row["status"]: dict(row) for row in conn.execute(grouped).mappings()}
+            rows = [dict(row) for row in conn.execute(running).mappings()]
+        return BatchProgressRows(now, by_status, rows)
+
+    def read_batch_run_times(self, batch_id: str) -> tuple[float | None, list[float]]:
+        """The 95th percentile of a batch's completed run times (finished minus claimed), aggregated by the
+        database where it can (then the list is empty), else ``(None, every run time)`` for pandas."""
+        c, dialect = self.table.c, self.dialect
+        run = dialect.seconds_between(c.finished_at, c.reserved_at)
+        completed = sa.and_(c.batch_id == batch_id, c.status == COMPLETED)
+        percentile = dialect.percentiles([0.95], run)
+        with self._reading_analytics() as conn:
+            if percentile is not None:
+                value = conn.execute(sa.select(percentile).where(completed)).scalar()
+                return (None if not value or value[0] is None else float(value[0])), []
+            return None, [float(value) for value in conn.execute(sa.select(run).where(completed)).scalars()
+                          if value is not None]
+
+    # -- the worker registry -------------------------------------------------------------
+
+    def _upsert_worker(self, conn: sa.Connection, worker: WorkerBeat) -> None:
+        """INSERT or UPDATE a worker's row: last seen now, with what it runs."""
+        now = self.dialect.now()
+        changes = {"host": worker.host, "pid": worker.pid, "queues": json.dumps(list(worker.queues)),
+                   "concurrency": worker.concurrency, "running": worker.running,
+                   "lease_timeout": worker.lease_timeout, "last_seen": now}
+        if worker.starting:
+            changes.update(started_at=now, stopped_at=None)
+        self.dialect.upsert(conn, self.tables.workers, {"worker_id": worker.worker_id, "started_at": now,
+                                                        **changes}, changes)
+
+    def mark_worker_stopped(self, worker_id: str) -> None:
+        """UPDATE a worker's row: stopped now (by a signal, ``stop()`` or the end of a burst), nothing running."""
+        workers = self.tables.workers
+        with self._transaction() as conn:
+            conn.execute(workers.update().where(workers.c.worker_id == worker_id)
+                         .values(stopped_at=self.dialect.now(), last_seen=self.dialect.now(), running=0))
+
+    def read_workers(self, seen_within_s: float) -> tuple[datetime, list[dict[str, Any]]]:
+        """The database's clock and every worker row last seen within ``seen_within_s`` seconds."""
+        workers = self.tables.workers
+        with self._reading_analytics() as conn:
+            now = conn.execute(sa.select(self.dialect.now())).scalar_one()
+            rows = [dict(row) for row in conn.execute(
+                sa.select(workers).where(workers.c.last_seen >= self.dialect.now_plus(-seen_within_s))
+                .order_by(workers.c.started_at, workers.c.worker_id)).mappings()]
+        return now, rows
+
+    def delete_workers_gone(self, older_than_s: float) -> int:
+        """DELETE the rows of workers last seen more than ``older_than_s`` seconds ago (dead workers age out)."""
+        workers = self.tables.workers
+        with self._transaction() as conn:
+            return conn.execute(workers.delete().where(
+                workers.c.last_seen < self.dialect.now_plus(-older_than_s))).rowcount

@@ -22,6 +22,8 @@ import threading
 import time
 import traceback
 import queue as queue_module
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,7 +31,9 @@ from .context import JobContext, running as running_job
 from .driver import DatabaseQueueDriver
 from .errors import InvalidInputError
 from .job import Job, encode_result
+from .store import ProgressWrite
 from .worker_options import WorkerOptions
+from .workers import forget_gone_workers, worker_beat
 
 log = logging.getLogger(__name__)
 
@@ -151,6 +155,10 @@ class Worker:
     cancel_check_interval
         How often the worker asks which of its running jobs someone wants
         cancelled, and tells them (``current_job().cancel_requested()``).
+    progress_interval
+        How often, at most, the worker writes what its running jobs reported
+        with ``current_job().progress()`` (one statement batch for all of them,
+        and only when some job reported); the heartbeat writes it too.
 
     Every option is checked when the worker is built
     (:class:`~kronix_data.worker_options.WorkerOptions`): a wrong type or value,
@@ -184,6 +192,7 @@ class Worker:
         self._to_cancel: list[Job] = []  # ended after a cancel was asked: recorded as cancelled
         self._thread: threading.Thread | None = None
         self._signals = 0
+        self._registered = False  # whether this run's first heartbeat (which registers the worker) went out
 
     def __repr__(self) -> str:
         return f"Worker({self.driver.worker_id!r}, queues={self.options.queues}, concurrency={self.options.concurrency})"
@@ -210,6 +219,7 @@ class Worker:
                 signal.signal(sig, handler)
             if listener:
                 listener.join(timeout=2)
+            self._leave_registry()
             log.info("%r stopped: %s", self, self.stats)
         if self._hard_stop.is_set() and handlers:
             os._exit(1)  # threads of jobs still running must not keep the process alive
@@ -293,8 +303,9 @@ class Worker:
 
     def _loop(self, executor: _JobThreads) -> None:
         now = time.monotonic()
-        next_heartbeat = now + self.options.lease_timeout / 4
+        next_heartbeat = now  # the first heartbeat registers the worker (kronix_data.workers)
         next_cancel_check = now + self.options.cancel_check_interval
+        next_progress = now + self.options.progress_interval
         next_recovery = now + random.uniform(0, self.options.lease_timeout / 2)
         idle_wait, error_wait = 0.01, 0.1
         grace_deadline: float | None = None
@@ -323,8 +334,12 @@ class Worker:
                 if now >= next_cancel_check:
                     self._pass_on_cancels()
                     next_cancel_check = now + self.options.cancel_check_interval
+                if now >= next_progress:
+                    self._flush_progress()
+                    next_progress = now + self.options.progress_interval
                 if now >= next_recovery:
                     self.stats.recovered += self.driver.recover_stale_jobs(self.options.lease_timeout)
+                    forget_gone_workers(self.driver.store)
                     next_recovery = now + self.options.lease_timeout / 2
                 error_wait = 0.1
             except self._database_errors as error:
@@ -342,7 +357,8 @@ class Worker:
             if claimed:
                 idle_wait = 0.01
                 continue
-            self._wait(min(idle_wait, next_heartbeat - now, next_recovery - now, next_cancel_check - now))
+            self._wait(min(idle_wait, next_heartbeat - now, next_recovery - now, next_cancel_check - now,
+                           next_progress - now))
             idle_wait = min(idle_wait * 2, self.options.poll_interval)
 
     def _busy(self) -> bool:
@@ -539,7 +555,43 @@ class Worker:
             self._to_cancel = []
 
     def _heartbeat(self) -> None:
+        """Renew the leases, write the progress reported since the last write, and say this worker is alive:
+        one transaction."""
         held = [running.job for running in self._running.values()]
         held += [job for job, _ in self._to_complete] + [failure.job for failure in self._to_fail] + self._to_cancel
-        if held:
-            self.driver.heartbeat(held)
+        running = sum(entry.started is not None for entry in self._running.values())
+        beat = worker_beat(self.driver.worker_id, self.options, running, starting=not self._registered)
+        with self._reports() as reports:
+            self.driver.heartbeat(held, progress=reports, worker=beat)
+        self._registered = True
+
+    # -- progress and the registry ---------------------------------------------------
+
+    @contextmanager
+    def _reports(self) -> Iterator[list[ProgressWrite]]:
+        """The running jobs' reports not written yet; given back to their jobs if the write fails."""
+        now = time.monotonic()
+        taken = [(entry.context, report) for entry in self._running.values() if not entry.abandoned
+                 and (report := entry.context.take_report(now)) is not None]
+        try:
+            yield [report for _, report in taken]
+        except BaseException:
+            for context, _ in taken:
+                context.keep_report()
+            raise
+
+    def _flush_progress(self) -> None:
+        """Write what running jobs reported since the last write (nothing at all if none reported)."""
+        with self._reports() as reports:
+            if reports:
+                self.driver.write_progress(reports)
+
+    def _leave_registry(self) -> None:
+        """Mark this worker stopped in the registry (best effort: a worker that cannot is seen as gone)."""
+        if not self._registered:
+            return
+        try:
+            self.driver.store.mark_worker_stopped(self.driver.worker_id)
+        except self._database_errors as error:
+            log.info("could not mark worker %s stopped (%s); it will show as gone", self.driver.worker_id, error)
+        self._registered = False

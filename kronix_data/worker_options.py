@@ -19,8 +19,8 @@ from .job import validate_queue
 class WorkerOptions:
     """The settings of one :class:`~kronix_data.Worker` (see its docstring for what each does).
 
-    Counts are ints >= 1, durations finite seconds (``lease_timeout``,
-    ``poll_interval`` and ``cancel_check_interval`` > 0, the others >= 0), switches bools, and ``queues``
+    Counts are ints >= 1, durations finite seconds (``lease_timeout``, ``poll_interval``,
+    ``cancel_check_interval`` and ``progress_interval`` > 0, the others >= 0), switches bools, and ``queues``
     a non-empty sequence of queue names (a single name is taken as one queue).
     """
 
@@ -36,6 +36,7 @@ class WorkerOptions:
     batch_size: int = 100
     prefetch_seconds: float = 0.05
     cancel_check_interval: float = 1.0
+    progress_interval: float = 1.0
 
     def __post_init__(self):
         queues = (self.queues,) if isinstance(self.queues, str) else self.queues
@@ -50,7 +51,7 @@ class WorkerOptions:
         object.__setattr__(self, "queues", queues)
         for name in ("concurrency", "completion_batch", "batch_size"):
             _check_count(name, getattr(self, name))
-        for name in ("lease_timeout", "poll_interval", "cancel_check_interval"):
+        for name in ("lease_timeout", "poll_interval", "cancel_check_interval", "progress_interval"):
             _check_seconds(name, getattr(self, name), positive=True)
         for name in ("grace_period", "completion_delay", "prefetch_seconds"):
             _check_seconds(name, getattr(self, name), positive=False)

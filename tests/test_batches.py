@@ -55,11 +55,13 @@ def sales(rows: int = 50, bad_rows: tuple[int, ...] = ()) -> pd.DataFrame:
 def test_progress_counts_and_results_concatenate_record_chunks(driver):
     batch = driver.map(clean, sales(50), chunk_size=10)
 
-    assert batch.progress() == {"total": 5, "pending": 5, "processing": 0, "completed": 0, "failed": 0, "waiting": 0, "cancelled": 0}
+    assert batch.progress() == {"total": 5, "pending": 5, "processing": 0, "completed": 0, "failed": 0, "waiting": 0, "cancelled": 0,
+                                "units_done": 0, "units_total": 50, "units_running": 0}  # rows: a DataFrame's chunks
     assert not batch.done
     assert run_burst(driver, concurrency=3).stats.completed == 5
 
-    assert batch.done and batch.progress() == {"total": 5, "pending": 0, "processing": 0, "completed": 5, "failed": 0, "waiting": 0, "cancelled": 0}
+    assert batch.done and batch.progress() == {"total": 5, "pending": 0, "processing": 0, "completed": 5, "failed": 0, "waiting": 0, "cancelled": 0,
+                                               "units_done": 50, "units_total": 50, "units_running": 0}
     results = batch.wait(progress=False).results()
     assert list(results.columns) == ["chunk", "order", "doubled"]
     assert results["order"].tolist() == list(range(50))  # chunk order, each chunk's rows in order
@@ -128,7 +130,8 @@ def test_a_batch_is_found_again_from_a_new_driver_after_a_restart(driver, db_url
     try:
         found = restarted.batch(batch.id)
         assert found == batch and found.name == "batches.clean" and found.driver is restarted
-        assert found.progress() == {"total": 3, "pending": 0, "processing": 0, "completed": 2, "failed": 1, "waiting": 0, "cancelled": 0}
+        assert found.progress() == {"total": 3, "pending": 0, "processing": 0, "completed": 2, "failed": 1, "waiting": 0, "cancelled": 0,
+                                    "units_done": 20, "units_total": 30, "units_running": 0}
         assert found.results()["order"].tolist() == list(range(20))
         assert found.failures()["error_message"].tolist() == ["negative amount in row 25"]
     finally:
@@ -159,7 +162,7 @@ def test_wait_follows_a_running_worker_with_a_progress_bar(driver, capsys):
         worker.stop()
     assert batch.progress()["completed"] == 5 and batch.progress()["failed"] == 1
     bar = capsys.readouterr().err.replace("\r", "\n").strip().splitlines()[-1]
-    assert "batches.clean" in bar and "6/6" in bar and "failed=1" in bar
+    assert "batches.clean" in bar and "60/60 rows" in bar and "failed=1" in bar  # a DataFrame's batch counts rows
 
 
 def test_repr_and_html_summary(driver):

@@ -102,7 +102,7 @@ def test_demo_on_postgresql_with_json_output(tmp_path):
         assert (summary["chunks"], summary["completed"], summary["failed"]) == (8, 8 - len(planted), len(planted))
         assert summary["rows_processed"] == rows - chunk_size * len(planted)
         assert sum(summary["failed_by_error_type"].values()) == len(planted)
-        assert "demo.clean_sales" in done.stderr and "8/8" in done.stderr  # the tqdm bar
+        assert "demo.clean_sales" in done.stderr and f"{rows}/{rows} rows" in done.stderr  # the tqdm bar, by rows
         with DatabaseQueueDriver(url, table=table) as driver:
             assert driver.batch("demo-sales").progress()["completed"] == 8 - len(planted)
     finally:

@@ -70,7 +70,7 @@ def test_quickstart(tmp_path, monkeypatch):
     assert "{'n': 3, 'square': 9}" in outputs[6]
     assert "{'total': 10, 'pending': 10," in flat(outputs[7])
     assert "chunk  rows    amount" in outputs[8]  # the chunks' records, concatenated
-    assert "True {'total': 10, 'pending': 0, 'processing': 0, 'completed': 10, 'failed': 0, 'waiting': 0, 'cancelled': 0}" in flat(outputs[9])
+    assert "True {'total': 10, 'pending': 0, 'processing': 0, 'completed': 10, 'failed': 0, 'waiting': 0, 'cancelled': 0, 'units_done':" in flat(outputs[9])
 
 
 def test_etl_in_chunks_across_worker_processes_with_the_monitor(tmp_path, monkeypatch):
@@ -80,19 +80,23 @@ def test_etl_in_chunks_across_worker_processes_with_the_monitor(tmp_path, monkey
     assert "LocalWorkers(0/2 alive" in outputs[4]  # burst workers left once the batch was done
     assert "{'total': 20, 'pending': 0, 'processing': 0, 'completed': 20, 'failed': 0, 'waiting': 0, 'cancelled': 0}" in flat(outputs[5])
     assert "jobs/s over the last minute" in outputs[5]
-    assert "{'total': 20, 'pending': 0, 'processing': 0, 'completed': 20, 'failed': 0, 'waiting': 0, 'cancelled': 0}" in flat(outputs[6])
+    assert "{'total': 20, 'pending': 0, 'processing': 0, 'completed': 20, 'failed': 0, 'waiting': 0, 'cancelled': 0, 'units_done':" in flat(outputs[6])
     assert "store        berlin" in outputs[7]
+    assert "'units_total': 600000" in outputs[8] and "eta: 0:00:" in outputs[8]  # rows within running chunks
+    assert "live" in outputs[8] and "stopped" in outputs[8]  # these workers, and the burst workers that left
+    assert "gone" in outputs[9] and "live" in outputs[9]  # the killed worker, and the one that took over
+    assert "attempt  resumed_from" in outputs[10]  # the chunk cut short resumed from its checkpoint
 
 
 def test_failure_analysis_fixes_and_retries_until_complete(tmp_path, monkeypatch):
     outputs = run("03_failure_analysis.ipynb", tmp_path, monkeypatch)
-    assert "{'total': 20, 'pending': 0, 'processing': 0, 'completed': 16, 'failed': 4, 'waiting': 0, 'cancelled': 0}" in flat(outputs[2])
+    assert "{'total': 20, 'pending': 0, 'processing': 0, 'completed': 16, 'failed': 4, 'waiting': 0, 'cancelled': 0, 'units_done':" in flat(outputs[2])
     assert "KeyError      3" in outputs[3] and "ValueError    1" in outputs[3]  # the groupby
     assert "'SEK'" in outputs[4] and "21/03/2026 09:57 is not ISO8601" in outputs[4]
     assert outputs[5].startswith("ValueError: Time data 21/03/2026 09:57") and "Traceback" in outputs[5]
     assert "ordered_at = pd.to_datetime(orders" in outputs[5]  # the traceback points at the line to fix
     assert "retried 4 chunks" in outputs[7]
-    assert "{'total': 20, 'pending': 0, 'processing': 0, 'completed': 20, 'failed': 0, 'waiting': 0, 'cancelled': 0}" in flat(outputs[7])
+    assert "{'total': 20, 'pending': 0, 'processing': 0, 'completed': 20, 'failed': 0, 'waiting': 0, 'cancelled': 0, 'units_done':" in flat(outputs[7])
 
 
 def test_pipelines_wait_for_their_parents_cancel_a_batch_and_pause_a_queue(tmp_path, monkeypatch):

@@ -151,7 +151,7 @@ def test_a_plain_install_into_a_fresh_virtualenv_runs_the_demo_and_a_job(tmp_pat
     assert counts and int(counts[1]) + int(counts[2]) == chunks and int(counts[1]) > 0, demo.stdout
     assert "exactly those failed" in demo.stdout  # the demo checks its own planted bad rows
     assert "revenue per store (batch.results()" in demo.stdout
-    assert f"{chunks}/{chunks}" in demo.stderr  # the tqdm bar, which a plain install once lacked
+    assert f"{DEMO_ROWS}/{DEMO_ROWS} rows" in demo.stderr  # the tqdm bar (in rows), which a plain install once lacked
 
     job = results["job"]
     assert job.returncode == 0, f"one job on SQLite failed:\n{tail(job.stderr)}"
