@@ -21,6 +21,7 @@ exit codes:
      driver not installed: the message says what to pip install)
   4  database unreachable or failing, or the table does not exist (run 'kronix init')
   5  a module given to 'worker -m' cannot be imported
+  141  the reader of the output went away (e.g. 'kronix dead-letters | head'), as for other tools
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ from .errors import MissingDriverError, NotFoundError
 log = logging.getLogger(__name__)
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_CONFIGURATION, EXIT_DATABASE, EXIT_IMPORT = range(6)
+EXIT_BROKEN_PIPE = 128 + 13  # killed by SIGPIPE, as a shell reports it
 DEFAULT_URL = "sqlite:///kronix.db"
 DEFAULT_TABLE = "kronix_jobs"
 #: Where and how big 'kronix demo' runs by default (kronix_data/demo.py is imported only by that command,
@@ -492,7 +494,14 @@ def main(argv: list[str] | None = None) -> int:
     password = (database_password(args.db), database_password(args.read_db))
     configure_logging(args.verbose, password)
     try:
-        return args.handler(args)
+        exit_code = args.handler(args)
+        sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's shutdown
+        return exit_code
+    except BrokenPipeError:
+        # The reader went away ('| head'): stop quietly with the shell's SIGPIPE status, and point
+        # stdout at /dev/null so the interpreter's last flush cannot fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
     except CommandError as error:
         message = str(error)
         exit_code = error.exit_code

@@ -154,6 +154,20 @@ def test_dead_letters_as_json_and_as_a_table(tmp_path, sqlite_url, sqlite_driver
     assert limited.stdout.count("\n") == 3 and "1 more" in limited.stdout
 
 
+def test_a_reader_that_goes_away_ends_the_command_quietly(tmp_path, sqlite_url, sqlite_driver):
+    """`kronix dead-letters | head -1`: the pipe closes after one line; no traceback, the SIGPIPE status."""
+    sqlite_driver.push_many([Job("etl.clean", {"n": n}, max_retries=0) for n in range(3000)])
+    for job in sqlite_driver.pop_many(3000):
+        job.last_error = "ValueError: bad row " * 4
+        assert sqlite_driver.fail(job)
+    process = start_kronix(["dead-letters", "--limit", "3000", "--db", sqlite_url], cwd=tmp_path)
+    assert process.stdout.readline().split() == ["id", "name", "queue", "attempts", "last_error"]
+    process.stdout.close()  # the reader goes away with more than a pipe's buffer still to come
+    stderr = process.stderr.read()
+    assert process.wait(timeout=60) == 141
+    assert "Traceback" not in stderr and "BrokenPipe" not in stderr, stderr
+
+
 def test_retry_one_dead_letter_then_an_unknown_id(tmp_path, sqlite_url, sqlite_driver):
     [job_id] = fail_jobs(sqlite_driver, [Job("etl.clean")], "boom")
 
