@@ -59,11 +59,26 @@ def chunk(payload):
 FAILING: set[int] = set()
 
 
+def rows_replayed(standby_url: str, table: str) -> int | None:
+    """How many rows ``table`` has on the standby; None until the standby has replayed its creation."""
+    if select(standby_url, "SELECT to_regclass(:table)", {"table": table})[0][0] is None:
+        return None
+    return select(standby_url, f"SELECT count(*) FROM {table}")[0][0]
+
+
+def created_on_both(primary_url: str, standby_url: str, table: str, **options) -> DatabaseQueueDriver:
+    """A driver on a new table, returned once the standby has replayed the table's creation (reading
+    it there before would be an error, not a stale answer)."""
+    driver = DatabaseQueueDriver(primary_url, table=table, **options)
+    driver.create_table()
+    wait_until(lambda: rows_replayed(standby_url, table) is not None, 30, "the standby to replay the new table")
+    return driver
+
+
 def test_the_views_and_a_refreshing_monitor_read_the_standby_and_send_the_primary_no_query(pair):
     primary, standby = pair
     table = unique_table()
-    driver = DatabaseQueueDriver(primary.url, table=table, read_db=standby.url)
-    driver.create_table()
+    driver = created_on_both(primary.url, standby.url, table, read_db=standby.url)
     try:
         FAILING.clear()
         FAILING.add(2)
@@ -100,8 +115,7 @@ def test_the_views_and_a_refreshing_monitor_read_the_standby_and_send_the_primar
 def test_a_lagging_standby_says_so_and_batch_wait_still_ends_only_when_the_primary_is_done(pair):
     primary, standby = pair
     table = unique_table()
-    driver = DatabaseQueueDriver(primary.url, table=table, read_db=standby.url)
-    driver.create_table()
+    driver = created_on_both(primary.url, standby.url, table, read_db=standby.url)
     paused = False
     try:
         FAILING.clear()
@@ -141,11 +155,10 @@ def test_a_lagging_standby_says_so_and_batch_wait_still_ends_only_when_the_prima
 def test_kronix_stats_reads_the_standby_given_by_read_db_or_the_environment(pair, tmp_path):
     primary, standby = pair
     table = unique_table()
-    driver = DatabaseQueueDriver(primary.url, table=table)
-    driver.create_table()
+    driver = created_on_both(primary.url, standby.url, table)
     try:
         driver.push_many([Job("n", i, queue="etl") for i in range(3)])
-        wait_until(lambda: select(standby.url, f"SELECT count(*) FROM {table}")[0][0] == 3, 30, "the standby to replay")
+        wait_until(lambda: rows_replayed(standby.url, table) == 3, 30, "the standby to replay the jobs")
         reset_statements(primary.url)
         by_option, by_environment = kronix_in_parallel(
             ["--db", primary.url, "--read-db", standby.url, "--table", table, "--json", "stats"],
