@@ -42,7 +42,7 @@ import sqlalchemy as sa
 from . import __version__
 from .dialects import multi_host_url
 from .driver import DatabaseQueueDriver
-from .errors import MissingDriverError, NotFoundError
+from .errors import InvalidInputError, MissingDriverError, NotFoundError
 
 log = logging.getLogger(__name__)
 
@@ -211,8 +211,34 @@ def command_stats(args: argparse.Namespace) -> int:
     records = json_records(frame)
     for record in records:
         record["running_progress"] = [item for item in reporting if item["queue"] == record["queue"]]
+    if args.plot:
+        human += "\n\n" + write_timeline_plot(args)
     emit(args, human, records)
     return EXIT_OK
+
+
+def write_timeline_plot(args: argparse.Namespace) -> str:
+    """``stats --plot FILE.png``: the throughput chart of ``driver.timeline()`` as a PNG; says where it went."""
+    import pandas as pd
+
+    from .charts import timeline_png  # matplotlib only for this option
+
+    try:
+        since = pd.to_timedelta(args.since).to_pytimedelta()
+    except ValueError as error:
+        raise CommandError(f"--since must be a span such as 1h, 30min or 2d, got {args.since!r}", EXIT_USAGE) from error
+    with open_driver(args) as driver:
+        try:
+            frame = driver.timeline(args.freq, since=since)
+        except InvalidInputError as error:
+            raise CommandError(str(error), EXIT_USAGE) from error
+    title = f"{args.table}: jobs per interval, last {args.since}"
+    try:
+        with open(args.plot, "wb") as file:
+            file.write(timeline_png(frame, title=title))
+    except OSError as error:
+        raise CommandError(f"cannot write the plot to {args.plot}: {error.strerror}", EXIT_FAILURE) from error
+    return f"throughput chart ({len(frame):,} intervals x queues, every {args.freq}) written to {args.plot}"
 
 
 # -- progress and the worker registry ---------------------------------------------
@@ -413,7 +439,10 @@ def build_parser() -> argparse.ArgumentParser:
         return command
 
     add("init", command_init, "create the jobs table, or upgrade an older one in place")
-    add("stats", command_stats, "per-queue counts and timings")
+    stats = add("stats", command_stats, "per-queue counts and timings")
+    stats.add_argument("--plot", metavar="FILE.png", help="also write the throughput chart (driver.timeline) as a PNG")
+    stats.add_argument("--freq", default="1min", help="with --plot: the interval, e.g. 10s, 1min, 1h (default: 1min)")
+    stats.add_argument("--since", default="1h", help="with --plot: how far back, e.g. 30min, 1h, 7d (default: 1h)")
     dead = add("dead-letters", command_dead_letters, "list failed jobs, newest first")
     dead.add_argument("--queue", help="only this queue")
     dead.add_argument("--limit", type=bounded(int, 1), help="show at most this many")
