@@ -36,15 +36,17 @@ def timeline_figure(frame: pd.DataFrame, *, title: str | None = None, width: flo
     intervals = frame["interval"].dt.tz_convert("UTC").dt.tz_localize(None)
     completed = frame.assign(interval=intervals).pivot_table(index="interval", columns="queue", values="completed",
                                                               aggfunc="sum", fill_value=0)
+    totals = _with_last_step(frame.assign(interval=intervals).groupby("interval")[list(_TOTALS)].sum())
+    label = _interval_label(completed.index)
+    completed = _with_last_step(completed)
     for queue in completed.columns:
         axes.plot(completed.index, completed[queue], drawstyle="steps-post", linewidth=1.6,
                   label=f"completed ({queue})")
-    totals = frame.assign(interval=intervals).groupby("interval")[list(_TOTALS)].sum()
     for measure, style in _TOTALS.items():
         if totals[measure].any():
             axes.plot(totals.index, totals[measure], drawstyle="steps-post", linewidth=1.4, label=f"{measure} (all)",
                       **style)
-    axes.set_ylabel(f"jobs per {_interval_label(completed.index)}", fontsize=8)
+    axes.set_ylabel(f"jobs per {label}", fontsize=8)
     axes.set_xlabel("UTC", fontsize=8)
     axes.set_ylim(bottom=0)
     axes.tick_params(labelsize=7)
@@ -58,6 +60,13 @@ def timeline_png(frame: pd.DataFrame, **options: Any) -> bytes:
     buffer = io.BytesIO()
     timeline_figure(frame, **options).savefig(buffer, format="png")
     return buffer.getvalue()
+
+
+def _with_last_step(table: pd.DataFrame) -> pd.DataFrame:
+    """The table with its last row repeated one interval later: a step plot draws a value from its
+    interval's start to the next one's, so without it the newest interval (the one filling now) has no width."""
+    step = table.index[1] - table.index[0] if len(table) > 1 else pd.Timedelta(minutes=1)
+    return pd.concat([table, table.iloc[[-1]].set_axis([table.index[-1] + step])])
 
 
 def _interval_label(index: pd.Index) -> str:
