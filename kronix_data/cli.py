@@ -356,6 +356,14 @@ def command_queues(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def command_top(args: argparse.Namespace) -> int:
+    """A live terminal view (kronix_data/top.py); one set of tables when stdout is not a terminal."""
+    from .top import run_top  # rich only for this command
+
+    with open_driver(args) as driver:
+        return run_top(driver, interval=args.interval)
+
+
 def command_worker(args: argparse.Namespace) -> int:
     """Import the job modules first, so a typo fails fast without touching the database."""
     import_job_modules(args.modules)
@@ -462,6 +470,10 @@ def build_parser() -> argparse.ArgumentParser:
     resume.add_argument("queue", metavar="QUEUE")
     add("queues", command_queues, "each queue: paused or not, and its jobs by status")
     add("workers", command_workers, "workers of this table: live ones, and those stopped or gone in the last hour")
+    top = add("top", command_top, "a live view of the queues, newest batches, throughput, live workers and the "
+                                   "latest failures (q quits); printed once when stdout is not a terminal")
+    top.add_argument("--interval", type=bounded(float, 0.1), default=1.0, metavar="SECONDS",
+                     help="seconds between redraws (default: 1)")
     recover = add("recover", command_recover, "return jobs of dead workers to pending")
     recover.add_argument("--timeout", type=bounded(float, 0), default=300.0, metavar="SECONDS",
                          help="lease age after which a job counts as stale (default: 300)")
