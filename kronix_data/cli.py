@@ -372,8 +372,31 @@ def command_worker(args: argparse.Namespace) -> int:
     options = {name: value for name, value in (("concurrency", args.concurrency),
                                                ("lease_timeout", args.lease_timeout)) if value is not None}
     with open_driver(args) as driver:
-        Worker(driver, queues=tuple(args.queues or ["default"]), burst=args.burst, **options).run()
+        worker = Worker(driver, queues=tuple(args.queues or ["default"]), burst=args.burst, **options)
+        with serving_metrics(worker, args.metrics_port, args.metrics_host):
+            worker.run()
     return EXIT_OK
+
+
+@contextmanager
+def serving_metrics(worker, port: int | None, host: str) -> Iterator[None]:
+    """``worker --metrics-port``: the worker's Prometheus metrics over HTTP while it runs (kronix_data/metrics.py)."""
+    if port is None:
+        yield
+        return
+    from .metrics import serve_metrics
+
+    try:
+        server, _thread = serve_metrics(worker, port, host)
+    except (OSError, OverflowError) as error:  # taken, not ours to bind, or not a port (> 65535)
+        reason = getattr(error, "strerror", None) or error
+        raise CommandError(f"cannot serve metrics on {host}:{port}: {reason}", EXIT_FAILURE) from error
+    print(f"kronix worker: metrics on http://{host}:{server.server_port}/metrics", file=sys.stderr, flush=True)
+    try:
+        yield
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 def command_demo(args: argparse.Namespace) -> int:
@@ -486,6 +509,10 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--burst", action="store_true", help="stop once the queues are empty")
     worker.add_argument("--lease-timeout", type=bounded(float, 0, inclusive=False), metavar="SECONDS",
                         help="how long a held job may go without a heartbeat (default: the Worker's)")
+    worker.add_argument("--metrics-port", type=bounded(int, 0), metavar="PORT",
+                        help="serve Prometheus metrics at http://HOST:PORT/metrics (0: a free port, printed on stderr)")
+    worker.add_argument("--metrics-host", default="127.0.0.1", metavar="HOST",
+                        help="the address the metrics listen on (default: 127.0.0.1; 0.0.0.0 for every interface)")
     demo = add("demo", command_demo, "run a generated ETL batch in chunks on local worker processes and show "
                                      "its stats and failures (on sqlite:///kronix_demo.db unless --db is given)")
     demo.add_argument("--rows", type=bounded(int, 1), default=DEMO_ROWS, metavar="N",
