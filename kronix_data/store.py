@@ -981,11 +981,11 @@ class JobStore:
         """COUNT per queue and ``bucket_s``-second interval (bucketed by the database) of the jobs claimed,
         completed and dead-lettered since ``since`` (a datetime, or seconds before the database's now).
 
-        Index ranges only, never the whole history: the jobs finished since then through
-        ``<table>_finished``, in one pass that buckets their finish and their claim (a job is claimed
-        before it finishes, so the same range holds the claims of every finished job), and the claims
-        of the running jobs through ``<table>_lease``.  A job's claim is its last: an attempt given back
-        for a retry counts when the job is claimed again.
+        Index ranges only, never the whole history: the jobs completed or dead-lettered since then
+        through ``<table>_finished``, in one pass that buckets their finish and their claim (a job is
+        claimed before it finishes, so the same range holds the claims of every finished job), and the
+        claims of the running jobs, found by status (``<table>_status``; PostgreSQL's plan at 1M rows).
+        A job's claim is its last: an attempt given back for a retry counts when it is claimed again.
         """
         c, dialect = self.table.c, self.dialect
         start = self._time_bound(since, "since")
