@@ -121,3 +121,40 @@ def test_it_reads_from_read_db_like_the_other_analytics(tmp_path):
         finished_job(primary, queue="on-primary", due=db_now(primary) - timedelta(minutes=3), wait=0, run=1)
     with DatabaseQueueDriver(primary_url, table=table, read_db=replica_url) as reading:
         assert set(reading.timeline()["queue"]) == {"on-replica"}
+
+
+def test_on_postgresql_the_finished_jobs_are_read_by_an_index_range(tmp_path):
+    """The statements the timeline runs, EXPLAINed on a table of 50,000 jobs finished over 50 days: the
+    last half hour's come from a range of the ``<table>_finished`` index, as at 1M rows
+    (benchmarks/stats_at_scale.py)."""
+    import sqlalchemy as sa
+
+    table = unique_table()
+    with DatabaseQueueDriver(database_url("postgresql", tmp_path), table=table) as driver:
+        driver.create_table()
+        try:
+            finished_job(driver, due=db_now(driver) - timedelta(minutes=5), wait=0, run=1)
+            with driver.engine.begin() as conn:  # history: one job finished every 86.4 s, up to a day ago
+                conn.execute(sa.text(
+                    f"INSERT INTO {table} (id, name, queue, status, created_at, available_at, reserved_at, finished_at)"
+                    " SELECT 'h' || i, 'old', 'default', 'completed', t, t, t, t FROM"
+                    " (SELECT i, now() - interval '1 day' - i * interval '86.4 seconds' AS t"
+                    "  FROM generate_series(1, 50000) AS i) AS history"))
+                conn.execute(sa.text(f"ANALYZE {table}"))
+            statements = []
+            listener = lambda conn, cursor, statement, parameters, context, many: statements.append(  # noqa: E731
+                (statement, parameters))
+            sa.event.listen(driver.engine, "before_cursor_execute", listener)
+            assert driver.timeline("1min", since=timedelta(minutes=30))["completed"].sum() == 1
+            sa.event.remove(driver.engine, "before_cursor_execute", listener)
+            grouped = [(statement, parameters) for statement, parameters in statements if "GROUP BY" in statement]
+            assert len(grouped) == 2  # the finished jobs, the running ones
+            with driver.engine.connect() as conn:
+                cursor = conn.connection.dbapi_connection.cursor()
+                cursor.execute("EXPLAIN " + grouped[0][0], grouped[0][1])
+                plan = "\n".join(row[0] for row in cursor.fetchall())
+                conn.rollback()
+            assert f"Index Scan using {table}_finished" in plan or f"Bitmap Index Scan on {table}_finished" in plan, plan
+            assert "Index Cond: (finished_at >=" in plan, plan
+        finally:
+            driver.drop_table()
