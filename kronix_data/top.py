@@ -187,9 +187,19 @@ def run_top(driver, *, interval: float = 1.0, console=None) -> int:
         return 0
     from rich.live import Live
 
+    from rich.console import Group
+    from rich.text import Text
+
+    shown = None
     with _keys_and_resizes() as wait, Live(console=console, screen=True, auto_refresh=False) as live:
         while True:
-            live.update(render(read_view(driver), live=True), refresh=True)
+            try:
+                shown = render(read_view(driver), live=True)
+                live.update(shown, refresh=True)
+            except driver.store.database_errors as error:  # a live view rides out a database gone away
+                reason = " ".join(str(getattr(error, "orig", None) or error).split())[:200]
+                live.update(Group(*filter(None, [shown, Text(f"database error, retrying every {interval:g}s: "
+                                                             f"{reason}", style="bold red")])), refresh=True)
             if wait(interval) == "quit":
                 return 0
 

@@ -83,7 +83,7 @@ def tmux(tmp_path):
 
 
 def test_top_in_a_real_terminal_shows_the_queue_redraws_on_resize_and_quits_on_q(queue, live_worker, tmux):
-    url, _, batch = queue
+    url, driver, batch = queue
     command = " ".join(shlex.quote(part) for part in [sys.executable, "-m", "kronix_data.cli", "top", "--db", url])
     tmux.start(f"{command}; echo top-exited-with-$?; sleep 600", width=120, height=40)
 
@@ -105,6 +105,12 @@ def test_top_in_a_real_terminal_shows_the_queue_redraws_on_resize_and_quits_on_q
     resized = tmux.wait_for(lambda _, lines: len(lines[0]) == 90, "the view redrawn 90 columns wide")
     assert all(len(line) <= 90 for line in resized)
     assert any(line.startswith("mail ") and "paused" in line for line in resized)
+
+    driver.drop_table()  # the database fails under it: the view says so and keeps trying
+    tmux.wait_for(lambda text, _: "database error, retrying every 1s" in text and "no such table" in text,
+                  "the database error shown in the view")
+    driver.create_table()
+    tmux.wait_for(lambda text, _: "(no jobs yet)" in text and "database error" not in text, "the view back")
 
     tmux.run("send-keys", "-t", "top", "q")
     tmux.wait_for(lambda text, _: "top-exited-with-0" in text, "kronix top to quit on q with status 0")
