@@ -1,4 +1,5 @@
-"""How fast the DataFrame views stay on a big table: 1,000,000 finished jobs on PostgreSQL.
+"""How fast the DataFrame views (stats, history, batches, timeline) stay on a big table: 1,000,000
+finished jobs on PostgreSQL.
 
     python benchmarks/stats_at_scale.py [--db URL] [--finished 1000000] [--runs 7]
 
@@ -110,6 +111,10 @@ def main(argv: list[str] | None = None) -> int:
             "batch.progress()": batch.progress,
             "batches(since=1 day)": lambda: driver.batches(since=timedelta(days=1)),
             "batches()  [all 1,000]": driver.batches,
+            "timeline()  [1 h by 1 min]": driver.timeline,
+            "timeline('1h', since=1 day)": lambda: driver.timeline("1h", since=timedelta(days=1)),
+            "timeline('1h', queue='reports', 1 day)": lambda: driver.timeline("1h", timedelta(days=1), "reports"),
+            "timeline('1D', since=31 days)  [all]": lambda: driver.timeline("1D", since=timedelta(days=DAYS + 1)),
         }
         print(f"median of {args.runs} runs, PostgreSQL {'.'.join(map(str, driver.engine.dialect.server_version_info))}")
         for label, call in views.items():

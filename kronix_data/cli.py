@@ -43,7 +43,7 @@ import sqlalchemy as sa
 from . import __version__
 from .dialects import multi_host_url
 from .driver import DatabaseQueueDriver
-from .errors import MissingDriverError, NotFoundError
+from .errors import InvalidInputError, MissingDriverError, NotFoundError
 
 log = logging.getLogger(__name__)
 
@@ -213,8 +213,34 @@ def command_stats(args: argparse.Namespace) -> int:
     records = json_records(frame)
     for record in records:
         record["running_progress"] = [item for item in reporting if item["queue"] == record["queue"]]
+    if args.plot:
+        human += "\n\n" + write_timeline_plot(args)
     emit(args, human, records)
     return EXIT_OK
+
+
+def write_timeline_plot(args: argparse.Namespace) -> str:
+    """``stats --plot FILE.png``: the throughput chart of ``driver.timeline()`` as a PNG; says where it went."""
+    import pandas as pd
+
+    from .charts import timeline_png  # matplotlib only for this option
+
+    try:
+        since = pd.to_timedelta(args.since).to_pytimedelta()
+    except ValueError as error:
+        raise CommandError(f"--since must be a span such as 1h, 30min or 2d, got {args.since!r}", EXIT_USAGE) from error
+    with open_driver(args) as driver:
+        try:
+            frame = driver.timeline(args.freq, since=since)
+        except InvalidInputError as error:
+            raise CommandError(str(error), EXIT_USAGE) from error
+    title = f"{args.table}: jobs per interval, last {args.since}"
+    try:
+        with open(args.plot, "wb") as file:
+            file.write(timeline_png(frame, title=title))
+    except OSError as error:
+        raise CommandError(f"cannot write the plot to {args.plot}: {error.strerror}", EXIT_FAILURE) from error
+    return f"throughput chart ({len(frame):,} intervals x queues, every {args.freq}) written to {args.plot}"
 
 
 # -- progress and the worker registry ---------------------------------------------
@@ -332,6 +358,14 @@ def command_queues(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def command_top(args: argparse.Namespace) -> int:
+    """A live terminal view (kronix_data/top.py); one set of tables when stdout is not a terminal."""
+    from .top import run_top  # rich only for this command
+
+    with open_driver(args) as driver:
+        return run_top(driver, interval=args.interval)
+
+
 def command_worker(args: argparse.Namespace) -> int:
     """Import the job modules first, so a typo fails fast without touching the database."""
     import_job_modules(args.modules)
@@ -340,8 +374,31 @@ def command_worker(args: argparse.Namespace) -> int:
     options = {name: value for name, value in (("concurrency", args.concurrency),
                                                ("lease_timeout", args.lease_timeout)) if value is not None}
     with open_driver(args) as driver:
-        Worker(driver, queues=tuple(args.queues or ["default"]), burst=args.burst, **options).run()
+        worker = Worker(driver, queues=tuple(args.queues or ["default"]), burst=args.burst, **options)
+        with serving_metrics(worker, args.metrics_port, args.metrics_host):
+            worker.run()
     return EXIT_OK
+
+
+@contextmanager
+def serving_metrics(worker, port: int | None, host: str) -> Iterator[None]:
+    """``worker --metrics-port``: the worker's Prometheus metrics over HTTP while it runs (kronix_data/metrics.py)."""
+    if port is None:
+        yield
+        return
+    from .metrics import serve_metrics
+
+    try:
+        server, _thread = serve_metrics(worker, port, host)
+    except (OSError, OverflowError) as error:  # taken, not ours to bind, or not a port (> 65535)
+        reason = getattr(error, "strerror", None) or error
+        raise CommandError(f"cannot serve metrics on {host}:{port}: {reason}", EXIT_FAILURE) from error
+    print(f"kronix worker: metrics on http://{host}:{server.server_port}/metrics", file=sys.stderr, flush=True)
+    try:
+        yield
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 def command_demo(args: argparse.Namespace) -> int:
@@ -415,7 +472,10 @@ def build_parser() -> argparse.ArgumentParser:
         return command
 
     add("init", command_init, "create the jobs table, or upgrade an older one in place")
-    add("stats", command_stats, "per-queue counts and timings")
+    stats = add("stats", command_stats, "per-queue counts and timings")
+    stats.add_argument("--plot", metavar="FILE.png", help="also write the throughput chart (driver.timeline) as a PNG")
+    stats.add_argument("--freq", default="1min", help="with --plot: the interval, e.g. 10s, 1min, 1h (default: 1min)")
+    stats.add_argument("--since", default="1h", help="with --plot: how far back, e.g. 30min, 1h, 7d (default: 1h)")
     dead = add("dead-letters", command_dead_letters, "list failed jobs, newest first")
     dead.add_argument("--queue", help="only this queue")
     dead.add_argument("--limit", type=bounded(int, 1), help="show at most this many")
@@ -435,6 +495,10 @@ def build_parser() -> argparse.ArgumentParser:
     resume.add_argument("queue", metavar="QUEUE")
     add("queues", command_queues, "each queue: paused or not, and its jobs by status")
     add("workers", command_workers, "workers of this table: live ones, and those stopped or gone in the last hour")
+    top = add("top", command_top, "a live view of the queues, newest batches, throughput, live workers and the "
+                                   "latest failures (q quits); printed once when stdout is not a terminal")
+    top.add_argument("--interval", type=bounded(float, 0.1), default=1.0, metavar="SECONDS",
+                     help="seconds between redraws (default: 1)")
     recover = add("recover", command_recover, "return jobs of dead workers to pending")
     recover.add_argument("--timeout", type=bounded(float, 0), default=300.0, metavar="SECONDS",
                          help="lease age after which a job counts as stale (default: 300)")
@@ -447,6 +511,10 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--burst", action="store_true", help="stop once the queues are empty")
     worker.add_argument("--lease-timeout", type=bounded(float, 0, inclusive=False), metavar="SECONDS",
                         help="how long a held job may go without a heartbeat (default: the Worker's)")
+    worker.add_argument("--metrics-port", type=bounded(int, 0), metavar="PORT",
+                        help="serve Prometheus metrics at http://HOST:PORT/metrics (0: a free port, printed on stderr)")
+    worker.add_argument("--metrics-host", default="127.0.0.1", metavar="HOST",
+                        help="the address the metrics listen on (default: 127.0.0.1; 0.0.0.0 for every interface)")
     demo = add("demo", command_demo, "run a generated ETL batch in chunks on local worker processes and show "
                                      "its stats and failures (on sqlite:///kronix_demo.db unless --db is given)")
     demo.add_argument("--rows", type=bounded(int, 1), default=DEMO_ROWS, metavar="N",

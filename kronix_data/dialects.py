@@ -194,6 +194,16 @@ class QueueDialect:
         executemany, say), where :meth:`now_plus` takes a Python number."""
         raise NotImplementedError
 
+    def epoch_seconds(self, column: sa.ColumnElement) -> sa.ColumnElement:
+        """Whole seconds since 1970-01-01 UTC of a timestamp column, an integer expression (rounded down)."""
+        raise NotImplementedError
+
+    def time_bucket(self, column: sa.ColumnElement, seconds: int) -> sa.ColumnElement:
+        """Which ``seconds``-long interval since 1970 (UTC) ``column`` falls in, as an integer: the
+        timeline's buckets, aligned on the clock (1 min buckets start on the minute).  Integer arithmetic
+        only, so a time on a boundary never lands in the bucket before it through a rounding error."""
+        return self.epoch_seconds(column) // sa.literal(int(seconds), sa.BigInteger)
+
     def percentiles(self, fractions: list[float], expression: sa.ColumnElement) -> sa.ColumnElement | None:
         """An aggregate of ``expression``'s linearly interpolated percentiles, as an array.
 
@@ -333,6 +343,9 @@ class PostgresDialect(OnConflictDialect):
     def now_minus(self, seconds):
         return sa.type_coerce(sa.func.now() - sa.func.make_interval(0, 0, 0, 0, 0, 0, sa.cast(seconds, sa.Double())),
                               UTCDateTime())
+
+    def epoch_seconds(self, column):
+        return sa.cast(sa.func.floor(sa.extract("epoch", column)), sa.BigInteger)
 
     def percentiles(self, fractions, expression):
         # One ordered-set aggregate for all fractions: one sort of the window, not one per fraction.
@@ -507,6 +520,10 @@ class MySQLDialect(QueueDialect):
     def seconds_between(self, later, earlier):
         return sa.func.timestampdiff(sa.literal_column("MICROSECOND"), earlier, later) / 1_000_000.0
 
+    def epoch_seconds(self, column):
+        # TIMESTAMPDIFF, not UNIX_TIMESTAMP: the stored DATETIME is UTC whatever the session's time zone.
+        return sa.func.timestampdiff(sa.literal_column("SECOND"), sa.literal_column("'1970-01-01 00:00:00'"), column)
+
     def now_minus(self, seconds):
         microseconds = sa.cast(sa.func.round(seconds * -1_000_000), sa.Integer)
         return sa.type_coerce(
@@ -590,6 +607,10 @@ class SQLiteDialect(OnConflictDialect):
 
     def seconds_between(self, later, earlier):
         return (sa.func.julianday(later) - sa.func.julianday(earlier)) * 86400.0
+
+    def epoch_seconds(self, column):
+        # strftime('%s') reads the stored UTC text exactly; julianday() would go through a float.
+        return sa.cast(sa.func.strftime("%s", column), sa.Integer)
 
     def now_minus(self, seconds):
         modifier = sa.func.printf("%+.6f seconds", -seconds)

@@ -17,7 +17,7 @@ from typing import Any
 
 import pandas as pd
 
-from . import analytics, history
+from . import analytics, history, timeline
 from .batches import Batch, batches_frame, enqueue_chunks, find_batch, push_jobs, queues_frame
 from .errors import InvalidInputError
 from .job import Job, encode_result, possible_job_id, validate_queue
@@ -346,6 +346,13 @@ class DatabaseQueueDriver:
         """Per queue: counts by status, oldest pending age, wait/run means and percentiles and
         throughput over the jobs finished in the last ``window`` (see :func:`kronix_data.analytics.fetch_stats`)."""
         return analytics.fetch_stats(self.store, window)
+
+    def timeline(self, freq: Any = "1min", since: datetime | timedelta = timedelta(hours=1),
+                 queue: str | None = None) -> pd.DataFrame:
+        """Jobs started, completed and failed per ``freq`` interval (``"1min"``, ``"10s"``, ``"1h"``) and
+        queue, since ``since`` (a timedelta before now, or an aware datetime); zero-filled, sorted by interval
+        (see :func:`kronix_data.timeline.timeline`)."""
+        return timeline.timeline(self.store, freq, since, queue)
 
     def jobs(self, queue: str | None = None, name: str | None = None, status: str | Iterable[str] | None = None,
              batch: str | None = None, since: datetime | timedelta | None = None,

@@ -156,6 +156,7 @@ class QueueMonitor:
             widgets.HTML("<b>Latest failures</b>"), self.failure_table,
             widgets.HBox([self.retry_button, self.pause_button]), self.status,
         ])
+        self._add_chart_section(widgets)
         self._widgets = widgets
         self._lock = threading.Lock()  # one refresh at a time: background thread vs button clicks
         self._stop = threading.Event()
@@ -238,6 +239,7 @@ class QueueMonitor:
                 failures = self.driver.jobs(status="failed", limit=self.failure_limit) if self.failure_limit \
                     else None
                 progress = self._read_progress(batches)
+                timeline = self._read_timeline()
             except Exception as error:  # noqa: BLE001 - any database trouble is shown, never raised
                 self.error_count += 1
                 self.last_error = f"{type(error).__name__}: {_first_line(error)}"
@@ -248,6 +250,7 @@ class QueueMonitor:
             self._show_batches(batches)
             self._show_progress(*progress)
             self._show_failures(failures)
+            self._show_timeline(timeline)
             self.refresh_count += 1
             self.last_error = None
             self.last_refreshed = datetime.now(timezone.utc)
@@ -270,6 +273,34 @@ class QueueMonitor:
         self.throughput.value = (
             f"<b>Throughput</b>: {_number(self.throughput_window)} jobs/s over the last "
             f"{_duration(self.window)} · {_number(self.throughput_recent)} jobs/s over the last refresh")
+
+    # -- the throughput chart (driver.timeline drawn by kronix_data.charts) -------------
+
+    def _add_chart_section(self, widgets) -> None:
+        """A PNG of jobs per ``chart_freq`` over the last ``chart_span``, below the throughput line, redrawn
+        at most every ``chart_refresh`` seconds (a drawing costs tens of milliseconds; the counts do not wait)."""
+        #: driver.timeline(chart_freq, since=chart_span) as of the last chart refresh.
+        self.timeline = pd.DataFrame(columns=["interval", "queue", "started", "completed", "failed"])
+        self.chart_freq, self.chart_span, self.chart_refresh = "15s", timedelta(minutes=15), 5.0
+        self.chart = widgets.Image(format="png", layout=widgets.Layout(max_width="720px"))
+        self._chart_drawn_at: float | None = None
+        children = list(self.widget.children)
+        at = children.index(self.throughput) + 1 if self.throughput in children else len(children)
+        self.widget.children = [*children[:at], self.chart, *children[at:]]
+
+    def _read_timeline(self) -> pd.DataFrame | None:
+        due = self._chart_drawn_at is None or time.monotonic() - self._chart_drawn_at >= self.chart_refresh
+        return self.driver.timeline(self.chart_freq, since=self.chart_span) if due else None
+
+    def _show_timeline(self, timeline: pd.DataFrame | None) -> None:
+        if timeline is None:
+            return
+        from .charts import timeline_png
+
+        self.timeline = timeline
+        self.chart.value = timeline_png(timeline, title=f"jobs per {self.chart_freq}, last {_duration(self.chart_span)}",
+                                        width=7.0, height=2.2, dpi=90)
+        self._chart_drawn_at = time.monotonic()
 
     def _show_queues(self, queues: list[str], settings: dict[str, dict[str, Any]]) -> None:
         """One pause toggle per queue; pressed means paused for every worker everywhere."""

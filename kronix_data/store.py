@@ -129,6 +129,17 @@ class QueueStatsRows:
     timing_rows: list[tuple[str, float | None, float | None]]
 
 
+@dataclass
+class TimelineRows:
+    """What ``driver.timeline`` reads, from one connection (buckets are interval numbers since 1970):
+    ``finished``: ``(queue, status, finished bucket, claimed bucket or None, jobs)`` of the jobs finished
+    in the span (None: claimed before it); ``running``: ``(queue, claimed bucket, jobs)``."""
+
+    now: datetime
+    finished: list[tuple[str, str, int, int | None, int]]
+    running: list[tuple[str, int, int]]
+
+
 class JobStore:
     """One jobs table in one database, and every statement run on it.
 
@@ -965,6 +976,33 @@ class JobStore:
             .where(in_window).group_by(c.queue)
         )
         return {row["queue"]: dict(row) for row in conn.execute(statement).mappings()}
+
+    def read_timeline(self, bucket_s: int, since: datetime | float, queue: str | None = None) -> TimelineRows:
+        """COUNT per queue and ``bucket_s``-second interval (bucketed by the database) of the jobs claimed,
+        completed and dead-lettered since ``since`` (a datetime, or seconds before the database's now).
+
+        Index ranges only, never the whole history: the jobs completed or dead-lettered since then
+        through ``<table>_finished``, in one pass that buckets their finish and their claim (a job is
+        claimed before it finishes, so the same range holds the claims of every finished job), and the
+        claims of the running jobs, found by status (``<table>_status``; PostgreSQL's plan at 1M rows).
+        A job's claim is its last: an attempt given back for a retry counts when it is claimed again.
+        """
+        c, dialect = self.table.c, self.dialect
+        start = self._time_bound(since, "since")
+        in_queue = [c.queue == queue] if queue is not None else []
+        claimed = sa.case((c.reserved_at >= start, dialect.time_bucket(c.reserved_at, bucket_s)))
+        finished = sa.select(c.queue, c.status, dialect.time_bucket(c.finished_at, bucket_s).label("finished"),
+                             claimed.label("claimed")).where(
+            c.finished_at >= start, c.status.in_([COMPLETED, FAILED]), *in_queue).subquery()
+        running = sa.select(c.queue, dialect.time_bucket(c.reserved_at, bucket_s).label("claimed")).where(
+            c.status == PROCESSING, c.reserved_at >= start, *in_queue).subquery()
+        with self._reading_analytics() as conn:
+            now = conn.execute(sa.select(dialect.now())).scalar_one()
+            finished_rows = [tuple(row) for row in conn.execute(
+                sa.select(*finished.c, sa.func.count()).group_by(*finished.c))]
+            running_rows = [tuple(row) for row in conn.execute(
+                sa.select(*running.c, sa.func.count()).group_by(*running.c))]
+        return TimelineRows(now, finished_rows, running_rows)
 
     def read_history(self, columns: Sequence[str], *, queue: str | None = None, name: str | None = None,
                      statuses: Sequence[str] | None = None, batch: str | None = None,

@@ -14,6 +14,7 @@ concurrency limit holds; its late result is discarded.
 
 from __future__ import annotations
 
+import bisect
 import logging
 import os
 import random
@@ -39,6 +40,10 @@ log = logging.getLogger(__name__)
 
 
 
+#: The run-time histogram's upper bounds in seconds: from a 1 ms job to an hour-long chunk.
+RUN_TIME_BOUNDS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0)
+
+
 @dataclass
 class WorkerStats:
     """Counters of what one worker did, for logs, tests and the monitor."""
@@ -52,6 +57,17 @@ class WorkerStats:
     database_errors: int = 0
     unclaimed: int = 0
     cancelled: int = 0
+    #: Run times of the attempts this worker ran, as a histogram (``kronix worker --metrics-port``):
+    #: how many took at most each bound of RUN_TIME_BOUNDS (not cumulative), their sum and count.
+    run_time_counts: list[int] = field(default_factory=lambda: [0] * (len(RUN_TIME_BOUNDS) + 1), repr=False)
+    run_time_sum: float = field(default=0.0, repr=False)
+    runs: int = field(default=0, repr=False)
+
+    def observe_run_time(self, seconds: float) -> None:
+        """Count one attempt's run time in the histogram (the last slot: longer than every bound)."""
+        self.run_time_counts[bisect.bisect_left(RUN_TIME_BOUNDS, seconds)] += 1
+        self.run_time_sum += seconds
+        self.runs += 1
 
 
 @dataclass
@@ -461,6 +477,7 @@ class Worker:
         with self._lock:
             finished, self._finished = self._finished, []
         for outcome in finished:
+            self.stats.observe_run_time(outcome.run_time)
             ewma = self._run_time_ewma
             self._run_time_ewma = outcome.run_time if ewma is None else 0.9 * ewma + 0.1 * outcome.run_time
             running = self._running.pop((outcome.job.id, outcome.job.attempts))

@@ -811,3 +811,24 @@ def audit_chaos_jobs(driver: DatabaseQueueDriver, url: str, runs_table: str, aud
             "dead_by_chaos": dead_by_chaos, "cut_runs": sum(ended is None for *_, ended, _ in runs),
             "re_executed": sum(count > 1 for count in successes.values()), "duplicates": len(duplicates),
             "lost": len(lost), "problems": problems, "reasons": dict(reasons)}
+
+
+# -- charts ----------------------------------------------------------------------------------------
+
+def png_pixels(data: bytes):
+    """The RGB pixels of PNG bytes (rows x columns x 3, floats 0-1); fails unless it is a whole PNG."""
+    import io
+
+    import matplotlib.image
+
+    assert data[:8] == b"\x89PNG\r\n\x1a\n", f"not a PNG: starts with {data[:8]!r}"
+    assert data[-8:-4] == b"IEND", "the PNG does not end with its IEND chunk"
+    return matplotlib.image.imread(io.BytesIO(data), format="png")[..., :3]
+
+
+def color_fraction(pixels, hex_color: str, tolerance: float = 0.08) -> float:
+    """The share of pixels within ``tolerance`` of ``hex_color`` (a line drawn in that colour shows)."""
+    import numpy as np
+
+    target = np.array([int(hex_color[i:i + 2], 16) / 255 for i in (1, 3, 5)])
+    return float((np.abs(pixels - target).max(axis=-1) <= tolerance).mean())

@@ -344,3 +344,33 @@ def test_cancel_pause_resume_and_queues(tmp_path, sqlite_url, sqlite_driver):
     assert sqlite_driver.get_job(ids[1]).status is JobStatus.CANCELLED and batch.progress()["cancelled"] == 3
     missing = kronix("cancel", "--batch", "no-such-batch", cwd=tmp_path, environment=environment)
     assert missing.returncode == 1 and "no job has batch id 'no-such-batch'" in missing.stderr
+
+
+# -- stats --plot ---------------------------------------------------------------------------------
+
+
+def test_stats_plot_writes_the_throughput_chart_as_a_png(tmp_path, sqlite_url, sqlite_driver):
+    from datetime import timedelta
+
+    from helpers import color_fraction, db_now, finished_job, png_pixels
+
+    now = db_now(sqlite_driver)
+    for minute in range(20):
+        for _ in range(1 + minute % 4):
+            finished_job(sqlite_driver, due=now - timedelta(minutes=25 - minute), wait=0.5, run=1)
+    finished_job(sqlite_driver, queue="reports", status="failed", due=now - timedelta(minutes=10), wait=0, run=1,
+                 last_error="ValueError: bad")
+    environment = cli_environment(KRONIX_DATABASE_URL=sqlite_url)
+    chart = tmp_path / "throughput.png"
+    plotted, bad_freq, bad_since, unwritable = kronix_in_parallel(
+        ["stats", "--plot", str(chart), "--since", "30min"], ["stats", "--plot", "x.png", "--freq", "often"],
+        ["stats", "--plot", "x.png", "--since", "lately"], ["stats", "--plot", str(tmp_path / "no" / "dir.png")],
+        cwd=tmp_path, environment=environment)
+    assert plotted.returncode == 0, plotted.stderr
+    assert f"written to {chart}" in plotted.stdout and "default" in plotted.stdout
+    pixels = png_pixels(chart.read_bytes())
+    assert pixels.shape[0] > 200 and pixels.shape[1] > 600
+    assert color_fraction(pixels, "#1f77b4") > 0.002 and color_fraction(pixels, "#c62828", tolerance=0.04) > 0.0005
+    assert (bad_freq.returncode, bad_since.returncode, unwritable.returncode) == (2, 2, 1)
+    assert "freq" in bad_freq.stderr and "--since" in bad_since.stderr and "cannot write the plot" in unwritable.stderr
+    assert not (tmp_path / "x.png").exists()

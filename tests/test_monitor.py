@@ -251,3 +251,25 @@ def test_a_queue_toggle_pauses_the_queue_for_every_worker_and_shows_a_pause_made
         assert other_driver.pop("etl").payload == 1
     finally:
         monitor.close()
+
+
+def test_the_throughput_chart_draws_the_timeline_and_is_redrawn_only_every_chart_refresh(driver):
+    from helpers import color_fraction, png_pixels
+
+    driver.map(sum_chunk, range(100), chunk_size=10)
+    monitor = QueueMonitor(driver, refresh=0.1, start=False)
+    assert monitor.chart in monitor.widget.children
+    assert monitor.widget.children.index(monitor.chart) == monitor.widget.children.index(monitor.throughput) + 1
+    empty = png_pixels(monitor.chart.value)  # nothing finished yet: empty axes
+    assert monitor.timeline["completed"].sum() == 0 and color_fraction(empty, "#1f77b4") == 0
+
+    run_burst(driver, concurrency=2)
+    monitor.chart_refresh = 3600.0
+    assert monitor.refresh_now() is True
+    assert monitor.timeline["completed"].sum() == 0  # not redrawn within chart_refresh
+    monitor.chart_refresh = 0.0
+    assert monitor.refresh_now() is True
+    assert (monitor.timeline["completed"].sum(), monitor.timeline["failed"].sum()) == (8, 2)
+    assert monitor.timeline["started"].sum() == 10
+    drawn = png_pixels(monitor.chart.value)
+    assert color_fraction(drawn, "#1f77b4") > 0.0002  # the newest interval's completions (test_charts: the rest)

@@ -86,6 +86,10 @@ def test_etl_in_chunks_across_worker_processes_with_the_monitor(tmp_path, monkey
     assert "live" in outputs[8] and "stopped" in outputs[8]  # these workers, and the burst workers that left
     assert "gone" in outputs[9] and "live" in outputs[9]  # the killed worker, and the one that took over
     assert "attempt  resumed_from" in outputs[10]  # the chunk cut short resumed from its checkpoint
+    # driver.timeline(): the 20 + 12 chunks, each started and completed once (the killed attempt's
+    # chunk counts its last claim), and its chart as a PNG
+    assert "default       32         32       0" in outputs[13]
+    assert "iVBORw0KGgo" in outputs[13]  # base64 of the PNG signature: image/png
 
 
 def test_failure_analysis_fixes_and_retries_until_complete(tmp_path, monkeypatch):
