@@ -272,7 +272,8 @@ class QueueDialect:
         raise NotImplementedError
 
     def upsert(self, conn: sa.Connection, table: sa.Table, values: dict[str, Any], changes: dict[str, Any]) -> None:
-        """INSERT ``values``, or where the primary key is already there, UPDATE that row with ``changes``."""
+        """INSERT ``values``, or where the primary key is already there, UPDATE that row with ``changes``
+        (in their order: an expression may read the stored row before a later assignment changes it)."""
         raise NotImplementedError
 
 
@@ -477,7 +478,9 @@ class MySQLDialect(QueueDialect):
     def upsert(self, conn, table, values, changes):
         from sqlalchemy.dialects.mysql import insert
 
-        conn.execute(insert(table).values(values).on_duplicate_key_update(changes))
+        # As a list: SQLAlchemy would put a dict's assignments in column order, and MySQL reads a column
+        # named in a later assignment as already changed by the ones before it.
+        conn.execute(insert(table).values(values).on_duplicate_key_update(list(changes.items())))
 
     def insert_new_keys(self, conn, table, rows):
         stored = super().insert_new_keys(conn, table, rows)

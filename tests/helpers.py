@@ -99,7 +99,7 @@ def drop_table(url: str, table: str) -> None:
     engine = sa.create_engine(url)
     with engine.begin() as conn:
         for name in (f"{table}_deps", f"{table}_waits", f"{table}_queues", f"{table}_workers",
-                     table):  # our own unique_table()
+                     f"{table}_schedules", table):  # our own unique_table()
             conn.execute(sa.text(f"DROP TABLE IF EXISTS {name}"))
     engine.dispose()
 
@@ -123,6 +123,13 @@ def set_times(driver: DatabaseQueueDriver, job_id: str, **values) -> None:
     """Put known timestamps on a row, as if it had run then."""
     with driver.engine.begin() as conn:
         conn.execute(driver.table.update().where(driver.table.c.id == job_id).values(**values))
+
+
+def set_schedule_next_run(driver: DatabaseQueueDriver, name: str, when: datetime) -> None:
+    """Move a schedule's next slot, as if no scheduler had run since then."""
+    schedules = driver.store.tables.schedules
+    with driver.engine.begin() as conn:
+        conn.execute(schedules.update().where(schedules.c.name == name).values(next_run_at=when))
 
 
 def finished_job(driver: DatabaseQueueDriver, *, queue: str = "default", status: str = "completed",
