@@ -13,11 +13,12 @@ import signal
 import subprocess
 import sys
 
+import pytest
 import sqlalchemy as sa
 
 from helpers import (TESTS, attempts_histogram, cli_environment, pgbouncer_in_front_of, private_postgres, select,
                      status_counts, unique_table, wait_until)
-from kronix_data import DatabaseQueueDriver, Job
+from kronix_data import DatabaseQueueDriver, InvalidInputError, Job
 
 WORKERS, JOBS, POOL = 40, 2000, 10
 
@@ -76,3 +77,26 @@ def test_forty_workers_through_pgbouncer_complete_every_job_once_on_a_server_of_
             assert "prepared statement" not in output and "database error" not in output, output[-2000:]
         driver.drop_table()
         driver.close()
+
+
+def test_the_pgbouncer_option_is_checked_and_taken_out_before_psycopg_sees_the_url():
+    with pytest.raises(InvalidInputError, match="kronix_pgbouncer must be one of session, transaction, statement"):
+        DatabaseQueueDriver("postgresql://postgres@127.0.0.1:5432/test?kronix_pgbouncer=yes")
+
+
+@pytest.mark.parametrize("backend", ["postgresql"])
+def test_transaction_pooling_turns_prepared_statements_and_listen_off_and_session_pooling_neither(db_url):
+    """On the shared server directly (the option only changes what kronix asks of the connection)."""
+    def options(mode: str) -> tuple:
+        with DatabaseQueueDriver(f"{db_url}?kronix_pgbouncer={mode}", table=unique_table()) as driver:
+            with driver.engine.connect() as conn:
+                threshold = conn.connection.driver_connection.prepare_threshold
+            listener = driver.store.listener()
+            if listener is not None:
+                listener.close()
+            # The URL handed to worker processes keeps the option.
+            return threshold, listener is not None, "kronix_pgbouncer=" in driver.store.url_with_password
+
+    assert options("transaction") == (None, False, True)
+    assert options("statement") == (None, False, True)
+    assert options("session") == (5, True, True)  # psycopg's default; LISTEN works in session pooling
