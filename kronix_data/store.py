@@ -1265,8 +1265,10 @@ class JobStore:
         schedules = self.tables.schedules
         try:
             plan = plan_firing(schedule["cron"], schedule["timezone"], schedule["next_run_at"], now)
-        except InvalidInputError as error:  # a row no validation made (edited by hand): say so, fire nothing
-            log.error("schedule %r cannot fire: %s", schedule["name"], error)
+        except InvalidInputError as error:  # a row no validation made (edited by hand, a zone this machine lacks)
+            log.error("schedule %r cannot fire and is stopped (next_run_at cleared; save it again to restart it): "
+                      "%s", schedule["name"], error)
+            conn.execute(schedules.update().where(schedules.c.name == schedule["name"]).values(next_run_at=None))
             return 0
         if plan.missed:
             log.warning("schedule %r: %d slot(s) missed while no scheduler ran; firing the latest, %s, once",

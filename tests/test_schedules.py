@@ -128,3 +128,16 @@ def test_kronix_schedules_lists_them_and_unschedule_removes_one(driver, db_url, 
     assert removed.returncode == 0 and "removed schedule 'five'" in removed.stdout
     again = kronix("--db", db_url, "--table", table_name, "unschedule", "five", cwd=tmp_path)
     assert again.returncode == 1 and "no schedule named 'five'" in again.stderr
+
+
+def test_a_stored_schedule_that_cannot_fire_is_stopped_not_retried_in_a_loop(driver):
+    """A row no validation made (edited by hand, or a time zone this machine lacks) stops, with a log line."""
+    driver.schedule("test.noop", cron="* * * * *", name="broken")
+    schedules = driver.store.tables.schedules
+    with driver.engine.begin() as conn:
+        conn.execute(schedules.update().values(timezone="Mars/Olympus_Mons"))
+    set_schedule_next_run(driver, "broken", db_now(driver) - timedelta(seconds=5))
+    assert driver.run_scheduler() is None  # nothing due any more: no schedule has a next slot
+    (schedule,) = driver.schedules().to_dict(orient="records")
+    assert schedule["next_run_at"] != schedule["next_run_at"] and schedule["last_job_id"] is None  # NaT
+    assert len(scheduled_jobs(driver)) == 0
