@@ -16,6 +16,7 @@ from .errors import (DatabaseUnavailableError, InvalidInputError, KronixError, M
 from .job import Job, JobStatus, RetryPolicy
 from .local import LocalWorkers, start_local_workers
 from .slices import FrameSlices, frame_slices
+from .snooze import Snooze
 from .store import JobStore
 from .tasks import Task, task
 from .worker import Worker, WorkerStats
@@ -27,3 +28,5 @@ __all__ = ["Batch", "DatabaseQueueDriver", "DatabaseUnavailableError", "InvalidI
            "enqueue_chunks", "start_local_workers", "task"]
 # Progress and checkpoints: slicing a DataFrame chunk with a checkpoint after each slice.
 __all__ += ["FrameSlices", "frame_slices"]
+# Schedules and snooze: a task that asks to run again later without failing.
+__all__ += ["Snooze"]

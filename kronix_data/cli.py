@@ -366,6 +366,29 @@ def command_top(args: argparse.Namespace) -> int:
         return run_top(driver, interval=args.interval)
 
 
+def command_schedules(args: argparse.Namespace) -> int:
+    """The schedules: cron, time zone, the next slot and the slot last fired."""
+    with open_driver(args) as driver:
+        frame = driver.schedules()
+    stamp = (lambda value: value.strftime("%Y-%m-%d %H:%M:%S") if value == value and value is not None else "-")
+    rows = [{**record, "next_run_at": f"{stamp(record['next_run_at'])} UTC" if record["next_run_at"] == record[
+        "next_run_at"] else "-", "last_run_at": stamp(record["last_run_at"])}
+        for record in frame.to_dict(orient="records")]
+    human = text_table(rows, ["name", "task", "cron", "timezone", "queue", "next_run_at", "last_run_at"]) \
+        if rows else f"no schedules on table {args.table!r}"
+    emit(args, human, json_records(frame))
+    return EXIT_OK
+
+
+def command_unschedule(args: argparse.Namespace) -> int:
+    with open_driver(args) as driver:
+        removed = driver.unschedule(args.name)
+    if not removed:
+        raise CommandError(f"no schedule named {args.name!r} on table {args.table!r}", EXIT_FAILURE)
+    emit(args, f"removed schedule {args.name!r} (the jobs it fired stay)", {"removed": args.name})
+    return EXIT_OK
+
+
 def command_worker(args: argparse.Namespace) -> int:
     """Import the job modules first, so a typo fails fast without touching the database."""
     import_job_modules(args.modules)
@@ -374,7 +397,8 @@ def command_worker(args: argparse.Namespace) -> int:
     options = {name: value for name, value in (("concurrency", args.concurrency),
                                                ("lease_timeout", args.lease_timeout)) if value is not None}
     with open_driver(args) as driver:
-        worker = Worker(driver, queues=tuple(args.queues or ["default"]), burst=args.burst, **options)
+        worker = Worker(driver, queues=tuple(args.queues or ["default"]), burst=args.burst,
+                        scheduler=not args.no_scheduler, **options)
         with serving_metrics(worker, args.metrics_port, args.metrics_host):
             worker.run()
     return EXIT_OK
@@ -499,6 +523,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "latest failures (q quits); printed once when stdout is not a terminal")
     top.add_argument("--interval", type=bounded(float, 0.1), default=1.0, metavar="SECONDS",
                      help="seconds between redraws (default: 1)")
+    add("schedules", command_schedules, "the cron schedules: next slot and the slot last fired")
+    unschedule = add("unschedule", command_unschedule, "remove a schedule (the jobs it fired stay)")
+    unschedule.add_argument("name", metavar="NAME")
     recover = add("recover", command_recover, "return jobs of dead workers to pending")
     recover.add_argument("--timeout", type=bounded(float, 0), default=300.0, metavar="SECONDS",
                          help="lease age after which a job counts as stale (default: 300)")
@@ -509,6 +536,8 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("-m", "--import", dest="modules", action="append", default=[], metavar="MODULE",
                         help="module defining the jobs, repeatable; the current directory is searched")
     worker.add_argument("--burst", action="store_true", help="stop once the queues are empty")
+    worker.add_argument("--no-scheduler", action="store_true",
+                        help="do not fire the table's schedules (another worker does)")
     worker.add_argument("--lease-timeout", type=bounded(float, 0, inclusive=False), metavar="SECONDS",
                         help="how long a held job may go without a heartbeat (default: the Worker's)")
     worker.add_argument("--metrics-port", type=bounded(int, 0), metavar="PORT",

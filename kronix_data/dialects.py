@@ -282,7 +282,8 @@ class QueueDialect:
         raise NotImplementedError
 
     def upsert(self, conn: sa.Connection, table: sa.Table, values: dict[str, Any], changes: dict[str, Any]) -> None:
-        """INSERT ``values``, or where the primary key is already there, UPDATE that row with ``changes``."""
+        """INSERT ``values``, or where the primary key is already there, UPDATE that row with ``changes``
+        (in their order: an expression may read the stored row before a later assignment changes it)."""
         raise NotImplementedError
 
 
@@ -324,12 +325,58 @@ class OnConflictDialect(QueueDialect):
             index_elements=key, set_=changes))
 
 
+#: The URL option that says PostgreSQL is reached through PgBouncer, and in which pooling mode
+#: (``postgresql://app@bouncer:6432/db?kronix_pgbouncer=transaction``).  A URL is what every worker
+#: process is given, so the option reaches them all; it is taken out before psycopg sees the URL.
+PGBOUNCER_OPTION = "kronix_pgbouncer"
+PGBOUNCER_MODES = ("session", "transaction", "statement")
+
+
+def pgbouncer_mode(url: sa.URL) -> str | None:
+    """The PgBouncer pooling mode a URL names (None: a direct connection); a wrong value is refused."""
+    mode = url.query.get(PGBOUNCER_OPTION)
+    if mode is None:
+        return None
+    if mode not in PGBOUNCER_MODES:
+        raise InvalidInputError(f"{PGBOUNCER_OPTION} must be one of {', '.join(PGBOUNCER_MODES)} (PgBouncer's "
+                                f"pool_mode), got {mode!r}")
+    return mode
+
+
+def _through_pgbouncer(mode: str, _dialect, _record, _args, params: dict[str, Any]) -> None:
+    """Connect arguments for PgBouncer: without the option, and in transaction or statement pooling without
+    psycopg's prepared statements, which live in one server session that the next transaction may not get."""
+    params.pop(PGBOUNCER_OPTION, None)
+    if mode != "session":
+        params["prepare_threshold"] = None
+
+
+def _attach_pgbouncer(engine: sa.Engine) -> str | None:
+    """Set an engine whose URL names PgBouncer up for it (once); returns the mode."""
+    mode = pgbouncer_mode(engine.url)
+    if mode is not None and not getattr(engine, "_kronix_pgbouncer", None):
+        event.listen(engine, "do_connect", partial(_through_pgbouncer, mode))
+        engine._kronix_pgbouncer = mode
+    return mode
+
+
 class PostgresDialect(OnConflictDialect):
-    """PostgreSQL: SKIP LOCKED claims in one statement, partial indexes."""
+    """PostgreSQL: SKIP LOCKED claims in one statement, partial indexes; directly or through PgBouncer."""
 
     backends = ("postgresql",)
     partial_indexes = True
     now_default = "now()"
+    #: PgBouncer's pooling mode between us and the server (the URL's kronix_pgbouncer), or None.
+    pgbouncer: str | None = None
+
+    @classmethod
+    def create_engine(cls, url):
+        engine = super().create_engine(url)
+        _attach_pgbouncer(engine)
+        return engine
+
+    def prepare_engine(self, engine):
+        self.pgbouncer = _attach_pgbouncer(engine)
 
     def now(self):
         return sa.type_coerce(sa.func.now(), UTCDateTime())
@@ -366,6 +413,12 @@ class PostgresDialect(OnConflictDialect):
                                    0.0)))).scalar_one())
 
     def listener(self, engine, channel):
+        if self.pgbouncer in ("transaction", "statement"):
+            # LISTEN belongs to one server session; in these modes the session goes back to PgBouncer's
+            # pool after each transaction, and the notifications with it: say so, and let workers poll.
+            log.info("LISTEN is off: the database is reached through PgBouncer in %s pooling mode (%s); "
+                     "workers poll for jobs every poll_interval", self.pgbouncer, PGBOUNCER_OPTION)
+            return None
         return PostgresListener(engine, channel)
 
     #: Below this many rows a multi-row INSERT is as quick as COPY and simpler.
@@ -430,6 +483,7 @@ class PostgresListener(Listener):
         # The engine's own connect arguments: multi-host URLs and target_session_attrs included,
         # so after a failover the listener finds the new primary as the pool does.
         args, kwargs = engine.dialect.create_connect_args(engine.url)
+        kwargs.pop(PGBOUNCER_OPTION, None)  # PgBouncer in session mode: LISTEN works there
         self._conn = psycopg.connect(*args, **kwargs, autocommit=True)
         quoted = psycopg.sql.Identifier(channel)
         self._conn.execute(psycopg.sql.SQL("LISTEN {}").format(quoted))
@@ -490,7 +544,9 @@ class MySQLDialect(QueueDialect):
     def upsert(self, conn, table, values, changes):
         from sqlalchemy.dialects.mysql import insert
 
-        conn.execute(insert(table).values(values).on_duplicate_key_update(changes))
+        # As a list: SQLAlchemy would put a dict's assignments in column order, and MySQL reads a column
+        # named in a later assignment as already changed by the ones before it.
+        conn.execute(insert(table).values(values).on_duplicate_key_update(list(changes.items())))
 
     def insert_new_keys(self, conn, table, rows):
         stored = super().insert_new_keys(conn, table, rows)

@@ -23,6 +23,7 @@ from .errors import InvalidInputError
 from .job import Job, encode_result, possible_job_id, validate_queue
 from .store import JobStore, ProgressWrite, WorkerBeat
 from .workers import workers_frame
+from .schedules import register_task_schedules, schedule_values, schedules_frame
 from .tasks import Task, task_factory
 
 log = logging.getLogger(__name__)
@@ -376,6 +377,61 @@ class DatabaseQueueDriver:
         heartbeat keeps its row; rows an hour old age out.
         """
         return workers_frame(self.store)
+
+    # -- schedules and snooze -----------------------------------------------
+
+    def schedule(self, task: Task | str, cron: str | None = None, *, payload: Any = None, name: str | None = None,
+                 timezone: str | None = None, queue: str | None = None) -> str:
+        """Run ``task`` (a Task or a task name) on a cron schedule, stored in the database; returns its name.
+
+        ``cron`` defaults to the task's own (``@task(cron=...)``), ``timezone`` (an IANA name, UTC by default)
+        is where the cron is read, ``name`` (the task's name by default) names the schedule: saving the same
+        name again replaces it, keeping its next slot if the cron and time zone are unchanged.  Every worker
+        may fire it; each slot becomes one job, keyed ``schedule:<name>:<slot in UTC>``.  An invalid cron or
+        an unknown time zone is an ``InvalidInputError``, with nothing written.
+        """
+        values = schedule_values(task, cron, payload=payload, name=name, timezone=timezone, queue=queue)
+        self.store.save_schedule(values)
+        return values["name"]
+
+    def unschedule(self, name: str | Task) -> bool:
+        """Remove a schedule (the jobs it fired stay); False if there is none of that name.
+
+        A ``@task(cron=...)`` schedule is stored again by the next worker that imports its module.
+        """
+        name = name.name if isinstance(name, Task) else name
+        if not isinstance(name, str):
+            raise InvalidInputError(f"unschedule takes a schedule name or a task, got {type(name).__name__}")
+        return self.store.delete_schedule(name)
+
+    def schedules(self) -> pd.DataFrame:
+        """One row per schedule: name, task, cron, timezone, queue, payload, ``next_run_at`` (and ``next_in_s``),
+        ``last_run_at`` (the slot last fired), ``last_job_id``, ``last_fired_at``, ``created_at``."""
+        return schedules_frame(self.store)
+
+    def register_task_schedules(self, tasks: Iterable[Task] | None = None) -> int:
+        """Store the schedules of the ``@task(cron=...)`` tasks registered in this process (a worker does
+        this when it starts); returns how many."""
+        from .tasks import scheduled_tasks
+
+        return register_task_schedules(self.store, list(scheduled_tasks() if tasks is None else tasks))
+
+    def run_scheduler(self) -> float | None:
+        """Fire the schedules' due slots (one read when none is due); returns the seconds until the next
+        slot of any schedule (None: there are no schedules).  Every worker calls it."""
+        due_in = self.store.schedules_due_in()
+        if due_in is not None and due_in <= 0:
+            self.store.fire_due_schedules()
+            due_in = self.store.schedules_due_in()
+        return due_in
+
+    def snooze(self, job: Job, delay: timedelta | float) -> bool:
+        """Put a held job back as pending, due ``delay`` from now, its attempt not counted and no error
+        recorded (what a worker does when a task raises ``kronix_data.Snooze``); False if not held."""
+        seconds = _seconds(delay, "delay")
+        if seconds < 0 or seconds != seconds:
+            raise InvalidInputError(f"delay must not be negative, got {delay!r}")
+        return self.store.snooze(self.worker_id, [(job, seconds)]) == 1
 
     # -- batches ----------------------------------------------------------
 

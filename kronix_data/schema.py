@@ -120,9 +120,10 @@ class Tables:
     waits: sa.Table
     queues: sa.Table
     workers: sa.Table
+    schedules: sa.Table
 
     def all(self) -> tuple[sa.Table, ...]:
-        return (self.jobs, self.deps, self.waits, self.queues, self.workers)
+        return (self.jobs, self.deps, self.waits, self.queues, self.workers, self.schedules)
 
 
 def build_tables(name: str, *, partial_indexes: bool, now_default: str) -> Tables:
@@ -236,7 +237,8 @@ def build_tables(name: str, *, partial_indexes: bool, now_default: str) -> Table
         **options,
     )
     workers = build_workers_table(metadata, table_name, options)
-    return Tables(table, deps, waits, queues, workers)
+    schedules = build_schedules_table(metadata, table_name, options)
+    return Tables(table, deps, waits, queues, workers, schedules)
 
 
 def build_workers_table(metadata: sa.MetaData, table_name: str, options: dict) -> sa.Table:
@@ -256,6 +258,31 @@ def build_workers_table(metadata: sa.MetaData, table_name: str, options: dict) -
         sa.Column("stopped_at", UTCDateTime()),  # set when it stopped by itself (signal, stop(), burst end)
         **options,
     )
+
+
+def build_schedules_table(metadata: sa.MetaData, table_name: str, options: dict) -> sa.Table:
+    """``<name>_schedules``: one row per cron schedule, in the database so that a schedule made in a
+    notebook reaches the workers of every machine; any worker's scheduler fires its due slots."""
+    schedules = sa.Table(
+        f"{table_name}_schedules", metadata,
+        sa.Column("name", _key_text(MAX_KEY_LENGTH), primary_key=True),
+        sa.Column("task", _key_text(MAX_NAME_LENGTH), nullable=False),  # the jobs' name
+        sa.Column("cron", sa.Text, nullable=False),
+        sa.Column("timezone", sa.Text, nullable=False),  # IANA name the cron is read in
+        sa.Column("payload", _long_text()),  # JSON, the payload of every job fired
+        sa.Column("queue", _key_text(MAX_QUEUE_LENGTH), nullable=False),
+        sa.Column("priority", sa.Integer, nullable=False, server_default="0"),
+        sa.Column("max_retries", sa.Integer, nullable=False, server_default="3"),
+        sa.Column("next_run_at", UTCDateTime()),  # the next slot to fire
+        sa.Column("last_run_at", UTCDateTime()),  # the slot last fired
+        sa.Column("last_job_id", _key_text(MAX_ID_LENGTH)),
+        sa.Column("last_fired_at", UTCDateTime()),  # when that slot was fired (late if no scheduler ran)
+        sa.Column("created_at", UTCDateTime()),
+        sa.Column("updated_at", UTCDateTime()),
+        **options,
+    )
+    sa.Index(f"{table_name}_schedules_next", schedules.c.next_run_at)  # the scheduler's look for due slots
+    return schedules
 
 
 #: Indexes an earlier release made that a newer one replaced: dropped on upgrade.

@@ -20,6 +20,7 @@ Two rules hold for every statement:
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Callable, Iterable, Iterator, Sequence
 import threading
 from contextlib import contextmanager
@@ -29,10 +30,13 @@ from typing import Any
 
 import sqlalchemy as sa
 
+from .cron import next_slot, plan_firing, schedule_key, seconds_until
 from .dialects import Listener, dialect_for, make_engine, stored_ids_by_key
 from .errors import DatabaseUnavailableError, InvalidInputError, NotFoundError
 from .job import Job, JobStatus, decode_json, encode_payload, new_job_id, validate_job
-from .schema import PENDING, PROCESSING, WAITING, build_tables, claim_sort_key
+from .schema import PENDING, PROCESSING, WAITING, UTCDateTime, build_tables, claim_sort_key
+
+log = logging.getLogger(__name__)
 
 #: Stale jobs recovered per transaction.
 RECOVERY_BATCH = 1000
@@ -1223,3 +1227,121 @@ class JobStore:
         with self._transaction() as conn:
             return conn.execute(workers.delete().where(
                 workers.c.last_seen < self.dialect.now_plus(-older_than_s))).rowcount
+
+    # -- schedules ----------------------------------------------------------------------
+    #
+    # A schedule's row says which slot is next; whichever worker's scheduler finds it
+    # due locks the row (skipping rows another scheduler holds), inserts one job per
+    # slot under the key cron.schedule_key(name, slot) (a slot already stored is not
+    # inserted again), and moves next_run_at on, in one transaction.
+
+    def save_schedule(self, values: dict[str, Any]) -> datetime:
+        """INSERT or UPDATE a schedule's row; returns its next slot.
+
+        An unchanged cron and time zone keep the stored next slot (re-running a cell or
+        restarting a worker neither skips nor repeats a slot); a new one starts from now.
+        """
+        schedules = self.tables.schedules
+        with self._transaction() as conn:
+            now = conn.execute(sa.select(self.dialect.now())).scalar_one()
+            stored = conn.execute(sa.select(schedules.c.cron, schedules.c.timezone, schedules.c.next_run_at)
+                                  .where(schedules.c.name == values["name"]).with_for_update()).first()
+            same = stored is not None and (stored.cron, stored.timezone) == (values["cron"], values["timezone"])
+            next_run_at = stored.next_run_at if same and stored.next_run_at is not None else \
+                next_slot(values["cron"], values["timezone"], now)
+            # Two workers storing the same new schedule at once: the row the other wrote keeps its next slot
+            # (first in SET: MySQL reads the columns as already changed by the assignments before).
+            c = schedules.c
+            kept = sa.case((sa.and_(c.cron == values["cron"], c.timezone == values["timezone"],
+                                    c.next_run_at.is_not(None)), c.next_run_at), else_=sa.literal(next_run_at, UTCDateTime()))
+            changes = {"next_run_at": kept, **{k: v for k, v in values.items() if k != "name"}, "updated_at": now}
+            self.dialect.upsert(conn, schedules, {**values, "next_run_at": next_run_at, "updated_at": now,
+                                                  "created_at": now}, changes)
+        return next_run_at
+
+    def delete_schedule(self, name: str) -> bool:
+        """DELETE a schedule (the jobs it fired stay); False if there was none of that name."""
+        schedules = self.tables.schedules
+        with self._transaction() as conn:
+            return conn.execute(schedules.delete().where(schedules.c.name == name)).rowcount == 1
+
+    def read_schedules(self) -> tuple[datetime, list[dict[str, Any]]]:
+        """The database's clock and every schedule's row, by name."""
+        schedules = self.tables.schedules
+        with self._reading_analytics() as conn:
+            now = conn.execute(sa.select(self.dialect.now())).scalar_one()
+            return now, [dict(row) for row in conn.execute(sa.select(schedules).order_by(schedules.c.name))
+                         .mappings()]
+
+    def schedules_due_in(self) -> float | None:
+        """Seconds until the earliest schedule's next slot (<= 0: due now), or None without schedules:
+        one read, so an idle scheduler writes nothing."""
+        schedules = self.tables.schedules
+        with self._reading() as conn:
+            now, earliest = conn.execute(sa.select(self.dialect.now(), sa.func.min(schedules.c.next_run_at)
+                                                   .label("earliest"))).one()
+        return seconds_until(earliest, now)
+
+    def fire_due_schedules(self, limit: int = 100) -> int:
+        """Fire the due slots of up to ``limit`` schedules (see :func:`kronix_data.cron.plan_firing`) in one
+        transaction, NOTIFY listeners if a job was made; returns how many jobs were made."""
+        schedules = self.tables.schedules
+        made = 0
+        with self._transaction() as conn:
+            now = conn.execute(sa.select(self.dialect.now())).scalar_one()
+            due = conn.execute(sa.select(schedules).where(schedules.c.next_run_at <= now)
+                               .order_by(schedules.c.next_run_at, schedules.c.name).limit(limit)
+                               .with_for_update(skip_locked=self.dialect.skips_locked(conn))).mappings().all()
+            for schedule in due:
+                made += self._fire_schedule(conn, dict(schedule), now)
+            if made:
+                self.dialect.notify(conn, self.channel)
+        return made
+
+    def _fire_schedule(self, conn: sa.Connection, schedule: dict[str, Any], now: datetime) -> int:
+        """Insert the jobs of one locked schedule's due slots and move its next slot on; how many were new."""
+        schedules = self.tables.schedules
+        try:
+            plan = plan_firing(schedule["cron"], schedule["timezone"], schedule["next_run_at"], now)
+        except InvalidInputError as error:  # a row no validation made (edited by hand, a zone this machine lacks)
+            log.error("schedule %r cannot fire and is stopped (next_run_at cleared; save it again to restart it): "
+                      "%s", schedule["name"], error)
+            conn.execute(schedules.update().where(schedules.c.name == schedule["name"]).values(next_run_at=None))
+            return 0
+        if plan.missed:
+            log.warning("schedule %r: %d slot(s) missed while no scheduler ran; firing the latest, %s, once",
+                        schedule["name"], plan.skipped + 1, plan.slots[-1].isoformat())
+        payload = decode_json(schedule["payload"])
+        rows = [self.row_for_push(Job(schedule["task"], payload, queue=schedule["queue"], priority=schedule["priority"],
+                                      max_retries=schedule["max_retries"], key=schedule_key(schedule["name"], slot)))
+                for slot in plan.slots]
+        stored = self.dialect.insert_new_keys(conn, self.table, rows) if rows else {}
+        new = sum(stored.get(row["job_key"]) == row["id"] for row in rows)
+        changes: dict[str, Any] = {"next_run_at": plan.next_run_at}
+        if rows:
+            changes.update(last_run_at=plan.slots[-1], last_job_id=stored[rows[-1]["job_key"]], last_fired_at=now)
+        conn.execute(schedules.update().where(schedules.c.name == schedule["name"]).values(changes))
+        return new
+
+    # -- snooze ----------------------------------------------------------------------------
+
+    def snooze(self, worker_id: str, snoozed: Sequence[tuple[Job, float]]) -> int:
+        """Put held jobs back as pending, each due its own delay from now (database clock), the attempt not
+        counted and ``last_error`` untouched: a job that asked to run later did not fail.  One UPDATE per job
+        (executemany), in one transaction; a job whose cancel was asked is cancelled instead."""
+        c = self.table.c
+        jobs = [job for job, _ in snoozed if job.id is not None]
+        if not jobs:
+            return 0
+        extra = [{"snooze_back_s": -float(delay)} for job, delay in snoozed if job.id is not None]
+        values = {"status": JobStatus.PENDING.value, "attempts": c.attempts - 1, "reserved_by": None,
+                  "reserved_at": None, "heartbeat_at": None,
+                  "available_at": self.dialect.now_minus(sa.bindparam("snooze_back_s", type_=sa.Double()))}
+        with self._transaction() as conn:
+            put_back = self._update_each_held(conn, worker_id, jobs, values, extra, cancel_asked=False)
+            if put_back == len(jobs):
+                return put_back
+            cancelled = [job.id for job in jobs if self._cancel_held(conn, worker_id, job)]
+            if cancelled:
+                self._cancel_dependents(conn, cancelled)
+        return put_back + len(cancelled)

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import InvalidInputError
+from .cron import DEFAULT_TIMEZONE, validate_cron, zone_for
 from .job import Job, RetryPolicy, validate_priority
 
 Hook = Callable[[Job, BaseException], None]
@@ -32,9 +33,17 @@ class Task:
     on_failure: Hook | None = None
     on_permanent_failure: Hook | None = None
     priority: int = 0
+    #: A cron schedule for this task (``"*/5 * * * *"``), read in ``timezone``; a worker that imports
+    #: the task's module stores it in the schedules table (see kronix_data.schedules).
+    cron: str | None = None
+    timezone: str = DEFAULT_TIMEZONE
 
     def __post_init__(self):
         validate_priority(self.priority, f"priority of task {self.name!r}")
+        if self.cron is not None:
+            object.__setattr__(self, "timezone", validate_cron(self.cron, self.timezone))
+        else:
+            zone_for(self.timezone)
 
     def __call__(self, payload: Any = None) -> Any:
         """Run the function here and now, without the queue (handy in a notebook)."""
@@ -76,10 +85,12 @@ class TaskJob(Job):
 def task(name: str | None = None, *, queue: str = "default", max_retries: int = 3,
          timeout: float | None = None, retry: RetryPolicy | None = None,
          on_failure: Hook | None = None, on_permanent_failure: Hook | None = None,
-         priority: int = 0) -> Callable[[Callable], Task]:
+         priority: int = 0, cron: str | None = None, timezone: str = DEFAULT_TIMEZONE) -> Callable[[Callable], Task]:
     """Register a function as a task: ``@task(name="etl.clean", max_retries=3)``, or plain ``@task``.
 
-    The name defaults to ``module.function``.  Registering a different
+    The name defaults to ``module.function``.  ``cron`` (with ``timezone``, UTC
+    by default) schedules it: every worker that imports the module registers
+    the schedule, named after the task, and any of them fires each slot once.  Registering a different
     function under a name already taken is an error (two modules would
     otherwise silently fight over the same jobs).
     """
@@ -87,7 +98,7 @@ def task(name: str | None = None, *, queue: str = "default", max_retries: int = 
     def register(function: Callable[[Any], Any]) -> Task:
         registered = Task(name or f"{function.__module__}.{function.__qualname__}", function, queue,
                           max_retries, timeout, retry or RetryPolicy(), on_failure, on_permanent_failure,
-                          priority)
+                          priority, cron=cron, timezone=timezone)
         existing = _registry.get(registered.name)
         if existing is not None and not _same_function(existing.function, function):
             raise InvalidInputError(f"task name {registered.name!r} is already registered to "
@@ -117,3 +128,8 @@ def task_factory(name: str) -> Callable[[Any], TaskJob] | None:
     """A job factory for a registered task, for the driver's ``pop``."""
     registered = _registry.get(name)
     return None if registered is None else registered.job
+
+
+def scheduled_tasks() -> list[Task]:
+    """The tasks registered in this process with a ``cron`` (a worker stores their schedules when it starts)."""
+    return [registered for registered in _registry.values() if registered.cron is not None]

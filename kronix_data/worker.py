@@ -32,6 +32,7 @@ from .context import JobContext, running as running_job
 from .driver import DatabaseQueueDriver
 from .errors import InvalidInputError
 from .job import Job, encode_result
+from .snooze import Snooze
 from .store import ProgressWrite
 from .worker_options import WorkerOptions
 from .workers import forget_gone_workers, worker_beat
@@ -57,6 +58,7 @@ class WorkerStats:
     database_errors: int = 0
     unclaimed: int = 0
     cancelled: int = 0
+    snoozed: int = 0
     #: Run times of the attempts this worker ran, as a histogram (``kronix worker --metrics-port``):
     #: how many took at most each bound of RUN_TIME_BOUNDS (not cumulative), their sum and count.
     run_time_counts: list[int] = field(default_factory=lambda: [0] * (len(RUN_TIME_BOUNDS) + 1), repr=False)
@@ -95,6 +97,7 @@ class _Outcome:
     result_json: str | None = None  # encoded once, on the job's thread
     error: BaseException | None = None
     formatted: str = ""
+    snooze: float | None = None  # seconds: the job raised Snooze
     finished_at: float = field(default_factory=time.monotonic)
     run_time: float = 0.0
 
@@ -171,6 +174,10 @@ class Worker:
     cancel_check_interval
         How often the worker asks which of its running jobs someone wants
         cancelled, and tells them (``current_job().cancel_requested()``).
+    scheduler
+        Fire the due slots of the table's schedules (``driver.schedule``, ``@task(cron=...)``): every worker
+        may, each slot becomes one job whichever does.  The ``@task(cron=...)`` tasks imported in this
+        process are stored as schedules when the worker starts.
     progress_interval
         How often, at most, the worker writes what its running jobs reported
         with ``current_job().progress()`` (one statement batch for all of them,
@@ -206,6 +213,8 @@ class Worker:
         self._retries_due_at = 0.0  # when the last retry this worker scheduled becomes due (burst waits)
         self._to_fail: list[_Failure] = []
         self._to_cancel: list[Job] = []  # ended after a cancel was asked: recorded as cancelled
+        self._to_snooze: list[tuple[Job, float]] = []  # raised Snooze: pending again after the delay
+        self._schedules_stored = False  # whether this run stored the @task(cron=...) schedules yet
         self._thread: threading.Thread | None = None
         self._signals = 0
         self._registered = False  # whether this run's first heartbeat (which registers the worker) went out
@@ -323,6 +332,7 @@ class Worker:
         next_cancel_check = now + self.options.cancel_check_interval
         next_progress = now + self.options.progress_interval
         next_recovery = now + random.uniform(0, self.options.lease_timeout / 2)
+        next_schedule_check = now
         idle_wait, error_wait = 0.01, 0.1
         grace_deadline: float | None = None
         while True:
@@ -337,12 +347,16 @@ class Worker:
                 self._try(self._flush_completions, force=True)
                 self._try(self._flush_failures)
                 self._try(self._flush_cancelled)
+                self._try(self._flush_snoozed)
                 return
             try:
                 self._collect_finished()
                 self._expire_timeouts(now)
                 self._flush_failures()
                 self._flush_cancelled()
+                self._flush_snoozed()
+                if self.options.scheduler and not stopping and now >= next_schedule_check:
+                    next_schedule_check = now + self._run_scheduler()
                 claimed = self._exchange(executor, stopping)
                 if now >= next_heartbeat:
                     self._heartbeat()
@@ -374,12 +388,13 @@ class Worker:
                 idle_wait = 0.01
                 continue
             self._wait(min(idle_wait, next_heartbeat - now, next_recovery - now, next_cancel_check - now,
-                           next_progress - now))
+                           next_progress - now, (next_schedule_check - now) if self.options.scheduler else idle_wait))
             idle_wait = min(idle_wait * 2, self.options.poll_interval)
 
     def _busy(self) -> bool:
         # Timed-out threads count too: their slots are taken until they really end.
-        return bool(self._running or self._to_complete or self._to_fail or self._finished or self._to_cancel)
+        return bool(self._running or self._to_complete or self._to_fail or self._finished or self._to_cancel
+                    or self._to_snooze)
 
     def _wait(self, timeout: float) -> None:
         if self._to_complete:
@@ -452,6 +467,8 @@ class Worker:
                 with running_job(running.context):
                     job.result = job.handle()
                 outcome.result_json = encode_result(job)  # a result that cannot be stored is the job's failure
+            except Snooze as snooze:  # not a failure: run again later, the attempt not counted
+                outcome.snooze = snooze.seconds
             except Exception as error:  # noqa: BLE001 - a job's failure is data
                 outcome.error = error
                 outcome.formatted = "".join(traceback.format_exception(error))
@@ -486,6 +503,8 @@ class Worker:
                 continue
             if running.context.cancel_requested():
                 self._to_cancel.append(outcome.job)
+            elif outcome.snooze is not None:
+                self._to_snooze.append((outcome.job, outcome.snooze))
             elif outcome.error is None:
                 if not self._to_complete:
                     self._first_done_at = outcome.finished_at
@@ -571,11 +590,32 @@ class Worker:
             self.stats.cancelled += self.driver.finish_cancelled(self._to_cancel)
             self._to_cancel = []
 
+    def _flush_snoozed(self) -> None:
+        """Put the jobs that raised Snooze back as pending, due after their delays (one transaction)."""
+        if self._to_snooze:
+            self.stats.snoozed += self.driver.store.snooze(self.driver.worker_id, self._to_snooze)
+            longest = max(delay for _, delay in self._to_snooze)
+            self._retries_due_at = max(self._retries_due_at, time.monotonic() + longest)  # a burst waits for them
+            self._to_snooze = []
+
+    def _run_scheduler(self) -> float:
+        """Store this process's ``@task(cron=...)`` schedules (once a run), fire the due slots of every schedule;
+        returns how long until the next look: the next slot, but at least every ``poll_interval`` (a schedule
+        made from a notebook is seen that soon)."""
+        if not self._schedules_stored:
+            self.driver.register_task_schedules()
+            self._schedules_stored = True
+        due_in = self.driver.run_scheduler()
+        if due_in is None:
+            return self.options.poll_interval
+        return min(max(due_in, 0.001), self.options.poll_interval)
+
     def _heartbeat(self) -> None:
         """Renew the leases, write the progress reported since the last write, and say this worker is alive:
         one transaction."""
         held = [running.job for running in self._running.values()]
         held += [job for job, _ in self._to_complete] + [failure.job for failure in self._to_fail] + self._to_cancel
+        held += [job for job, _ in self._to_snooze]
         running = sum(entry.started is not None for entry in self._running.values())
         beat = worker_beat(self.driver.worker_id, self.options, running, starting=not self._registered)
         with self._reports() as reports:

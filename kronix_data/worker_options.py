@@ -37,6 +37,7 @@ class WorkerOptions:
     prefetch_seconds: float = 0.05
     cancel_check_interval: float = 1.0
     progress_interval: float = 1.0
+    scheduler: bool = True
 
     def __post_init__(self):
         queues = (self.queues,) if isinstance(self.queues, str) else self.queues
@@ -55,7 +56,7 @@ class WorkerOptions:
             _check_seconds(name, getattr(self, name), positive=True)
         for name in ("grace_period", "completion_delay", "prefetch_seconds"):
             _check_seconds(name, getattr(self, name), positive=False)
-        for name in ("burst", "listen"):
+        for name in ("burst", "listen", "scheduler"):
             if not isinstance(getattr(self, name), bool):
                 raise InvalidInputError(f"{name} must be True or False, got {getattr(self, name)!r}")
 

@@ -99,7 +99,7 @@ def drop_table(url: str, table: str) -> None:
     engine = sa.create_engine(url)
     with engine.begin() as conn:
         for name in (f"{table}_deps", f"{table}_waits", f"{table}_queues", f"{table}_workers",
-                     table):  # our own unique_table()
+                     f"{table}_schedules", table):  # our own unique_table()
             conn.execute(sa.text(f"DROP TABLE IF EXISTS {name}"))
     engine.dispose()
 
@@ -123,6 +123,13 @@ def set_times(driver: DatabaseQueueDriver, job_id: str, **values) -> None:
     """Put known timestamps on a row, as if it had run then."""
     with driver.engine.begin() as conn:
         conn.execute(driver.table.update().where(driver.table.c.id == job_id).values(**values))
+
+
+def set_schedule_next_run(driver: DatabaseQueueDriver, name: str, when: datetime) -> None:
+    """Move a schedule's next slot, as if no scheduler had run since then."""
+    schedules = driver.store.tables.schedules
+    with driver.engine.begin() as conn:
+        conn.execute(schedules.update().where(schedules.c.name == name).values(next_run_at=when))
 
 
 def finished_job(driver: DatabaseQueueDriver, *, queue: str = "default", status: str = "completed",
@@ -681,6 +688,119 @@ def close_private_server(server: PrivateServer) -> None:
     if server in _open_servers:
         _open_servers.remove(server)
     server.close()
+
+
+@contextlib.contextmanager
+def private_postgres(settings: dict[str, str]) -> Iterator[PrivatePostgres]:
+    """A private PostgreSQL of its own with these ``settings`` (``max_connections`` say), closed afterwards;
+    skipped (failed under CI) if it cannot start."""
+    expected = (PrivateServerError, OSError, subprocess.SubprocessError, sa.exc.DBAPIError)
+    try:
+        server = PrivatePostgres(settings)
+    except expected as error:
+        skip_or_fail(f"cannot start a private PostgreSQL for this test: {error}")
+    _open_servers.append(server)
+    try:
+        server.setup()
+    except expected as error:
+        close_private_server(server)
+        skip_or_fail(f"cannot start a private PostgreSQL for this test: {error}")
+    try:
+        yield server
+    finally:
+        close_private_server(server)
+
+
+class PgBouncer:
+    """A PgBouncer (Debian's ``pgbouncer``) of this test in front of a private PostgreSQL, on a free port.
+
+    ``pool_mode`` and ``pool_size`` as given; ``max_prepared_statements`` is not set (PgBouncer before 1.21
+    has no such thing, and 0 is the default of those that do), so a client that prepares statements in
+    transaction pooling meets "prepared statement ... does not exist".  Clients log in as anyone
+    (``auth_type = any``) and reach the server as ``postgres``.  Under root it runs as ``postgres``
+    (``-u``; PgBouncer refuses root).  ``url`` is the URL of database ``test`` through it.
+    """
+
+    def __init__(self, server: PrivatePostgres, *, pool_mode: str = "transaction", pool_size: int = 10,
+                 max_client_conn: int = 1000):
+        binary = shutil.which("pgbouncer") or shutil.which("pgbouncer", path="/usr/sbin:/usr/bin")
+        if binary is None:
+            raise PrivateServerError("pgbouncer not found: apt-get install pgbouncer")
+        self.binary = binary
+        self.directory = Path(tempfile.mkdtemp(prefix="kronix-test-pgbouncer-"))
+        self.log = self.directory / "pgbouncer.log"
+        self.port = free_port()
+        self.process: subprocess.Popen | None = None
+        self.config = self.directory / "pgbouncer.ini"
+        self.config.write_text(f"""[databases]
+test = host=127.0.0.1 port={server.port} dbname=test user=postgres
+
+[pgbouncer]
+listen_addr = 127.0.0.1
+listen_port = {self.port}
+unix_socket_dir = {self.directory}
+auth_type = any
+pool_mode = {pool_mode}
+default_pool_size = {pool_size}
+max_db_connections = {pool_size}
+min_pool_size = 0
+reserve_pool_size = 0
+max_client_conn = {max_client_conn}
+ignore_startup_parameters = extra_float_digits
+logfile = {self.log}
+pidfile = {self.directory / "pgbouncer.pid"}
+""")
+        self._user = []
+        if os.geteuid() == 0:
+            shutil.chown(self.directory, user="postgres")
+            shutil.chown(self.config, user="postgres")
+            self._user = ["-u", "postgres"]
+
+    @property
+    def url(self) -> str:
+        return f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/test"
+
+    def start(self) -> PgBouncer:
+        self.process = subprocess.Popen([self.binary, *self._user, str(self.config)], stdout=subprocess.DEVNULL,
+                                        stderr=subprocess.DEVNULL, start_new_session=True)
+        deadline = time.monotonic() + 30
+        while not _answers(self.url):
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                self.close()
+                raise PrivateServerError(f"pgbouncer did not start on port {self.port}:\n{self.log_tail()}")
+            time.sleep(0.05)
+        return self
+
+    def log_tail(self, characters: int = 3000) -> str:
+        try:
+            return self.log.read_text(errors="replace")[-characters:]
+        except OSError:
+            return "(no log)"
+
+    def close(self) -> None:
+        process, self.process = self.process, None
+        if process is not None and process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def pgbouncer_in_front_of(server: PrivatePostgres, **options: Any) -> Iterator[PgBouncer]:
+    """A :class:`PgBouncer` before ``server``, stopped and removed afterwards; skipped (failed under CI)
+    if it cannot start."""
+    try:
+        bouncer = PgBouncer(server, **options).start()
+    except (PrivateServerError, OSError, subprocess.SubprocessError) as error:
+        skip_or_fail(f"cannot start pgbouncer for this test: {error}")
+    try:
+        yield bouncer
+    finally:
+        bouncer.close()
 
 
 # -- chaos audits: every status change logged by a trigger, checked against the runs ------------------

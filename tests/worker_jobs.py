@@ -72,3 +72,20 @@ def meet(payload):
             return met
         time.sleep(0.02)
     raise TimeoutError(f"only {met} of {payload['parties']} worker processes came to the meeting")
+
+
+@task(name="test.snooze_once", max_retries=0)
+def snooze_once(payload):
+    """Record the run; the first run of job ``n`` snoozes for ``seconds`` (with max_retries=0, a snooze that
+    counted as a failure would dead-letter it), the second returns how many runs there were."""
+    from kronix_data import Snooze
+
+    engine, runs = _engine(payload["url"]), payload["runs"]
+    with engine.begin() as conn:
+        conn.execute(sa.text(f"INSERT INTO {runs} (job, pid, started) VALUES (:job, :pid, :started)"),
+                     {"job": payload["n"], "pid": os.getpid(), "started": time.time()})
+        runs_so_far = conn.execute(sa.text(f"SELECT COUNT(*) FROM {runs} WHERE job = :job"),
+                                   {"job": payload["n"]}).scalar_one()
+    if runs_so_far == 1:
+        raise Snooze(payload["seconds"])
+    return runs_so_far
