@@ -338,6 +338,11 @@ def command_worker(args: argparse.Namespace) -> int:
     options = {name: value for name, value in (("concurrency", args.concurrency),
                                                ("lease_timeout", args.lease_timeout)) if value is not None}
     with open_driver(args) as driver:
+        if args.local_channel is not None:  # started by start_local_workers: options and __main__ tasks from there
+            from .local import local_worker
+
+            local_worker(driver, args.local_channel).run()
+            return EXIT_OK
         Worker(driver, queues=tuple(args.queues or ["default"]), burst=args.burst, **options).run()
     return EXIT_OK
 
@@ -445,6 +450,7 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--burst", action="store_true", help="stop once the queues are empty")
     worker.add_argument("--lease-timeout", type=bounded(float, 0, inclusive=False), metavar="SECONDS",
                         help="how long a held job may go without a heartbeat (default: the Worker's)")
+    worker.add_argument("--local-channel", type=int, metavar="FD", help=argparse.SUPPRESS)  # start_local_workers'
     demo = add("demo", command_demo, "run a generated ETL batch in chunks on local worker processes and show "
                                      "its stats and failures (on sqlite:///kronix_demo.db unless --db is given)")
     demo.add_argument("--rows", type=bounded(int, 1), default=DEMO_ROWS, metavar="N",
