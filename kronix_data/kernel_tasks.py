@@ -71,7 +71,8 @@ class KernelTaskServer:
     """
 
     def __init__(self, channel: socket.socket, hello: dict[str, Any]):
-        self.connection = Connection(channel.detach())
+        self._socket = channel  # kept, to shut it down: that wakes the thread blocked reading it
+        self.connection = Connection(os.dup(channel.fileno()))
         self.hello = hello
         self.thread = threading.Thread(target=self._serve, name="kronix-kernel-tasks", daemon=True)
         self.thread.start()
@@ -110,10 +111,12 @@ class KernelTaskServer:
             self.connection.send_bytes(blob)
 
     def close(self) -> None:
-        try:
-            self.connection.close()
-        except OSError:
-            pass
+        """End the channel (the worker then sees its kernel gone); idempotent."""
+        for end in (lambda: self._socket.shutdown(socket.SHUT_RDWR), self._socket.close, self.connection.close):
+            try:
+                end()
+            except OSError:
+                pass
 
 
 class KernelTasks:

@@ -157,4 +157,4 @@ def missing_task_message(name: str, worker_id: str) -> str:
              "put it in a module and start the worker with -m module")
     if name.startswith("__main__."):  # @task's default name in a notebook cell or a script
         return f"task {name!r} was defined in a notebook or a script's __main__; {where} ({text})"
-    return f"{text} (a task defined in a notebook {where})"
+    return f"{text}; if it was defined in a notebook, {where}"

@@ -1,6 +1,6 @@
-"""``start_local_workers`` / ``LocalWorkers``: real worker processes spawned on this machine, on each database.
+"""``start_local_workers`` / ``LocalWorkers``: real worker processes started on this machine, on each database.
 
-Starting them, burst workers that drain the queue and end by themselves (``join``), ``stop()``
+A script with no main guard run as a real subprocess (the workers never run it again), starting them, burst workers that drain the queue and end by themselves (``join``), ``stop()``
 (SIGTERM: running jobs finish), the kill of a worker that outlives ``stop``'s timeout, the job
 modules each process imports, and the arguments it refuses.
 """
@@ -10,6 +10,8 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import subprocess
+import sys
 
 import pytest
 
@@ -124,3 +126,48 @@ def test_a_worker_option_the_worker_refuses_never_gives_a_running_worker(driver)
     finally:
         workers.stop(timeout=10)
     assert status_counts(driver)["pending"] == 1
+
+
+NO_GUARD_SCRIPT = """\
+import os
+import sys
+
+import pandas as pd
+
+import kronix_data
+
+url, table, runs = sys.argv[1:]
+with open(runs, "a") as log:  # every execution of this file leaves a line
+    log.write(f"{os.getpid()}\\n")
+driver = kronix_data.DatabaseQueueDriver(url, table=table)
+driver.drop_table()  # spawned workers used to run this again and empty the batch under their feet
+driver.create_table()
+
+
+@kronix_data.task(name="script.double")
+def double(payload):
+    return {"pid": [os.getpid()], "total": [int(kronix_data.as_frame(payload)["x"].sum() * 2)]}
+
+
+batch = driver.map(double, pd.DataFrame({"x": range(200)}), chunk_size=20)
+workers = kronix_data.start_local_workers(driver, 2, burst=True, concurrency=2)
+workers.join(timeout=300)
+results = batch.results()
+print("progress", batch.progress()["completed"], batch.progress()["total"])
+print("exit codes", [process.exitcode for process in workers.processes])
+print("total", int(results["total"].sum()))
+print("pids", sorted(set(results["pid"]) - {os.getpid()}) == sorted(set(results["pid"])),
+      set(results["pid"]) <= set(workers.pids))
+"""
+
+
+def test_a_script_without_a_main_guard_works_unchanged(db_url, table_name, tmp_path):
+    """Run as a real script: it drops and creates its table, maps its own task and waits for local workers."""
+    script, runs = tmp_path / "no_guard.py", tmp_path / "runs.txt"
+    script.write_text(NO_GUARD_SCRIPT)
+    result = subprocess.run([sys.executable, str(script), db_url, table_name, str(runs)], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert len(runs.read_text().splitlines()) == 1  # the workers never ran the script again
+    assert result.stdout.splitlines() == ["progress 10 10", "exit codes [0, 0]", f"total {2 * sum(range(200))}",
+                                          "pids True True"]
