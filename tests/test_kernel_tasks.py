@@ -130,10 +130,14 @@ def test_the_kernel_sends_each_version_once_and_only_main_tasks():
     worker.connection.recv_bytes = lambda: sent.append(original()) or sent[-1]
     worker.factories(["nb.clean"])
     assert len(sent) == 1  # the answer "same", and no blob
-    define_clean(1)
+    in_kernel = define_clean(1)
     job = worker.factories(["nb.clean"])["nb.clean"](None)
     assert len(sent) == 3 and worker._held["nb.clean"][0] != version_2  # the answer and the new version
     assert job.task.function.__globals__["VERSION"] == 1
+    version_1 = worker._held["nb.clean"][0]
+    in_kernel.function.__globals__["VERSION"] = 3  # not redefined: a global it reads changed in the kernel
+    assert worker.factories(["nb.clean"])["nb.clean"](None).task.function.__globals__["VERSION"] == 3
+    assert worker._held["nb.clean"][0] != version_1
 
     worker.connection.close()  # as if the kernel had gone: its tasks cannot be had any more
 
