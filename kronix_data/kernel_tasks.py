@@ -153,6 +153,24 @@ class KernelTasks:
                 found[name] = self._held[name][1].job
         return found
 
+    def watch(self, on_gone: Callable[[], None], interval: float = 0.5) -> threading.Thread:
+        """Call ``on_gone`` once the kernel is gone (it exited, was restarted or killed), from a daemon thread.
+
+        The kernel never speaks unasked, so its end readable between two questions means it closed.
+        """
+        def run() -> None:
+            while True:
+                with self._lock:
+                    if self.gone or self.connection.poll(0):
+                        self.gone = True
+                        break
+                threading.Event().wait(interval)
+            on_gone()
+
+        thread = threading.Thread(target=run, name="kronix-kernel-watch", daemon=True)
+        thread.start()
+        return thread
+
     def _ask(self, names: list[str]) -> dict[str, Any]:
         if self.gone:
             raise EOFError

@@ -10,13 +10,16 @@ needs no ``if __name__ == "__main__":`` guard (multiprocessing's spawn re-ran
 the whole script in every worker, ``drop_table()`` lines and all).  Job
 functions come from the ``modules`` each worker imports and, for tasks defined
 in the caller's ``__main__`` (a notebook cell, the script), over a private
-channel from this process (kronix_data.kernel_tasks).  The database URL goes
+channel from this process (kronix_data.kernel_tasks).  A worker whose
+caller has gone (it exited, or its kernel was restarted or killed) stops by
+itself, as on SIGTERM, so no orphan workers are left behind.  The database URL goes
 to the workers in their environment, not on their command line, where ``ps``
 would show its password to every user of the machine.
 """
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import socket
@@ -127,7 +130,14 @@ class LocalWorkers:
             finally:
                 theirs.close()  # the child's now: a worker that ends closes the channel for good
             self.processes.append(LocalProcess(popen, KernelTaskServer(ours, hello)))
+        atexit.register(self._at_exit)
         return self
+
+    def _at_exit(self) -> None:
+        """When the caller's interpreter ends: burst workers are waited for, as multiprocessing waited for
+        its children (a script may end without ``join()``); others stop by themselves once it has gone."""
+        if self.options.burst:
+            self.join()
 
     def join(self, timeout: float | None = None) -> None:
         """Wait for the processes to end by themselves (burst workers do)."""
@@ -136,6 +146,7 @@ class LocalWorkers:
 
     def stop(self, timeout: float = 30.0) -> None:
         """SIGTERM every worker, wait up to ``timeout`` for them, then kill the rest."""
+        atexit.unregister(self._at_exit)
         for process in self.alive():
             process.terminate()
         for process in self.processes:
@@ -172,4 +183,11 @@ def local_worker(driver: DatabaseQueueDriver, channel_fd: int):
 
     kernel = KernelTasks(channel_fd)
     use_kernel_tasks(kernel)
-    return Worker(driver, **kernel.options)
+    worker = Worker(driver, **kernel.options)
+
+    def kernel_gone() -> None:
+        log.warning("the process that started this worker (%s) is gone: stopping", kernel.kernel)
+        worker.stop(wait=False)  # as on SIGTERM: running jobs finish, unstarted ones go back
+
+    kernel.watch(kernel_gone)
+    return worker

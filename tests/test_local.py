@@ -171,3 +171,54 @@ def test_a_script_without_a_main_guard_works_unchanged(db_url, table_name, tmp_p
     assert len(runs.read_text().splitlines()) == 1  # the workers never ran the script again
     assert result.stdout.splitlines() == ["progress 10 10", "exit codes [0, 0]", f"total {2 * sum(range(200))}",
                                           "pids True True"]
+
+
+ENDS_WITHOUT_STOP_SCRIPT = """\
+import sys
+
+import kronix_data
+
+url, table, burst = sys.argv[1], sys.argv[2], sys.argv[3] == "burst"
+driver = kronix_data.DatabaseQueueDriver(url, table=table)
+
+
+@kronix_data.task(name="script.slow_noop")
+def slow_noop(payload):
+    import time
+    time.sleep(0.01)
+
+
+driver.push_many(slow_noop.job(n) for n in range(300))
+workers = kronix_data.start_local_workers(driver, 2, burst=burst, concurrency=2, poll_interval=0.1)
+print(" ".join(str(pid) for pid in workers.pids))
+"""
+
+
+def gone(pid: int) -> bool:
+    """Ended (a zombie left for a parent that does not reap counts as ended)."""
+    try:
+        return "\\tZ" in open(f"/proc/{pid}/status").read().split("State:")[1][:4]
+    except (FileNotFoundError, ProcessLookupError):
+        return True
+
+
+@pytest.mark.parametrize("burst", [True, False], ids=["burst", "waiting"])
+def test_a_script_that_ends_without_stop_leaves_no_worker_behind(driver, db_url, table_name, tmp_path, burst):
+    """Burst workers are waited for at exit, as multiprocessing's children were; waiting workers see their
+    script gone and stop by themselves, gracefully."""
+    script = tmp_path / "ends.py"
+    script.write_text(ENDS_WITHOUT_STOP_SCRIPT)
+    result = subprocess.run([sys.executable, str(script), db_url, table_name, "burst" if burst else "waiting"],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    pids = [int(pid) for pid in result.stdout.split()]
+    if burst:
+        assert all(gone(pid) for pid in pids)  # the script's exit waited for them
+        assert status_counts(driver)["completed"] == 300
+    else:
+        wait_until(lambda: all(gone(pid) for pid in pids), 120, "the workers to stop after their script ended")
+        # Their log shares the script's stderr, so run() returned once they had closed it too.
+        assert result.stderr.count(") is gone: stopping") == 2, result.stderr
+    states = driver.workers().set_index("pid").loc[pids, "state"]
+    assert set(states) == {"stopped"}  # they left by themselves, not killed
+    assert status_counts(driver)["processing"] == 0
