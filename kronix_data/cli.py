@@ -397,6 +397,11 @@ def command_worker(args: argparse.Namespace) -> int:
     options = {name: value for name, value in (("concurrency", args.concurrency),
                                                ("lease_timeout", args.lease_timeout)) if value is not None}
     with open_driver(args) as driver:
+        if args.local_channel is not None:  # started by start_local_workers: options and __main__ tasks from there
+            from .local import local_worker
+
+            local_worker(driver, args.local_channel).run()
+            return EXIT_OK
         worker = Worker(driver, queues=tuple(args.queues or ["default"]), burst=args.burst,
                         scheduler=not args.no_scheduler, **options)
         with serving_metrics(worker, args.metrics_port, args.metrics_host):
@@ -544,6 +549,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="serve Prometheus metrics at http://HOST:PORT/metrics (0: a free port, printed on stderr)")
     worker.add_argument("--metrics-host", default="127.0.0.1", metavar="HOST",
                         help="the address the metrics listen on (default: 127.0.0.1; 0.0.0.0 for every interface)")
+    worker.add_argument("--local-channel", type=int, metavar="FD", help=argparse.SUPPRESS)  # start_local_workers'
     demo = add("demo", command_demo, "run a generated ETL batch in chunks on local worker processes and show "
                                      "its stats and failures (on sqlite:///kronix_demo.db unless --db is given)")
     demo.add_argument("--rows", type=bounded(int, 1), default=DEMO_ROWS, metavar="N",

@@ -4,8 +4,8 @@ A new user's first command.  It generates a sales table with a few
 deliberately bad rows, enqueues it in chunks with ``driver.map``, runs local
 worker processes on it while a progress bar moves, and prints what a data
 person would look at next: ``fetch_stats()``, the dead letters grouped by
-error type, and a summary.  The task lives in this module so that spawned
-worker processes can import it (``modules=["kronix_data.demo"]``).
+error type, and a summary.  The task lives in this module so that the
+worker processes import it (``modules=["kronix_data.demo"]``).
 """
 
 from __future__ import annotations

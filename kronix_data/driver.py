@@ -24,7 +24,7 @@ from .job import Job, encode_result, possible_job_id, validate_queue
 from .store import JobStore, ProgressWrite, WorkerBeat
 from .workers import workers_frame
 from .schedules import register_task_schedules, schedule_values, schedules_frame
-from .tasks import Task, task_factory
+from .tasks import Task, task_factories
 
 log = logging.getLogger(__name__)
 
@@ -183,17 +183,21 @@ class DatabaseQueueDriver:
         dead letters with the reason, never left held (the seed stranded it).
         """
         jobs = []
+        factories = self._factories_for({row["name"] for row in rows}) if rows else {}
         for row in rows:
             try:
-                jobs.append(self.store.job_from_row(row, self._factory_for(row["name"])))
+                jobs.append(self.store.job_from_row(row, factories.get(row["name"])))
             except Exception as error:  # noqa: BLE001 - any factory error is the job's fault
                 reason = f"could not rebuild job {row['name']!r}: {type(error).__name__}: {error}"
                 log.error("dead-lettering job %s: %s", row["id"], reason)
                 self.fail(Job(row["name"], id=row["id"], attempts=row["attempts"], last_error=reason))
         return jobs
 
-    def _factory_for(self, name: str) -> JobFactory | None:
-        return self._factories.get(name) or task_factory(name)
+    def _factories_for(self, names: set[str]) -> dict[str, JobFactory]:
+        """This driver's factories first, then ``@task`` functions (a local worker asks its kernel, once per
+        claim, for the names it has neither for: kronix_data.kernel_tasks)."""
+        own = {name: self._factories[name] for name in names if name in self._factories}
+        return {**task_factories(names - own.keys()), **own}
 
     # -- finishing --------------------------------------------------------
 

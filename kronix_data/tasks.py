@@ -7,9 +7,9 @@ such rows as :class:`TaskJob` and calls the function.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from .errors import InvalidInputError
 from .cron import DEFAULT_TIMEZONE, validate_cron, zone_for
@@ -133,3 +133,44 @@ def task_factory(name: str) -> Callable[[Any], TaskJob] | None:
 def scheduled_tasks() -> list[Task]:
     """The tasks registered in this process with a ``cron`` (a worker stores their schedules when it starts)."""
     return [registered for registered in _registry.values() if registered.cron is not None]
+
+
+# -- tasks of the kernel that started this process (kronix_data.kernel_tasks) --------------------------
+
+
+class KernelTaskSource(Protocol):
+    """Where a local worker finds its kernel's ``__main__`` tasks."""
+
+    kernel: str
+
+    def factories(self, names: Iterable[str]) -> dict[str, Callable[[Any], Any]]: ...
+
+
+_kernel_tasks: KernelTaskSource | None = None
+
+
+def use_kernel_tasks(source: KernelTaskSource | None) -> None:
+    """In a worker started by ``start_local_workers``: ask ``source`` for the names not registered here."""
+    global _kernel_tasks
+    _kernel_tasks = source
+
+
+def task_factories(names: Iterable[str]) -> dict[str, Callable[[Any], Any]]:
+    """A job factory per name registered here, then per name the kernel has (one question for all)."""
+    names = set(names)
+    found: dict[str, Callable[[Any], Any]] = {name: _registry[name].job for name in names if name in _registry}
+    if _kernel_tasks is not None and len(found) < len(names):
+        found.update(_kernel_tasks.factories(names - found.keys()))
+    return found
+
+
+def missing_task_message(name: str, worker_id: str) -> str:
+    """Why a worker cannot run jobs named ``name``, and where such a task does run."""
+    text = f"no task or job factory is registered for {name!r} on worker {worker_id}"
+    if _kernel_tasks is not None:
+        return f"{text}, nor in the kernel that started it ({_kernel_tasks.kernel})"
+    where = ("it runs only on workers started by start_local_workers from that kernel: "
+             "put it in a module and start the worker with -m module")
+    if name.startswith("__main__."):  # @task's default name in a notebook cell or a script
+        return f"task {name!r} was defined in a notebook or a script's __main__; {where} ({text})"
+    return f"{text}; if it was defined in a notebook, {where}"

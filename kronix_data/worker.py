@@ -34,6 +34,7 @@ from .errors import InvalidInputError
 from .job import Job, encode_result
 from .snooze import Snooze
 from .store import ProgressWrite
+from .tasks import missing_task_message
 from .worker_options import WorkerOptions
 from .workers import forget_gone_workers, worker_beat
 
@@ -449,8 +450,7 @@ class Worker:
 
     def _start(self, executor: _JobThreads, job: Job) -> None:
         if not job.runnable:
-            reason = LookupError(f"no task or job factory is registered for {job.name!r} "
-                                 f"on worker {self.driver.worker_id}")
+            reason = LookupError(missing_task_message(job.name, self.driver.worker_id))
             self._record_failure(job, reason, permanent=True)
             return
         running = self._running[job.id, job.attempts] = _Running(job, JobContext(job, self.driver))

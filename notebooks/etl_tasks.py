@@ -1,9 +1,10 @@
 """Task functions for the notebooks' worker processes.
 
-Worker processes are spawned fresh and cannot see functions defined in a
-notebook, so the tasks they run live in this module, next to the notebooks
+Tasks in a module run on any worker, here or on other machines
+(``kronix worker -m etl_tasks``); the notebooks' local workers import it
 (``start_local_workers(driver, 2, modules=["etl_tasks"])``; the notebook's
-working directory is on the workers' ``sys.path``).
+working directory is on the workers' ``sys.path``).  A task defined in a cell
+runs only on the local workers of that kernel (``05_tasks_in_cells.ipynb``).
 """
 
 from __future__ import annotations

@@ -26,6 +26,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import textwrap
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -180,6 +181,14 @@ def run_burst(driver: DatabaseQueueDriver, **options: Any) -> Worker:
     worker = Worker(driver, **{"burst": True, "lease_timeout": 10, **options})
     worker.run()
     return worker
+
+
+def define_in_main(source: str) -> dict[str, Any]:
+    """Run ``source`` as a notebook cell runs: in a namespace named ``__main__``, so the ``@task``
+    functions it defines have ``__module__ == "__main__"`` and travel to local workers by value."""
+    namespace: dict[str, Any] = {"__name__": "__main__"}
+    exec(compile(textwrap.dedent(source), "<notebook cell>", "exec"), namespace)
+    return namespace
 
 
 # -- the kronix command line -------------------------------------------------------------------------

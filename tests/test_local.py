@@ -1,6 +1,6 @@
-"""``start_local_workers`` / ``LocalWorkers``: real worker processes spawned on this machine, on each database.
+"""``start_local_workers`` / ``LocalWorkers``: real worker processes started on this machine, on each database.
 
-Starting them, burst workers that drain the queue and end by themselves (``join``), ``stop()``
+A script with no main guard run as a real subprocess (the workers never run it again), starting them, burst workers that drain the queue and end by themselves (``join``), ``stop()``
 (SIGTERM: running jobs finish), the kill of a worker that outlives ``stop``'s timeout, the job
 modules each process imports, and the arguments it refuses.
 """
@@ -10,6 +10,8 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import subprocess
+import sys
 
 import pytest
 
@@ -72,7 +74,7 @@ def test_a_module_that_cannot_be_imported_ends_the_worker_with_an_error(driver):
     driver.push(Job("test.noop"))
     with start_local_workers(driver, 1, modules=["no_such_module_for_kronix"], burst=True) as workers:
         workers.join(timeout=120)
-    assert workers.processes[0].exitcode not in (0, None)
+    assert workers.processes[0].exitcode == 5  # kronix worker's exit code for a module it cannot import
     assert status_counts(driver) == {"pending": 1, "processing": 0, "completed": 0, "failed": 0}
 
 
@@ -124,3 +126,99 @@ def test_a_worker_option_the_worker_refuses_never_gives_a_running_worker(driver)
     finally:
         workers.stop(timeout=10)
     assert status_counts(driver)["pending"] == 1
+
+
+NO_GUARD_SCRIPT = """\
+import os
+import sys
+
+import pandas as pd
+
+import kronix_data
+
+url, table, runs = sys.argv[1:]
+with open(runs, "a") as log:  # every execution of this file leaves a line
+    log.write(f"{os.getpid()}\\n")
+driver = kronix_data.DatabaseQueueDriver(url, table=table)
+driver.drop_table()  # spawned workers used to run this again and empty the batch under their feet
+driver.create_table()
+
+
+@kronix_data.task(name="script.double")
+def double(payload):
+    return {"pid": [os.getpid()], "total": [int(kronix_data.as_frame(payload)["x"].sum() * 2)]}
+
+
+batch = driver.map(double, pd.DataFrame({"x": range(200)}), chunk_size=20)
+workers = kronix_data.start_local_workers(driver, 2, burst=True, concurrency=2)
+workers.join(timeout=300)
+results = batch.results()
+print("progress", batch.progress()["completed"], batch.progress()["total"])
+print("exit codes", [process.exitcode for process in workers.processes])
+print("total", int(results["total"].sum()))
+print("pids", sorted(set(results["pid"]) - {os.getpid()}) == sorted(set(results["pid"])),
+      set(results["pid"]) <= set(workers.pids))
+"""
+
+
+def test_a_script_without_a_main_guard_works_unchanged(db_url, table_name, tmp_path):
+    """Run as a real script: it drops and creates its table, maps its own task and waits for local workers."""
+    script, runs = tmp_path / "no_guard.py", tmp_path / "runs.txt"
+    script.write_text(NO_GUARD_SCRIPT)
+    result = subprocess.run([sys.executable, str(script), db_url, table_name, str(runs)], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert len(runs.read_text().splitlines()) == 1  # the workers never ran the script again
+    assert result.stdout.splitlines() == ["progress 10 10", "exit codes [0, 0]", f"total {2 * sum(range(200))}",
+                                          "pids True True"]
+
+
+ENDS_WITHOUT_STOP_SCRIPT = """\
+import sys
+
+import kronix_data
+
+url, table, burst = sys.argv[1], sys.argv[2], sys.argv[3] == "burst"
+driver = kronix_data.DatabaseQueueDriver(url, table=table)
+
+
+@kronix_data.task(name="script.slow_noop")
+def slow_noop(payload):
+    import time
+    time.sleep(0.01)
+
+
+driver.push_many(slow_noop.job(n) for n in range(300))
+workers = kronix_data.start_local_workers(driver, 2, burst=burst, concurrency=2, poll_interval=0.1)
+print(" ".join(str(pid) for pid in workers.pids))
+"""
+
+
+def gone(pid: int) -> bool:
+    """Ended (a zombie left for a parent that does not reap counts as ended)."""
+    try:
+        return "\\tZ" in open(f"/proc/{pid}/status").read().split("State:")[1][:4]
+    except (FileNotFoundError, ProcessLookupError):
+        return True
+
+
+@pytest.mark.parametrize("burst", [True, False], ids=["burst", "waiting"])
+def test_a_script_that_ends_without_stop_leaves_no_worker_behind(driver, db_url, table_name, tmp_path, burst):
+    """Burst workers are waited for at exit, as multiprocessing's children were; waiting workers see their
+    script gone and stop by themselves, gracefully."""
+    script = tmp_path / "ends.py"
+    script.write_text(ENDS_WITHOUT_STOP_SCRIPT)
+    result = subprocess.run([sys.executable, str(script), db_url, table_name, "burst" if burst else "waiting"],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    pids = [int(pid) for pid in result.stdout.split()]
+    if burst:
+        assert all(gone(pid) for pid in pids)  # the script's exit waited for them
+        assert status_counts(driver)["completed"] == 300
+    else:
+        wait_until(lambda: all(gone(pid) for pid in pids), 120, "the workers to stop after their script ended")
+        # Their log shares the script's stderr, so run() returned once they had closed it too.
+        assert result.stderr.count(") is gone: stopping") == 2, result.stderr
+    states = driver.workers().set_index("pid").loc[pids, "state"]
+    assert set(states) == {"stopped"}  # they left by themselves, not killed
+    assert status_counts(driver)["processing"] == 0

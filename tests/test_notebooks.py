@@ -14,10 +14,11 @@ import pytest
 from nbclient import NotebookClient
 
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
-NAMES = ["01_quickstart.ipynb", "02_etl_in_chunks.ipynb", "03_failure_analysis.ipynb", "04_pipelines.ipynb"]
+NAMES = ["01_quickstart.ipynb", "02_etl_in_chunks.ipynb", "03_failure_analysis.ipynb", "04_pipelines.ipynb",
+         "05_tasks_in_cells.ipynb"]
 
 
-def test_the_four_notebooks_are_there_and_nothing_else():
+def test_the_notebooks_are_there_and_nothing_else():
     assert sorted(path.name for path in NOTEBOOKS.glob("*.ipynb")) == NAMES
 
 
@@ -110,3 +111,16 @@ def test_pipelines_wait_for_their_parents_cancel_a_batch_and_pause_a_queue(tmp_p
     assert "cancelled at once: {'pending':" in outputs[3] and "cancelled" in outputs[3]
     assert "load True 6 0" in flat(outputs[4])  # the paused queue's jobs stay pending
     assert "started in this order: ['urgent', 0, 1, 2, 3, 4]" in outputs[5]
+
+
+def test_a_task_defined_in_a_cell_runs_on_two_local_workers_and_its_fix_on_the_same_ones(tmp_path, monkeypatch):
+    """No module file: the task is defined in a cell, and defined again after three chunks failed."""
+    outputs = run("05_tasks_in_cells.ipynb", tmp_path, monkeypatch)
+    assert "LocalWorkers(2/2 alive" in outputs[3]
+    assert "'completed': 7, 'failed': 3" in flat(outputs[3])
+    assert "cells.revenue KeyError" in flat(outputs[3]) and "no rate for ['GBP']" in outputs[3]
+    pids = outputs[3].split("pids=")[1].split(")")[0]
+    assert "retried 3 chunks: {'total': 10, 'pending': 0, 'processing': 0, 'completed': 10, 'failed': 0" in flat(outputs[4])
+    assert f"same workers: LocalWorkers(2/2 alive, pids={pids})" in outputs[4]
+    assert "chunks run by worker pid:" in outputs[5] and "berlin" in outputs[5]
+    assert "name status attempts cells.revenue completed 1 10" in flat(outputs[6])  # a name, no function
