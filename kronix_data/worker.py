@@ -14,6 +14,7 @@ concurrency limit holds; its late result is discarded.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 import random
@@ -30,6 +31,7 @@ from typing import Any
 from .context import JobContext, running as running_job
 from .driver import DatabaseQueueDriver
 from .errors import InvalidInputError
+from .event_loop import EventLoopThread, is_coroutine_job
 from .job import Job, encode_result
 from .store import ProgressWrite
 from .worker_options import WorkerOptions
@@ -60,10 +62,15 @@ class _Running:
     context: JobContext
     started: float | None = None  # set by the pool thread: a prefetched job's clock starts when it runs
     abandoned: bool = False
+    # Seconds past the timeout before the loop gives up on the job's thread: 0 for a thread job; a
+    # coroutine is cancelled at its timeout, and this is the backstop for one that blocks its loop;
+    # None for a job in a child process, which its slot always kills in time.
+    backstop: float | None = 0.0
 
     def past_deadline(self, now: float) -> bool:
         timeout = self.job.timeout
-        return bool(timeout) and self.started is not None and now >= self.started + timeout
+        return (bool(timeout) and self.started is not None and self.backstop is not None
+                and now >= self.started + timeout + self.backstop)
 
 
 @dataclass
@@ -159,6 +166,10 @@ class Worker:
         How often, at most, the worker writes what its running jobs reported
         with ``current_job().progress()`` (one statement batch for all of them,
         and only when some job reported); the heartbeat writes it too.
+    kill_grace
+        A job in a child process past its timeout gets SIGTERM, then SIGKILL
+        this many seconds later; an ``async def`` job that blocks its event
+        loop is given up this long after its timeout.
 
     Every option is checked when the worker is built
     (:class:`~kronix_data.worker_options.WorkerOptions`): a wrong type or value,
@@ -193,6 +204,7 @@ class Worker:
         self._thread: threading.Thread | None = None
         self._signals = 0
         self._registered = False  # whether this run's first heartbeat (which registers the worker) went out
+        self._event_loop = EventLoopThread(f"kronix-asyncio-{driver.worker_id}")  # async def jobs (event_loop.py)
 
     def __repr__(self) -> str:
         return f"Worker({self.driver.worker_id!r}, queues={self.options.queues}, concurrency={self.options.concurrency})"
@@ -215,6 +227,7 @@ class Worker:
         finally:
             self._stop_requested.set()
             executor.shutdown(wait=not self._hard_stop.is_set())
+            self._event_loop.close()
             for sig, handler in handlers.items():
                 signal.signal(sig, handler)
             if listener:
@@ -423,6 +436,8 @@ class Worker:
             self._record_failure(job, reason, permanent=True)
             return
         running = self._running[job.id, job.attempts] = _Running(job, JobContext(job, self.driver))
+        if is_coroutine_job(job):
+            running.backstop = self.options.kill_grace
         executor.submit(running)
 
     def _execute(self, running: _Running) -> None:
@@ -435,6 +450,8 @@ class Worker:
             try:
                 with running_job(running.context):
                     job.result = job.handle()
+                if inspect.iscoroutine(job.result):  # an async def job: awaited on the worker's loop
+                    job.result = self._event_loop.run(job.result, running.context, job.timeout)
                 outcome.result_json = encode_result(job)  # a result that cannot be stored is the job's failure
             except Exception as error:  # noqa: BLE001 - a job's failure is data
                 outcome.error = error
@@ -474,6 +491,7 @@ class Worker:
                     self._first_done_at = outcome.finished_at
                 self._to_complete.append((outcome.job, outcome.result_json))
             else:
+                self.stats.timed_out += bool(getattr(outcome.error, "kronix_timeout", False))
                 self._record_failure(outcome.job, outcome.error, outcome.formatted)
 
     def _expire_timeouts(self, now: float) -> None:

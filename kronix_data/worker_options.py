@@ -37,6 +37,8 @@ class WorkerOptions:
     prefetch_seconds: float = 0.05
     cancel_check_interval: float = 1.0
     progress_interval: float = 1.0
+    # -- isolation (issue 16) --
+    kill_grace: float = 5.0
 
     def __post_init__(self):
         queues = (self.queues,) if isinstance(self.queues, str) else self.queues
@@ -53,7 +55,7 @@ class WorkerOptions:
             _check_count(name, getattr(self, name))
         for name in ("lease_timeout", "poll_interval", "cancel_check_interval", "progress_interval"):
             _check_seconds(name, getattr(self, name), positive=True)
-        for name in ("grace_period", "completion_delay", "prefetch_seconds"):
+        for name in ("grace_period", "completion_delay", "prefetch_seconds", "kill_grace"):
             _check_seconds(name, getattr(self, name), positive=False)
         for name in ("burst", "listen"):
             if not isinstance(getattr(self, name), bool):
