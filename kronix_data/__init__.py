@@ -27,3 +27,6 @@ __all__ = ["Batch", "DatabaseQueueDriver", "DatabaseUnavailableError", "InvalidI
            "enqueue_chunks", "start_local_workers", "task"]
 # Progress and checkpoints: slicing a DataFrame chunk with a checkpoint after each slice.
 __all__ += ["FrameSlices", "frame_slices"]
+# Async tasks, process isolation and resources (issue 16).
+from .errors import WorkerCrash  # noqa: E402
+__all__ += ["WorkerCrash"]

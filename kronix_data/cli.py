@@ -336,7 +336,8 @@ def command_worker(args: argparse.Namespace) -> int:
     from .worker import Worker  # imported here so the other commands work without it
 
     options = {name: value for name, value in (("concurrency", args.concurrency),
-                                               ("lease_timeout", args.lease_timeout)) if value is not None}
+                                               ("lease_timeout", args.lease_timeout),
+                                               ("pool", args.pool)) if value is not None}
     with open_driver(args) as driver:
         Worker(driver, queues=tuple(args.queues or ["default"]), burst=args.burst, **options).run()
     return EXIT_OK
@@ -445,6 +446,9 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--burst", action="store_true", help="stop once the queues are empty")
     worker.add_argument("--lease-timeout", type=bounded(float, 0, inclusive=False), metavar="SECONDS",
                         help="how long a held job may go without a heartbeat (default: the Worker's)")
+    worker.add_argument("--pool", choices=("thread", "process"),
+                        help="run jobs on threads (default) or each slot in a child process that is killed "
+                             "at a job's timeout or memory limit and replaced when it crashes")
     demo = add("demo", command_demo, "run a generated ETL batch in chunks on local worker processes and show "
                                      "its stats and failures (on sqlite:///kronix_demo.db unless --db is given)")
     demo.add_argument("--rows", type=bounded(int, 1), default=DEMO_ROWS, metavar="N",

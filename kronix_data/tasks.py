@@ -7,12 +7,14 @@ such rows as :class:`TaskJob` and calls the function.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import InvalidInputError
 from .job import Job, RetryPolicy, validate_priority
+from .resources import parse_size
 
 Hook = Callable[[Job, BaseException], None]
 
@@ -32,9 +34,26 @@ class Task:
     on_failure: Hook | None = None
     on_permanent_failure: Hook | None = None
     priority: int = 0
+    #: None: as the worker's pool; "thread" or "process" whatever the pool (see kronix_data.isolation).
+    isolation: str | None = None
+    #: Bytes of resident memory past which a job in a child process is killed (implies a process).
+    memory_limit: float | None = None
 
     def __post_init__(self):
         validate_priority(self.priority, f"priority of task {self.name!r}")
+        if self.isolation not in (None, "thread", "process"):
+            raise InvalidInputError(f"isolation of task {self.name!r} must be 'thread' or 'process', "
+                                    f"got {self.isolation!r}")
+        if self.memory_limit is not None:
+            object.__setattr__(self, "memory_limit", parse_size(self.memory_limit, f"memory_limit of task {self.name!r}"))
+            if self.isolation == "thread":
+                raise InvalidInputError(f"task {self.name!r}: a memory_limit needs isolation='process' "
+                                        "(a thread cannot be killed)")
+
+    @property
+    def is_async(self) -> bool:
+        """Whether the function is ``async def`` (its jobs run on the worker's event loop)."""
+        return inspect.iscoroutinefunction(self.function)
 
     def __call__(self, payload: Any = None) -> Any:
         """Run the function here and now, without the queue (handy in a notebook)."""
@@ -76,8 +95,14 @@ class TaskJob(Job):
 def task(name: str | None = None, *, queue: str = "default", max_retries: int = 3,
          timeout: float | None = None, retry: RetryPolicy | None = None,
          on_failure: Hook | None = None, on_permanent_failure: Hook | None = None,
-         priority: int = 0) -> Callable[[Callable], Task]:
+         priority: int = 0, isolation: str | None = None,
+         memory_limit: float | str | None = None) -> Callable[[Callable], Task]:
     """Register a function as a task: ``@task(name="etl.clean", max_retries=3)``, or plain ``@task``.
+
+    The function may be ``async def`` (run on the worker's event loop).
+    ``isolation="process"`` runs its jobs in a child process that is killed at
+    the timeout, and ``memory_limit="2GiB"`` kills one whose memory passes it
+    (README, "Pools").
 
     The name defaults to ``module.function``.  Registering a different
     function under a name already taken is an error (two modules would
@@ -87,7 +112,7 @@ def task(name: str | None = None, *, queue: str = "default", max_retries: int = 
     def register(function: Callable[[Any], Any]) -> Task:
         registered = Task(name or f"{function.__module__}.{function.__qualname__}", function, queue,
                           max_retries, timeout, retry or RetryPolicy(), on_failure, on_permanent_failure,
-                          priority)
+                          priority, isolation, memory_limit)
         existing = _registry.get(registered.name)
         if existing is not None and not _same_function(existing.function, function):
             raise InvalidInputError(f"task name {registered.name!r} is already registered to "

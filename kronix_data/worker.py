@@ -9,12 +9,15 @@ nothing the worker holds is dropped: results wait in memory until written.
 Timeouts: a job running on a thread cannot be stopped from outside.  A job
 past its ``timeout`` is recorded as failed (and retried or dead-lettered) at
 once, but its thread runs on and keeps its slot until it returns, so the
-concurrency limit holds; its late result is discarded.
+concurrency limit holds; its late result is discarded.  An ``async def`` job is
+cancelled at its timeout (kronix_data.event_loop), and a job in a child process
+is killed (kronix_data.isolation).
 """
 
 from __future__ import annotations
 
 import inspect
+import json
 import logging
 import os
 import random
@@ -32,6 +35,7 @@ from .context import JobContext, running as running_job
 from .driver import DatabaseQueueDriver
 from .errors import InvalidInputError
 from .event_loop import EventLoopThread, is_coroutine_job
+from .isolation import ProcessSlots, runs_in_process
 from .job import Job, encode_result
 from .store import ProgressWrite
 from .worker_options import WorkerOptions
@@ -66,6 +70,7 @@ class _Running:
     # coroutine is cancelled at its timeout, and this is the backstop for one that blocks its loop;
     # None for a job in a child process, which its slot always kills in time.
     backstop: float | None = 0.0
+    isolated: bool = False  # run in the pool thread's child process (kronix_data.isolation)
 
     def past_deadline(self, now: float) -> bool:
         timeout = self.job.timeout
@@ -166,6 +171,11 @@ class Worker:
         How often, at most, the worker writes what its running jobs reported
         with ``current_job().progress()`` (one statement batch for all of them,
         and only when some job reported); the heartbeat writes it too.
+    pool
+        ``"thread"`` (the default): jobs run on ``concurrency`` threads;
+        ``"process"``: each of those threads runs its jobs in a long-lived child
+        process of its own, killed at a job's timeout or memory limit and replaced
+        when it dies (kronix_data.isolation).  A task's ``isolation`` overrides it.
     kill_grace
         A job in a child process past its timeout gets SIGTERM, then SIGKILL
         this many seconds later; an ``async def`` job that blocks its event
@@ -205,6 +215,7 @@ class Worker:
         self._signals = 0
         self._registered = False  # whether this run's first heartbeat (which registers the worker) went out
         self._event_loop = EventLoopThread(f"kronix-asyncio-{driver.worker_id}")  # async def jobs (event_loop.py)
+        self._process_slots = ProcessSlots(self.options.kill_grace)  # a child process per pool thread (isolation.py)
 
     def __repr__(self) -> str:
         return f"Worker({self.driver.worker_id!r}, queues={self.options.queues}, concurrency={self.options.concurrency})"
@@ -221,6 +232,7 @@ class Worker:
         handlers = self._install_signal_handlers()
         listener = self._start_listener()
         executor = _JobThreads(self.options.concurrency, self._execute)
+        self._process_slots = ProcessSlots(self.options.kill_grace)
         log.info("%r started", self)
         try:
             self._loop(executor)
@@ -228,6 +240,7 @@ class Worker:
             self._stop_requested.set()
             executor.shutdown(wait=not self._hard_stop.is_set())
             self._event_loop.close()
+            self._process_slots.close()
             for sig, handler in handlers.items():
                 signal.signal(sig, handler)
             if listener:
@@ -436,7 +449,9 @@ class Worker:
             self._record_failure(job, reason, permanent=True)
             return
         running = self._running[job.id, job.attempts] = _Running(job, JobContext(job, self.driver))
-        if is_coroutine_job(job):
+        if runs_in_process(job, self.options.pool):
+            running.isolated, running.backstop = True, None
+        elif is_coroutine_job(job):
             running.backstop = self.options.kill_grace
         executor.submit(running)
 
@@ -446,7 +461,9 @@ class Worker:
         job = running.job
         outcome = _Outcome(job)
         running.started = time.monotonic()
-        if not running.context.cancel_requested():
+        if running.isolated:
+            self._execute_in_process(running, outcome)
+        elif not running.context.cancel_requested():
             try:
                 with running_job(running.context):
                     job.result = job.handle()
@@ -461,6 +478,19 @@ class Worker:
         with self._lock:
             self._finished.append(outcome)
         self._wake.set()
+
+    def _execute_in_process(self, running: _Running, outcome: _Outcome) -> None:
+        """Run the job in this pool thread's child process (kronix_data.isolation), killed if it must be."""
+        if running.context.cancel_requested():
+            return
+        job = running.job
+        try:
+            outcome.result_json, outcome.error, outcome.formatted = self._process_slots.for_this_thread().run(
+                job, running.context, job.timeout, job.task.memory_limit)
+        except Exception as error:  # noqa: BLE001 - a child that cannot start fails the job, not the worker
+            outcome.error, outcome.formatted = error, "".join(traceback.format_exception(error))
+        if outcome.error is None and outcome.result_json is not None:
+            job.result = json.loads(outcome.result_json)
 
     def _unclaim_unstarted(self, executor: _JobThreads) -> None:
         unstarted = [running.job for running in executor.take_back()]

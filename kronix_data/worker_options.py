@@ -37,7 +37,8 @@ class WorkerOptions:
     prefetch_seconds: float = 0.05
     cancel_check_interval: float = 1.0
     progress_interval: float = 1.0
-    # -- isolation (issue 16) --
+    # -- pools and isolation (issue 16) --
+    pool: str = "thread"
     kill_grace: float = 5.0
 
     def __post_init__(self):
@@ -57,6 +58,8 @@ class WorkerOptions:
             _check_seconds(name, getattr(self, name), positive=True)
         for name in ("grace_period", "completion_delay", "prefetch_seconds", "kill_grace"):
             _check_seconds(name, getattr(self, name), positive=False)
+        if self.pool not in ("thread", "process"):
+            raise InvalidInputError(f"pool must be 'thread' or 'process', got {self.pool!r}")
         for name in ("burst", "listen"):
             if not isinstance(getattr(self, name), bool):
                 raise InvalidInputError(f"{name} must be True or False, got {getattr(self, name)!r}")

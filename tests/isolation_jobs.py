@@ -41,3 +41,62 @@ async def async_hang(payload):
         raise
     finally:
         CANCELLED.append(f"finally {job_id}")
+
+
+# -- jobs for the process pool -------------------------------------------------------------------
+
+@task(name="iso.where")
+def where(payload):
+    """The process that ran the job, and the payload back as it came."""
+    return {"pid": os.getpid(), "payload": payload}
+
+
+def _note_pid(payload) -> None:
+    """Append this process's id to the file the test named, so it can check the process is gone."""
+    if payload and payload.get("pid_file"):
+        with open(payload["pid_file"], "a") as file:
+            file.write(f"{os.getpid()}\n")
+
+
+@task(name="iso.sleep_forever", timeout=1, max_retries=1, retry=RetryPolicy(delay=0.01, jitter=0))
+def sleep_forever(payload):
+    _note_pid(payload)
+    while True:
+        time.sleep(3600)
+
+
+@task(name="iso.ignore_sigterm", timeout=1, max_retries=0)
+def ignore_sigterm(payload):
+    import signal
+
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    _note_pid(payload)
+    while True:
+        time.sleep(3600)
+
+
+@task(name="iso.bloat", memory_limit="300MiB", max_retries=0)
+def bloat(payload):
+    """Allocate (and touch) 16 MiB at a time, up to 3 GiB: far past the limit, but bounded if no one kills it."""
+    held = []
+    for _ in range(3 * 64):
+        held.append(b"x" * (16 << 20))
+        time.sleep(0.01)
+    return {"allocated_mib": 16 * len(held)}
+
+
+@task(name="iso.abort", max_retries=0)
+def abort(payload):
+    _note_pid(payload)
+    os.abort()
+
+
+@task(name="iso.fail", max_retries=0)
+def fail(payload):
+    raise ValueError(f"bad input {payload!r}")
+
+
+@task(name="iso.async_in_process", isolation="process")
+async def async_in_process(payload):
+    await asyncio.sleep(0.01)
+    return {"pid": os.getpid()}
