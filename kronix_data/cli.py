@@ -337,7 +337,8 @@ def command_worker(args: argparse.Namespace) -> int:
 
     options = {name: value for name, value in (("concurrency", args.concurrency),
                                                ("lease_timeout", args.lease_timeout),
-                                               ("pool", args.pool)) if value is not None}
+                                               ("pool", args.pool),
+                                               ("resources", args.resources)) if value is not None}
     with open_driver(args) as driver:
         Worker(driver, queues=tuple(args.queues or ["default"]), burst=args.burst, **options).run()
     return EXIT_OK
@@ -449,6 +450,9 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--pool", choices=("thread", "process"),
                         help="run jobs on threads (default) or each slot in a child process that is killed "
                              "at a job's timeout or memory limit and replaced when it crashes")
+    worker.add_argument("--resources", metavar="NAME=AMOUNT,...",
+                        help="what this worker has, like gpu=1,mem=64G: it claims only jobs whose requirements "
+                             "these cover, and runs no more of them at once than they allow")
     demo = add("demo", command_demo, "run a generated ETL batch in chunks on local worker processes and show "
                                      "its stats and failures (on sqlite:///kronix_demo.db unless --db is given)")
     demo.add_argument("--rows", type=bounded(int, 1), default=DEMO_ROWS, metavar="N",

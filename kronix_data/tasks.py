@@ -14,7 +14,7 @@ from typing import Any
 
 from .errors import InvalidInputError
 from .job import Job, RetryPolicy, validate_priority
-from .resources import parse_size
+from .resources import checked_resources, parse_size
 
 Hook = Callable[[Job, BaseException], None]
 
@@ -38,12 +38,15 @@ class Task:
     isolation: str | None = None
     #: Bytes of resident memory past which a job in a child process is killed (implies a process).
     memory_limit: float | None = None
+    #: Resources a worker must have to run its jobs (``{"gpu": 1}``); see kronix_data.resources.
+    requires: dict[str, float] | None = None
 
     def __post_init__(self):
         validate_priority(self.priority, f"priority of task {self.name!r}")
         if self.isolation not in (None, "thread", "process"):
             raise InvalidInputError(f"isolation of task {self.name!r} must be 'thread' or 'process', "
                                     f"got {self.isolation!r}")
+        object.__setattr__(self, "requires", checked_resources(self.requires, f"requires of task {self.name!r}"))
         if self.memory_limit is not None:
             object.__setattr__(self, "memory_limit", parse_size(self.memory_limit, f"memory_limit of task {self.name!r}"))
             if self.isolation == "thread":
@@ -61,7 +64,8 @@ class Task:
 
     def job(self, payload: Any = None, **options: Any) -> TaskJob:
         """A job for this task, ready to push; ``options`` override queue, max_retries, priority, id..."""
-        options = {"queue": self.queue, "max_retries": self.max_retries, "priority": self.priority, **options}
+        options = {"queue": self.queue, "max_retries": self.max_retries, "priority": self.priority,
+                   "requires": self.requires, **options}
         job = TaskJob(self.name, payload, **options)
         job.task = self
         return job
@@ -96,13 +100,15 @@ def task(name: str | None = None, *, queue: str = "default", max_retries: int = 
          timeout: float | None = None, retry: RetryPolicy | None = None,
          on_failure: Hook | None = None, on_permanent_failure: Hook | None = None,
          priority: int = 0, isolation: str | None = None,
-         memory_limit: float | str | None = None) -> Callable[[Callable], Task]:
+         memory_limit: float | str | None = None,
+         requires: dict[str, float | str] | None = None) -> Callable[[Callable], Task]:
     """Register a function as a task: ``@task(name="etl.clean", max_retries=3)``, or plain ``@task``.
 
     The function may be ``async def`` (run on the worker's event loop).
     ``isolation="process"`` runs its jobs in a child process that is killed at
     the timeout, and ``memory_limit="2GiB"`` kills one whose memory passes it
-    (README, "Pools").
+    (README, "Pools").  ``requires={"gpu": 1}``: only a worker with those
+    resources claims its jobs, and runs no more at once than they allow.
 
     The name defaults to ``module.function``.  Registering a different
     function under a name already taken is an error (two modules would
@@ -112,7 +118,7 @@ def task(name: str | None = None, *, queue: str = "default", max_retries: int = 
     def register(function: Callable[[Any], Any]) -> Task:
         registered = Task(name or f"{function.__module__}.{function.__qualname__}", function, queue,
                           max_retries, timeout, retry or RetryPolicy(), on_failure, on_permanent_failure,
-                          priority, isolation, memory_limit)
+                          priority, isolation, memory_limit, requires)
         existing = _registry.get(registered.name)
         if existing is not None and not _same_function(existing.function, function):
             raise InvalidInputError(f"task name {registered.name!r} is already registered to "

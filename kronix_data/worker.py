@@ -37,6 +37,7 @@ from .errors import InvalidInputError
 from .event_loop import EventLoopThread, is_coroutine_job
 from .isolation import ProcessSlots, runs_in_process
 from .job import Job, encode_result
+from .resources import covers, in_use
 from .store import ProgressWrite
 from .worker_options import WorkerOptions
 from .workers import forget_gone_workers, worker_beat
@@ -176,6 +177,10 @@ class Worker:
         ``"process"``: each of those threads runs its jobs in a long-lived child
         process of its own, killed at a job's timeout or memory limit and replaced
         when it dies (kronix_data.isolation).  A task's ``isolation`` overrides it.
+    resources
+        What this worker has, as ``{"gpu": 1, "mem": "64G"}`` or ``"gpu=1,mem=64G"``:
+        it claims only jobs whose ``requires`` these cover (a job without
+        requirements is anyone's), and never holds more at once than they allow.
     kill_grace
         A job in a child process past its timeout gets SIGTERM, then SIGKILL
         this many seconds later; an ``async def`` job that blocks its event
@@ -434,13 +439,39 @@ class Worker:
         batch = self._to_complete[:self.options.completion_batch] if (room or self._completions_due(stopping)) else []
         if not batch and not room:
             return 0
+        free = self._free_resources()
         written, jobs = self.driver.complete_and_pop([job for job, _ in batch], room, self.options.queues,
-                                                     results=[result for _, result in batch])
+                                                     results=[result for _, result in batch], resources=free)
         self._completed(batch, written)
+        jobs = self._within_resources(jobs, free)
         for job in jobs:
             self._start(executor, job)
         self.stats.claimed += len(jobs)
         return len(jobs)
+
+    def _free_resources(self) -> dict[str, float] | None:
+        """What this worker's resources leave free beside the jobs it holds (None: it has none)."""
+        if not self.options.resources:
+            return None
+        used = in_use(entry.job.requires for entry in self._running.values())
+        return {name: amount - used.get(name, 0.0) for name, amount in self.options.resources.items()}
+
+    def _within_resources(self, jobs: list[Job], free: dict[str, float] | None) -> list[Job]:
+        """The claimed jobs that fit the free resources together, in claim order; the rest are given back
+        at once (each fitted alone, as the claim checked, but not all of them beside each other)."""
+        if free is None:
+            return jobs
+        kept, over = [], []
+        for job in jobs:
+            if job.requires and not covers(free, job.requires):
+                over.append(job)
+                continue
+            for name, amount in (job.requires or {}).items():
+                free[name] -= amount
+            kept.append(job)
+        if over:
+            self._give_back(over)
+        return kept
 
     def _start(self, executor: _JobThreads, job: Job) -> None:
         if not job.runnable:

@@ -100,3 +100,13 @@ def fail(payload):
 async def async_in_process(payload):
     await asyncio.sleep(0.01)
     return {"pid": os.getpid()}
+
+
+# -- jobs that need resources ------------------------------------------------------------------
+
+@task(name="iso.gpu", requires={"gpu": 1}, max_retries=0)
+def gpu(payload):
+    """A job only a worker with a GPU may claim: records its run (start, end, process) like test.record."""
+    from worker_jobs import record
+
+    return record(payload)
