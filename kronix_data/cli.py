@@ -388,6 +388,16 @@ def bounded(kind: type, minimum: float, *, inclusive: bool = True):
     return parse
 
 
+def resources_option(text: str) -> dict[str, float]:
+    """An argparse type for ``--resources gpu=1,mem=64G``."""
+    from .resources import parse_resources
+
+    try:
+        return parse_resources(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
 def global_options() -> argparse.ArgumentParser:
     """Options every command takes; defaults are filled in later so they work on either side."""
     options = argparse.ArgumentParser(add_help=False, argument_default=argparse.SUPPRESS)
@@ -450,7 +460,7 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--pool", choices=("thread", "process"),
                         help="run jobs on threads (default) or each slot in a child process that is killed "
                              "at a job's timeout or memory limit and replaced when it crashes")
-    worker.add_argument("--resources", metavar="NAME=AMOUNT,...",
+    worker.add_argument("--resources", metavar="NAME=AMOUNT,...", type=resources_option,
                         help="what this worker has, like gpu=1,mem=64G: it claims only jobs whose requirements "
                              "these cover, and runs no more of them at once than they allow")
     demo = add("demo", command_demo, "run a generated ETL batch in chunks on local worker processes and show "

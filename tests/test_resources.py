@@ -106,3 +106,8 @@ def test_a_job_no_live_worker_can_run_shows_in_the_stats(driver, db_url, table_n
     shown = kronix("stats", "--db", db_url, "--table", table_name, "--json", cwd=TESTS)
     assert shown.returncode == 0, shown.stderr
     assert {record["queue"]: record["unrunnable"] for record in json.loads(shown.stdout)} == {"default": 2, "other": 0}
+
+
+def test_kronix_worker_names_a_bad_resources_option(tmp_path):
+    done = kronix("worker", "--db", f"sqlite:///{tmp_path / 'q.db'}", "--resources", "gpu", "--burst", cwd=TESTS)
+    assert done.returncode == 2 and "--resources: resources: 'gpu' is not NAME=AMOUNT" in done.stderr
