@@ -241,13 +241,16 @@ def progress_text(record: dict[str, Any]) -> str:
 
 def command_workers(args: argparse.Namespace) -> int:
     """The worker registry: live workers, and those stopped or gone within the last hour."""
+    from .resources import resources_text
+
     with open_driver(args) as driver:
         frame = driver.workers()
     rows = [{**record, "queues": ",".join(record["queues"]), "last_seen": f"{record['seen_s_ago']:.0f}s ago",
+             "resources": resources_text(record["resources"]),
              "started_at": record["started_at"].strftime("%Y-%m-%d %H:%M:%S") if record["started_at"] == record[
                  "started_at"] else "-"} for record in frame.to_dict(orient="records")]
-    human = text_table(rows, ["worker_id", "state", "host", "pid", "queues", "concurrency", "running", "started_at",
-                              "last_seen"]) if rows else f"no worker seen in the last hour on table {args.table!r}"
+    human = text_table(rows, ["worker_id", "state", "host", "pid", "queues", "concurrency", "running", "resources",
+                              "started_at", "last_seen"]) if rows else f"no worker seen in the last hour on table {args.table!r}"
     emit(args, human, json_records(frame))
     return EXIT_OK
 

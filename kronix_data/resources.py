@@ -74,6 +74,20 @@ def parse_resources(text: str) -> dict[str, float]:
     return checked_resources(pairs, "resources") or {}
 
 
+def resources_text(resources: Mapping[str, float] | None) -> str:
+    """``{"gpu": 1.0, "mem": 68719476736.0}`` as ``gpu=1,mem=64G`` (``-`` for none): for tables."""
+    if not resources:
+        return "-"
+    return ",".join(f"{name}={_short(amount)}" for name, amount in sorted(resources.items()))
+
+
+def _short(amount: float) -> str:
+    for unit, power in (("T", 4), ("G", 3), ("M", 2)):
+        if amount >= 1024 ** power and amount % 1024 ** power == 0:
+            return f"{amount / 1024 ** power:g}{unit}"
+    return f"{amount:g}"
+
+
 def encode_requirements(requires: Mapping[str, float] | None) -> str | None:
     """The stored text of a job's requirements (NULL for none)."""
     return json.dumps(dict(sorted(requires.items())), separators=(",", ":")) if requires else None

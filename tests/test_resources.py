@@ -29,9 +29,10 @@ def test_sizes_and_resources_are_parsed():
                          ("gpu=-1", "gpu")]:
         with pytest.raises(InvalidInputError, match=message):
             parse_resources(bad)
-    with pytest.raises(InvalidInputError, match="requires of job 'x'"):
-        Job("x", requires={"gpu": float("inf")}) and WorkerOptions()  # checked on push, below
+    with pytest.raises(InvalidInputError, match=r"requires of job 'x'\['gpu'\] must be a finite size"):
         checked_resources({"gpu": float("inf")}, "requires of job 'x'")
+    with pytest.raises(InvalidInputError, match="resources: resource name 'GPU'"):
+        WorkerOptions(resources={"GPU": 1})
     assert WorkerOptions(resources="gpu=1").resources == {"gpu": 1.0} and WorkerOptions().resources == {}
 
 
@@ -111,3 +112,16 @@ def test_a_job_no_live_worker_can_run_shows_in_the_stats(driver, db_url, table_n
 def test_kronix_worker_names_a_bad_resources_option(tmp_path):
     done = kronix("worker", "--db", f"sqlite:///{tmp_path / 'q.db'}", "--resources", "gpu", "--burst", cwd=TESTS)
     assert done.returncode == 2 and "--resources: resources: 'gpu' is not NAME=AMOUNT" in done.stderr
+
+
+def test_kronix_workers_shows_each_workers_resources(driver, db_url, table_name):
+    worker = Worker(driver, resources="gpu=1,mem=64G").start()
+    try:
+        wait_until(lambda: (driver.workers()["state"] == "live").any(), 30, "the worker to register")
+        shown = kronix("workers", "--db", db_url, "--table", table_name, cwd=TESTS)
+        listed = kronix("workers", "--db", db_url, "--table", table_name, "--json", cwd=TESTS)
+    finally:
+        worker.stop()
+    assert shown.returncode == 0, shown.stderr
+    assert "resources" in shown.stdout.splitlines()[0] and "gpu=1,mem=64G" in shown.stdout
+    assert json.loads(listed.stdout)[0]["resources"] == {"gpu": 1.0, "mem": 64.0 * GIB}
