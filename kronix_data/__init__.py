@@ -30,3 +30,7 @@ __all__ = ["Batch", "DatabaseQueueDriver", "DatabaseUnavailableError", "InvalidI
 __all__ += ["FrameSlices", "frame_slices"]
 # Schedules and snooze: a task that asks to run again later without failing.
 __all__ += ["Snooze"]
+
+# Async tasks, process isolation and resources (issue 16).
+from .errors import WorkerCrash  # noqa: E402
+__all__ += ["WorkerCrash"]

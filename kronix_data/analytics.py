@@ -42,6 +42,7 @@ STATS_COLUMNS = {
     "run_s_p50": "float64",
     "run_s_p95": "float64",
     "throughput_per_s": "float64",
+    "unrunnable": "int64",
 }
 
 #: The columns read from the table for a dead letter (the frame adds the error split).
@@ -97,7 +98,8 @@ def window_seconds(window: timedelta | float) -> float:
 # -- fetch_stats ------------------------------------------------------------------
 
 
-def fetch_stats(store: JobStore, window: timedelta | float) -> pd.DataFrame:
+def fetch_stats(store: JobStore, window: timedelta | float,
+                unrunnable: Mapping[str, int] | None = None) -> pd.DataFrame:
     """Per queue: counts of every row by status, the oldest pending age, and timings over ``window``.
 
     ``wait_s_*`` is claim minus due time over jobs finished (completed or
@@ -106,7 +108,9 @@ def fetch_stats(store: JobStore, window: timedelta | float) -> pd.DataFrame:
     divided by the window's seconds.  Percentiles interpolate linearly
     (``percentile_cont``, pandas' ``quantile``).  ``oldest_pending_age_s`` is
     how long the longest-waiting due job has been due (0 when every pending
-    job is scheduled for later, NaN with none).
+    job is scheduled for later, NaN with none).  ``unrunnable``: per queue, the
+    pending or waiting jobs whose requirements no live worker's resources cover
+    (:func:`kronix_data.workers.unrunnable_jobs`, which the driver passes in).
     """
     seconds = window_seconds(window)
     read = store.read_queue_stats(seconds)
@@ -122,6 +126,9 @@ def fetch_stats(store: JobStore, window: timedelta | float) -> pd.DataFrame:
         if queue in queues:
             completed = values.pop("completed_in_window")
             queues[queue].update(values, throughput_per_s=completed / seconds)
+    for queue, jobs in (unrunnable or {}).items():
+        if queue in queues:
+            queues[queue]["unrunnable"] = jobs
     return with_lag(typed_frame([queues[queue] for queue in sorted(queues)], STATS_COLUMNS), store)
 
 
@@ -130,7 +137,8 @@ def _count_rows(rows: Sequence[Any]) -> dict[str, dict[str, Any]]:
     for queue, status, jobs in rows:
         record = queues.setdefault(queue, {"queue": queue, **dict.fromkeys(_STATUSES, 0),
                                            "oldest_pending_age_s": float("nan"),
-                                           **dict.fromkeys(_TIMINGS, float("nan")), "throughput_per_s": 0.0})
+                                           **dict.fromkeys(_TIMINGS, float("nan")), "throughput_per_s": 0.0,
+                                           "unrunnable": 0})
         if status in _STATUSES:
             record[status] += jobs
     return queues

@@ -269,13 +269,16 @@ def progress_text(record: dict[str, Any]) -> str:
 
 def command_workers(args: argparse.Namespace) -> int:
     """The worker registry: live workers, and those stopped or gone within the last hour."""
+    from .resources import resources_text
+
     with open_driver(args) as driver:
         frame = driver.workers()
     rows = [{**record, "queues": ",".join(record["queues"]), "last_seen": f"{record['seen_s_ago']:.0f}s ago",
+             "resources": resources_text(record["resources"]),
              "started_at": record["started_at"].strftime("%Y-%m-%d %H:%M:%S") if record["started_at"] == record[
                  "started_at"] else "-"} for record in frame.to_dict(orient="records")]
-    human = text_table(rows, ["worker_id", "state", "host", "pid", "queues", "concurrency", "running", "started_at",
-                              "last_seen"]) if rows else f"no worker seen in the last hour on table {args.table!r}"
+    human = text_table(rows, ["worker_id", "state", "host", "pid", "queues", "concurrency", "running", "resources",
+                              "started_at", "last_seen"]) if rows else f"no worker seen in the last hour on table {args.table!r}"
     emit(args, human, json_records(frame))
     return EXIT_OK
 
@@ -395,7 +398,9 @@ def command_worker(args: argparse.Namespace) -> int:
     from .worker import Worker  # imported here so the other commands work without it
 
     options = {name: value for name, value in (("concurrency", args.concurrency),
-                                               ("lease_timeout", args.lease_timeout)) if value is not None}
+                                               ("lease_timeout", args.lease_timeout),
+                                               ("pool", args.pool),
+                                               ("resources", args.resources)) if value is not None}
     with open_driver(args) as driver:
         if args.local_channel is not None:  # started by start_local_workers: options and __main__ tasks from there
             from .local import local_worker
@@ -474,6 +479,16 @@ def bounded(kind: type, minimum: float, *, inclusive: bool = True):
     return parse
 
 
+def resources_option(text: str) -> dict[str, float]:
+    """An argparse type for ``--resources gpu=1,mem=64G``."""
+    from .resources import parse_resources
+
+    try:
+        return parse_resources(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
 def global_options() -> argparse.ArgumentParser:
     """Options every command takes; defaults are filled in later so they work on either side."""
     options = argparse.ArgumentParser(add_help=False, argument_default=argparse.SUPPRESS)
@@ -550,6 +565,12 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--metrics-host", default="127.0.0.1", metavar="HOST",
                         help="the address the metrics listen on (default: 127.0.0.1; 0.0.0.0 for every interface)")
     worker.add_argument("--local-channel", type=int, metavar="FD", help=argparse.SUPPRESS)  # start_local_workers'
+    worker.add_argument("--pool", choices=("thread", "process"),
+                        help="run jobs on threads (default) or each slot in a child process that is killed "
+                             "at a job's timeout or memory limit and replaced when it crashes")
+    worker.add_argument("--resources", metavar="NAME=AMOUNT,...", type=resources_option,
+                        help="what this worker has, like gpu=1,mem=64G: it claims only jobs whose requirements "
+                             "these cover, and runs no more of them at once than they allow")
     demo = add("demo", command_demo, "run a generated ETL batch in chunks on local worker processes and show "
                                      "its stats and failures (on sqlite:///kronix_demo.db unless --db is given)")
     demo.add_argument("--rows", type=bounded(int, 1), default=DEMO_ROWS, metavar="N",

@@ -19,6 +19,7 @@ from typing import Any, NamedTuple
 
 import sqlalchemy as sa
 from sqlalchemy import event
+from sqlalchemy.dialects import postgresql
 
 try:
     import fcntl
@@ -203,6 +204,14 @@ class QueueDialect:
         timeline's buckets, aligned on the clock (1 min buckets start on the minute).  Integer arithmetic
         only, so a time on a boundary never lands in the bucket before it through a rounding error."""
         return self.epoch_seconds(column) // sa.literal(int(seconds), sa.BigInteger)
+
+    def json_number(self, column: sa.ColumnElement, key: str) -> sa.ColumnElement:
+        """The number under ``key`` in the JSON object stored as text in ``column`` (NULL if absent).
+
+        ``key`` is a validated resource name (kronix_data.resources), bound as a value in the path.
+        SQLite's and MySQL's ``JSON_EXTRACT``; MariaDB's returns text, which it compares as a number.
+        """
+        return sa.func.json_extract(column, sa.literal(f'$."{key}"'))
 
     def percentiles(self, fractions: list[float], expression: sa.ColumnElement) -> sa.ColumnElement | None:
         """An aggregate of ``expression``'s linearly interpolated percentiles, as an array.
@@ -393,6 +402,10 @@ class PostgresDialect(OnConflictDialect):
 
     def epoch_seconds(self, column):
         return sa.cast(sa.func.floor(sa.extract("epoch", column)), sa.BigInteger)
+
+    def json_number(self, column, key):
+        # Text to jsonb, the member as text, then a number: NULL all along when the key is absent.
+        return sa.cast(sa.func.jsonb_extract_path_text(sa.cast(column, postgresql.JSONB), key), sa.Double())
 
     def percentiles(self, fractions, expression):
         # One ordered-set aggregate for all fractions: one sort of the window, not one per fraction.

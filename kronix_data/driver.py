@@ -22,7 +22,7 @@ from .batches import Batch, batches_frame, enqueue_chunks, find_batch, push_jobs
 from .errors import InvalidInputError
 from .job import Job, encode_result, possible_job_id, validate_queue
 from .store import JobStore, ProgressWrite, WorkerBeat
-from .workers import workers_frame
+from .workers import unrunnable_jobs, workers_frame
 from .schedules import register_task_schedules, schedule_values, schedules_frame
 from .tasks import Task, task_factories
 
@@ -162,18 +162,21 @@ class DatabaseQueueDriver:
         return self._jobs_from_claimed(self.store.claim(self.worker_id, n, queue))
 
     def complete_and_pop(self, completed: Iterable[Job], n: int, queues: Sequence[str] = ("default",), *,
-                         results: Sequence[str | None] | None = None) -> tuple[int, list[Job]]:
+                         results: Sequence[str | None] | None = None,
+                         resources: dict[str, float] | None = None) -> tuple[int, list[Job]]:
         """Complete finished jobs and claim up to ``n`` more, in one transaction.
 
         A busy worker's step: one commit (a durable flush, the dominant cost of
         a queue) where completing and claiming apart would take two.  Queues are
         claimed in order.  ``results`` are the jobs' results already encoded as
-        JSON (see :meth:`complete_many`).  Returns how many completions were
-        held, and the jobs.
+        JSON (see :meth:`complete_many`).  ``resources``: what the worker has
+        free; jobs needing more (or other) resources are not claimed.  Returns
+        how many completions were held, and the jobs.
         """
         for queue in queues:
             validate_queue(queue)
-        held, rows = self.store.complete_and_claim(self.worker_id, self._completions(completed, results), n, queues)
+        held, rows = self.store.complete_and_claim(self.worker_id, self._completions(completed, results), n, queues,
+                                                   resources)
         return held, self._jobs_from_claimed(rows)
 
     def _jobs_from_claimed(self, rows: list[dict[str, Any]]) -> list[Job]:
@@ -350,7 +353,7 @@ class DatabaseQueueDriver:
     def fetch_stats(self, window: timedelta | float = timedelta(hours=1)) -> pd.DataFrame:
         """Per queue: counts by status, oldest pending age, wait/run means and percentiles and
         throughput over the jobs finished in the last ``window`` (see :func:`kronix_data.analytics.fetch_stats`)."""
-        return analytics.fetch_stats(self.store, window)
+        return analytics.fetch_stats(self.store, window, unrunnable=unrunnable_jobs(self.store))
 
     def timeline(self, freq: Any = "1min", since: datetime | timedelta = timedelta(hours=1),
                  queue: str | None = None) -> pd.DataFrame:

@@ -15,6 +15,8 @@ existing ``except ValueError`` / ``except LookupError`` still catches it:
 - :class:`DatabaseUnavailableError`: the database cannot be reached or dropped the
   connection; a SQLAlchemy ``OperationalError`` as before, with the driver's own
   error as ``orig``.  Workers ride it out; a notebook call raises it;
+- :class:`WorkerCrash`: the process running a job (a process-pool slot) died under it, by a
+  signal (a segfault, ``os.abort()``, the OOM killer) or an exit; the message names the signal;
 - :class:`MissingDriverError`: the Python module that talks to the URL's database
   is not installed (``mysql://`` without PyMySQL); an ``ImportError``, as the bare
   ``ModuleNotFoundError`` it replaces, with the ``pip install`` that fixes it.
@@ -39,6 +41,10 @@ class NotFoundError(KronixError, LookupError):
 
 class NotHeldError(KronixError):
     """This worker no longer holds that attempt of the job, so it may not change it."""
+
+
+class WorkerCrash(KronixError):
+    """The process running a job died under it; recorded as ``WorkerCrash: killed by SIGABRT``."""
 
 
 class DatabaseUnavailableError(KronixError, exc.OperationalError):

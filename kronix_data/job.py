@@ -18,6 +18,7 @@ from datetime import datetime
 from typing import Any, ClassVar
 
 from .errors import InvalidInputError
+from .resources import checked_resources
 
 #: Longest accepted job name, queue name and job id (they are indexed columns).
 MAX_NAME_LENGTH = 255
@@ -100,7 +101,8 @@ class Job:
     ``priority`` (from :data:`MIN_PRIORITY` to :data:`MAX_PRIORITY`): due jobs
     of a queue are claimed highest first.  ``depends_on``: job ids, Jobs or
     Batches that must all complete before this job becomes due (it waits
-    meanwhile).  The fields after ``id`` are filled in by the driver from the
+    meanwhile).  ``requires``: resources a worker must have to claim it
+    (``{"gpu": 1}``, ``{"mem": "64G"}``; see :mod:`kronix_data.resources`).  The fields after ``id`` are filled in by the driver from the
     stored row; callers normally leave them alone.
     """
 
@@ -113,6 +115,7 @@ class Job:
     batch_id: str | None = field(default=None, kw_only=True)
     priority: int = field(default=0, kw_only=True)
     depends_on: list[Any] = field(default_factory=list, kw_only=True, repr=False)
+    requires: dict[str, float] | None = field(default=None, kw_only=True)
     id: str | None = field(default=None, kw_only=True)
     attempts: int = field(default=0, kw_only=True)
     status: JobStatus = field(default=JobStatus.PENDING, kw_only=True)
@@ -222,6 +225,7 @@ def validate_job(job: Job, queue: str) -> None:
     if job.batch_id is not None:
         _check_text("batch id", job.batch_id, MAX_BATCH_ID_LENGTH)
     validate_priority(job.priority, f"priority of job {job.name!r}")
+    checked_resources(job.requires, f"requires of job {job.name!r}")
     if not isinstance(job.max_retries, int) or isinstance(job.max_retries, bool) or job.max_retries < 0:
         raise InvalidInputError(f"max_retries of job {job.name!r} must be an int >= 0, got {job.max_retries!r}")
     if job.available_at is not None and (

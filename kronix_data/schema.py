@@ -29,7 +29,8 @@ WAITING = sa.literal_column("'waiting'")
 #: What a claim reads back: what a worker needs to run the job and nothing
 #: more (every extra timestamp costs a parse per row on the hot path).
 CLAIMED_COLUMNS = ("id", "name", "queue", "attempts", "max_retries", "payload", "last_error",
-                   "created_at", "available_at", "reserved_at", "job_key", "batch_id", "priority")
+                   "created_at", "available_at", "reserved_at", "job_key", "batch_id", "priority",
+                   "requires")
 
 
 def claim_order(table: sa.Table) -> tuple[sa.ColumnElement, ...]:
@@ -176,6 +177,9 @@ def build_tables(name: str, *, partial_indexes: bool, now_default: str) -> Table
         sa.Column("progress_at", UTCDateTime()),
         sa.Column("checkpoint_state", _long_text()),
         sa.Column("checkpoint_at", UTCDateTime()),
+        # Resources the job needs (kronix_data.resources): canonical JSON like {"gpu":1.0}; NULL for none,
+        # which every worker may claim.
+        sa.Column("requires", sa.Text),
         **options,
     )
     c = table.c
@@ -200,6 +204,11 @@ def build_tables(name: str, *, partial_indexes: bool, now_default: str) -> Table
         sa.Index(f"{table_name}_wait", c.wait_id,
                  postgresql_where=sa.text("wait_id IS NOT NULL"),
                  sqlite_where=sa.text("wait_id IS NOT NULL"))
+        # The stats' unrunnable count reads only the jobs that need resources (few, usually), not every
+        # pending row.  MySQL has no partial index: there it goes through <table>_status.
+        sa.Index(f"{table_name}_requires", c.status, c.queue,
+                 postgresql_where=sa.text("requires IS NOT NULL"),
+                 sqlite_where=sa.text("requires IS NOT NULL"))
     else:
         sa.Index(f"{table_name}_due", c.queue, c.status, c.priority.desc(), c.available_at, c.id)
         sa.Index(f"{table_name}_lease", c.status, c.heartbeat_at)
@@ -256,6 +265,7 @@ def build_workers_table(metadata: sa.MetaData, table_name: str, options: dict) -
         sa.Column("started_at", UTCDateTime()),
         sa.Column("last_seen", UTCDateTime()),
         sa.Column("stopped_at", UTCDateTime()),  # set when it stopped by itself (signal, stop(), burst end)
+        sa.Column("resources", sa.Text),  # a JSON object of what it has ({"gpu": 1.0}); NULL: none
         **options,
     )
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -34,6 +34,7 @@ from .cron import next_slot, plan_firing, schedule_key, seconds_until
 from .dialects import Listener, dialect_for, make_engine, stored_ids_by_key
 from .errors import DatabaseUnavailableError, InvalidInputError, NotFoundError
 from .job import Job, JobStatus, decode_json, encode_payload, new_job_id, validate_job
+from .resources import checked_resources, encode_requirements
 from .schema import PENDING, PROCESSING, WAITING, UTCDateTime, build_tables, claim_sort_key
 
 log = logging.getLogger(__name__)
@@ -100,6 +101,7 @@ class WorkerBeat:
     running: int
     lease_timeout: float
     starting: bool = False
+    resources: dict[str, float] | None = None  # what the worker has (kronix_data.resources)
 
 
 @dataclass
@@ -314,6 +316,7 @@ class JobStore:
             "priority": job.priority,
             "wait_id": None,
             "due": job.available_at,
+            "requires": encode_requirements(checked_resources(job.requires, f"requires of job {job.name!r}")),
         }
 
     @staticmethod
@@ -334,6 +337,7 @@ class JobStore:
         job.key = row["job_key"]
         job.status = JobStatus(row["status"])
         job.result = decode_json(row["result"])
+        job.requires = decode_json(row.get("requires"))
         return job
 
     # -- producing --------------------------------------------------------------------
@@ -469,16 +473,19 @@ class JobStore:
 
     # -- consuming --------------------------------------------------------------------
 
-    def claim(self, worker_id: str, n: int, queue: str) -> list[dict[str, Any]]:
+    def claim(self, worker_id: str, n: int, queue: str, resources: Mapping[str, float] | None = None
+              ) -> list[dict[str, Any]]:
         """Atomically take up to ``n`` due pending jobs of ``queue`` for a worker: highest priority, then oldest."""
         with self._transaction() as conn:
-            return self._claim(conn, worker_id, n, queue)
+            return self._claim(conn, worker_id, n, queue, resources)
 
     def complete_and_claim(self, worker_id: str, completions: Sequence[tuple[Job, str | None]], n: int,
-                           queues: Sequence[str]) -> tuple[int, list[dict[str, Any]]]:
+                           queues: Sequence[str], resources: Mapping[str, float] | None = None
+                           ) -> tuple[int, list[dict[str, Any]]]:
         """Complete held jobs and claim up to ``n`` more (queues in order), in one transaction: one commit.
 
-        Returns how many completions were held, and the claimed rows.
+        Returns how many completions were held, and the claimed rows.  ``resources``: what the worker
+        has free (see :meth:`_requirements_met`).
         """
         rows: list[dict[str, Any]] = []
         with self._transaction() as conn:
@@ -486,10 +493,11 @@ class JobStore:
             for queue in queues:
                 if len(rows) >= n:
                     break
-                rows += self._claim(conn, worker_id, n - len(rows), queue)
+                rows += self._claim(conn, worker_id, n - len(rows), queue, resources)
         return held, rows
 
-    def _claim(self, conn: sa.Connection, worker_id: str, n: int, queue: str) -> list[dict[str, Any]]:
+    def _claim(self, conn: sa.Connection, worker_id: str, n: int, queue: str,
+               resources: Mapping[str, float] | None = None) -> list[dict[str, Any]]:
         """The claimed rows, in claim order, with what the claim set filled in (not read back).
 
         A paused queue gives nothing: the check is a clause of the claim itself
@@ -498,12 +506,40 @@ class JobStore:
         c, queues = self.table.c, self.tables.queues.c
         not_paused = ~sa.exists().where(queues.queue == queue, queues.paused == sa.true())
         conditions = [c.queue == queue, c.status == PENDING, c.available_at <= self.dialect.now(), not_paused]
+        conditions.append(self._requirements_met(resources))
         changes = {"status": JobStatus.PROCESSING.value, "reserved_by": worker_id}
         rows = self.dialect.claim(conn, self.table, conditions, n, changes)
         rows.sort(key=claim_sort_key)
         for row in rows:
             row.update(status=JobStatus.PROCESSING.value, reserved_by=worker_id, finished_at=None, result=None)
         return rows
+
+    def _requirements_met(self, resources: Mapping[str, float] | None) -> sa.ColumnElement[bool]:
+        """The claim's resource clause: a job without requirements, or one whose every requirement the
+        worker's free ``resources`` cover.
+
+        A job needing a resource the worker does not name is never taken: the
+        job's requirements are stored as canonical JSON of validated names and
+        plain numbers, so it names as many resources as its text has colons, and
+        that count must equal how many of the worker's resources it names.
+        """
+        requires = self.table.c.requires
+        if not resources:
+            return requires.is_(None)
+        amounts = {name: self.dialect.json_number(requires, name) for name in sorted(resources)}
+        named = sum((sa.case((amount.is_not(None), 1), else_=0) for amount in amounts.values()), sa.literal(0))
+        colons = sa.func.length(requires) - sa.func.length(sa.func.replace(requires, ":", ""))
+        fits = [sa.func.coalesce(amount, 0) <= float(resources[name]) for name, amount in amounts.items()]
+        return sa.or_(requires.is_(None), sa.and_(colons == named, *fits))
+
+    def count_pending_requirements(self) -> list[tuple[str, str, int]]:
+        """``(queue, requires, jobs)``: the pending and waiting jobs that need resources, by queue and need."""
+        c = self.table.c
+        with self._reading_analytics() as conn:
+            return [tuple(row) for row in conn.execute(
+                sa.select(c.queue, c.requires, sa.func.count())
+                .where(c.status.in_([PENDING, WAITING]), c.requires.is_not(None))
+                .group_by(c.queue, c.requires))]
 
     # -- finishing held jobs ------------------------------------------------------------
     #
@@ -1198,7 +1234,8 @@ class JobStore:
         now = self.dialect.now()
         changes = {"host": worker.host, "pid": worker.pid, "queues": json.dumps(list(worker.queues)),
                    "concurrency": worker.concurrency, "running": worker.running,
-                   "lease_timeout": worker.lease_timeout, "last_seen": now}
+                   "lease_timeout": worker.lease_timeout, "last_seen": now,
+                   "resources": json.dumps(worker.resources) if worker.resources else None}
         if worker.starting:
             changes.update(started_at=now, stopped_at=None)
         self.dialect.upsert(conn, self.tables.workers, {"worker_id": worker.worker_id, "started_at": now,

@@ -7,6 +7,7 @@ such rows as :class:`TaskJob` and calls the function.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -14,6 +15,7 @@ from typing import Any, Protocol
 from .errors import InvalidInputError
 from .cron import DEFAULT_TIMEZONE, validate_cron, zone_for
 from .job import Job, RetryPolicy, validate_priority
+from .resources import checked_resources, parse_size
 
 Hook = Callable[[Job, BaseException], None]
 
@@ -37,6 +39,12 @@ class Task:
     #: the task's module stores it in the schedules table (see kronix_data.schedules).
     cron: str | None = None
     timezone: str = DEFAULT_TIMEZONE
+    #: None: as the worker's pool; "thread" or "process" whatever the pool (see kronix_data.isolation).
+    isolation: str | None = None
+    #: Bytes of resident memory past which a job in a child process is killed (implies a process).
+    memory_limit: float | None = None
+    #: Resources a worker must have to run its jobs (``{"gpu": 1}``); see kronix_data.resources.
+    requires: dict[str, float] | None = None
 
     def __post_init__(self):
         validate_priority(self.priority, f"priority of task {self.name!r}")
@@ -44,6 +52,20 @@ class Task:
             object.__setattr__(self, "timezone", validate_cron(self.cron, self.timezone))
         else:
             zone_for(self.timezone)
+        if self.isolation not in (None, "thread", "process"):
+            raise InvalidInputError(f"isolation of task {self.name!r} must be 'thread' or 'process', "
+                                    f"got {self.isolation!r}")
+        object.__setattr__(self, "requires", checked_resources(self.requires, f"requires of task {self.name!r}"))
+        if self.memory_limit is not None:
+            object.__setattr__(self, "memory_limit", parse_size(self.memory_limit, f"memory_limit of task {self.name!r}"))
+            if self.isolation == "thread":
+                raise InvalidInputError(f"task {self.name!r}: a memory_limit needs isolation='process' "
+                                        "(a thread cannot be killed)")
+
+    @property
+    def is_async(self) -> bool:
+        """Whether the function is ``async def`` (its jobs run on the worker's event loop)."""
+        return inspect.iscoroutinefunction(self.function)
 
     def __call__(self, payload: Any = None) -> Any:
         """Run the function here and now, without the queue (handy in a notebook)."""
@@ -51,7 +73,8 @@ class Task:
 
     def job(self, payload: Any = None, **options: Any) -> TaskJob:
         """A job for this task, ready to push; ``options`` override queue, max_retries, priority, id..."""
-        options = {"queue": self.queue, "max_retries": self.max_retries, "priority": self.priority, **options}
+        options = {"queue": self.queue, "max_retries": self.max_retries, "priority": self.priority,
+                   "requires": self.requires, **options}
         job = TaskJob(self.name, payload, **options)
         job.task = self
         return job
@@ -85,12 +108,21 @@ class TaskJob(Job):
 def task(name: str | None = None, *, queue: str = "default", max_retries: int = 3,
          timeout: float | None = None, retry: RetryPolicy | None = None,
          on_failure: Hook | None = None, on_permanent_failure: Hook | None = None,
-         priority: int = 0, cron: str | None = None, timezone: str = DEFAULT_TIMEZONE) -> Callable[[Callable], Task]:
+         priority: int = 0, cron: str | None = None, timezone: str = DEFAULT_TIMEZONE,
+         isolation: str | None = None, memory_limit: float | str | None = None,
+         requires: dict[str, float | str] | None = None) -> Callable[[Callable], Task]:
     """Register a function as a task: ``@task(name="etl.clean", max_retries=3)``, or plain ``@task``.
 
-    The name defaults to ``module.function``.  ``cron`` (with ``timezone``, UTC
-    by default) schedules it: every worker that imports the module registers
-    the schedule, named after the task, and any of them fires each slot once.  Registering a different
+    The function may be ``async def`` (run on the worker's event loop).
+    ``isolation="process"`` runs its jobs in a child process that is killed at
+    the timeout, and ``memory_limit="2GiB"`` kills one whose memory passes it
+    (README, "Pools").  ``requires={"gpu": 1}``: only a worker with those
+    resources claims its jobs, and runs no more at once than they allow.
+    ``cron`` (with ``timezone``, UTC by default) schedules it: every worker that
+    imports the module registers the schedule, named after the task, and any of
+    them fires each slot once.
+
+    The name defaults to ``module.function``.  Registering a different
     function under a name already taken is an error (two modules would
     otherwise silently fight over the same jobs).
     """
@@ -98,7 +130,8 @@ def task(name: str | None = None, *, queue: str = "default", max_retries: int = 
     def register(function: Callable[[Any], Any]) -> Task:
         registered = Task(name or f"{function.__module__}.{function.__qualname__}", function, queue,
                           max_retries, timeout, retry or RetryPolicy(), on_failure, on_permanent_failure,
-                          priority, cron=cron, timezone=timezone)
+                          priority, cron=cron, timezone=timezone, isolation=isolation,
+                          memory_limit=memory_limit, requires=requires)
         existing = _registry.get(registered.name)
         if existing is not None and not _same_function(existing.function, function):
             raise InvalidInputError(f"task name {registered.name!r} is already registered to "

@@ -9,12 +9,16 @@ nothing the worker holds is dropped: results wait in memory until written.
 Timeouts: a job running on a thread cannot be stopped from outside.  A job
 past its ``timeout`` is recorded as failed (and retried or dead-lettered) at
 once, but its thread runs on and keeps its slot until it returns, so the
-concurrency limit holds; its late result is discarded.
+concurrency limit holds; its late result is discarded.  An ``async def`` job is
+cancelled at its timeout (kronix_data.event_loop), and a job in a child process
+is killed (kronix_data.isolation).
 """
 
 from __future__ import annotations
 
 import bisect
+import inspect
+import json
 import logging
 import os
 import random
@@ -31,7 +35,10 @@ from typing import Any
 from .context import JobContext, running as running_job
 from .driver import DatabaseQueueDriver
 from .errors import InvalidInputError
+from .event_loop import EventLoopThread, is_coroutine_job
+from .isolation import ProcessSlots, runs_in_process
 from .job import Job, encode_result
+from .resources import covers, in_use
 from .snooze import Snooze
 from .store import ProgressWrite
 from .tasks import missing_task_message
@@ -79,10 +86,16 @@ class _Running:
     context: JobContext
     started: float | None = None  # set by the pool thread: a prefetched job's clock starts when it runs
     abandoned: bool = False
+    # Seconds past the timeout before the loop gives up on the job's thread: 0 for a thread job; a
+    # coroutine is cancelled at its timeout, and this is the backstop for one that blocks its loop;
+    # None for a job in a child process, which its slot always kills in time.
+    backstop: float | None = 0.0
+    isolated: bool = False  # run in the pool thread's child process (kronix_data.isolation)
 
     def past_deadline(self, now: float) -> bool:
         timeout = self.job.timeout
-        return bool(timeout) and self.started is not None and now >= self.started + timeout
+        return (bool(timeout) and self.started is not None and self.backstop is not None
+                and now >= self.started + timeout + self.backstop)
 
 
 @dataclass
@@ -183,6 +196,19 @@ class Worker:
         How often, at most, the worker writes what its running jobs reported
         with ``current_job().progress()`` (one statement batch for all of them,
         and only when some job reported); the heartbeat writes it too.
+    pool
+        ``"thread"`` (the default): jobs run on ``concurrency`` threads;
+        ``"process"``: each of those threads runs its jobs in a long-lived child
+        process of its own, killed at a job's timeout or memory limit and replaced
+        when it dies (kronix_data.isolation).  A task's ``isolation`` overrides it.
+    resources
+        What this worker has, as ``{"gpu": 1, "mem": "64G"}`` or ``"gpu=1,mem=64G"``:
+        it claims only jobs whose ``requires`` these cover (a job without
+        requirements is anyone's), and never holds more at once than they allow.
+    kill_grace
+        A job in a child process past its timeout gets SIGTERM, then SIGKILL
+        this many seconds later; an ``async def`` job that blocks its event
+        loop is given up this long after its timeout.
 
     Every option is checked when the worker is built
     (:class:`~kronix_data.worker_options.WorkerOptions`): a wrong type or value,
@@ -219,6 +245,8 @@ class Worker:
         self._thread: threading.Thread | None = None
         self._signals = 0
         self._registered = False  # whether this run's first heartbeat (which registers the worker) went out
+        self._event_loop = EventLoopThread(f"kronix-asyncio-{driver.worker_id}")  # async def jobs (event_loop.py)
+        self._process_slots = ProcessSlots(self.options.kill_grace)  # a child process per pool thread (isolation.py)
 
     def __repr__(self) -> str:
         return f"Worker({self.driver.worker_id!r}, queues={self.options.queues}, concurrency={self.options.concurrency})"
@@ -235,12 +263,15 @@ class Worker:
         handlers = self._install_signal_handlers()
         listener = self._start_listener()
         executor = _JobThreads(self.options.concurrency, self._execute)
+        self._process_slots = ProcessSlots(self.options.kill_grace)
         log.info("%r started", self)
         try:
             self._loop(executor)
         finally:
             self._stop_requested.set()
             executor.shutdown(wait=not self._hard_stop.is_set())
+            self._event_loop.close()
+            self._process_slots.close()
             for sig, handler in handlers.items():
                 signal.signal(sig, handler)
             if listener:
@@ -440,13 +471,39 @@ class Worker:
         batch = self._to_complete[:self.options.completion_batch] if (room or self._completions_due(stopping)) else []
         if not batch and not room:
             return 0
+        free = self._free_resources()
         written, jobs = self.driver.complete_and_pop([job for job, _ in batch], room, self.options.queues,
-                                                     results=[result for _, result in batch])
+                                                     results=[result for _, result in batch], resources=free)
         self._completed(batch, written)
+        jobs = self._within_resources(jobs, free)
         for job in jobs:
             self._start(executor, job)
         self.stats.claimed += len(jobs)
         return len(jobs)
+
+    def _free_resources(self) -> dict[str, float] | None:
+        """What this worker's resources leave free beside the jobs it holds (None: it has none)."""
+        if not self.options.resources:
+            return None
+        used = in_use(entry.job.requires for entry in self._running.values())
+        return {name: amount - used.get(name, 0.0) for name, amount in self.options.resources.items()}
+
+    def _within_resources(self, jobs: list[Job], free: dict[str, float] | None) -> list[Job]:
+        """The claimed jobs that fit the free resources together, in claim order; the rest are given back
+        at once (each fitted alone, as the claim checked, but not all of them beside each other)."""
+        if free is None:
+            return jobs
+        kept, over = [], []
+        for job in jobs:
+            if job.requires and not covers(free, job.requires):
+                over.append(job)
+                continue
+            for name, amount in (job.requires or {}).items():
+                free[name] -= amount
+            kept.append(job)
+        if over:
+            self._give_back(over)
+        return kept
 
     def _start(self, executor: _JobThreads, job: Job) -> None:
         if not job.runnable:
@@ -454,6 +511,10 @@ class Worker:
             self._record_failure(job, reason, permanent=True)
             return
         running = self._running[job.id, job.attempts] = _Running(job, JobContext(job, self.driver))
+        if runs_in_process(job, self.options.pool):
+            running.isolated, running.backstop = True, None
+        elif is_coroutine_job(job):
+            running.backstop = self.options.kill_grace
         executor.submit(running)
 
     def _execute(self, running: _Running) -> None:
@@ -462,10 +523,14 @@ class Worker:
         job = running.job
         outcome = _Outcome(job)
         running.started = time.monotonic()
-        if not running.context.cancel_requested():
+        if running.isolated:
+            self._execute_in_process(running, outcome)
+        elif not running.context.cancel_requested():
             try:
                 with running_job(running.context):
                     job.result = job.handle()
+                if inspect.iscoroutine(job.result):  # an async def job: awaited on the worker's loop
+                    job.result = self._event_loop.run(job.result, running.context, job.timeout)
                 outcome.result_json = encode_result(job)  # a result that cannot be stored is the job's failure
             except Snooze as snooze:  # not a failure: run again later, the attempt not counted
                 outcome.snooze = snooze.seconds
@@ -477,6 +542,19 @@ class Worker:
         with self._lock:
             self._finished.append(outcome)
         self._wake.set()
+
+    def _execute_in_process(self, running: _Running, outcome: _Outcome) -> None:
+        """Run the job in this pool thread's child process (kronix_data.isolation), killed if it must be."""
+        if running.context.cancel_requested():
+            return
+        job = running.job
+        try:
+            outcome.result_json, outcome.error, outcome.formatted = self._process_slots.for_this_thread().run(
+                job, running.context, job.timeout, job.task.memory_limit)
+        except Exception as error:  # noqa: BLE001 - a child that cannot start fails the job, not the worker
+            outcome.error, outcome.formatted = error, "".join(traceback.format_exception(error))
+        if outcome.error is None and outcome.result_json is not None:
+            job.result = json.loads(outcome.result_json)
 
     def _unclaim_unstarted(self, executor: _JobThreads) -> None:
         unstarted = [running.job for running in executor.take_back()]
@@ -510,6 +588,7 @@ class Worker:
                     self._first_done_at = outcome.finished_at
                 self._to_complete.append((outcome.job, outcome.result_json))
             else:
+                self.stats.timed_out += bool(getattr(outcome.error, "kronix_timeout", False))
                 self._record_failure(outcome.job, outcome.error, outcome.formatted)
 
     def _expire_timeouts(self, now: float) -> None:

@@ -8,11 +8,13 @@ when the worker is built, and the error names it.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
 from .errors import InvalidInputError
 from .job import validate_queue
+from .resources import checked_resources, parse_resources
 
 
 @dataclass(frozen=True)
@@ -21,7 +23,8 @@ class WorkerOptions:
 
     Counts are ints >= 1, durations finite seconds (``lease_timeout``, ``poll_interval``,
     ``cancel_check_interval`` and ``progress_interval`` > 0, the others >= 0), switches bools, and ``queues``
-    a non-empty sequence of queue names (a single name is taken as one queue).
+    a non-empty sequence of queue names (a single name is taken as one queue); ``pool`` is ``"thread"`` or
+    ``"process"``; ``resources`` a dict of resource names to amounts or ``"gpu=1,mem=64G"``, kept as a dict.
     """
 
     queues: tuple[str, ...] = ("default",)
@@ -38,6 +41,10 @@ class WorkerOptions:
     cancel_check_interval: float = 1.0
     progress_interval: float = 1.0
     scheduler: bool = True
+    # -- pools and isolation (issue 16) --
+    pool: str = "thread"
+    kill_grace: float = 5.0
+    resources: Mapping[str, Any] | str | None = None  # {"gpu": 1, "mem": "64G"} or "gpu=1,mem=64G"; kept as a dict
 
     def __post_init__(self):
         queues = (self.queues,) if isinstance(self.queues, str) else self.queues
@@ -54,8 +61,12 @@ class WorkerOptions:
             _check_count(name, getattr(self, name))
         for name in ("lease_timeout", "poll_interval", "cancel_check_interval", "progress_interval"):
             _check_seconds(name, getattr(self, name), positive=True)
-        for name in ("grace_period", "completion_delay", "prefetch_seconds"):
+        for name in ("grace_period", "completion_delay", "prefetch_seconds", "kill_grace"):
             _check_seconds(name, getattr(self, name), positive=False)
+        resources = parse_resources(self.resources) if isinstance(self.resources, str) else self.resources
+        object.__setattr__(self, "resources", checked_resources(resources, "resources") or {})
+        if self.pool not in ("thread", "process"):
+            raise InvalidInputError(f"pool must be 'thread' or 'process', got {self.pool!r}")
         for name in ("burst", "listen", "scheduler"):
             if not isinstance(getattr(self, name), bool):
                 raise InvalidInputError(f"{name} must be True or False, got {getattr(self, name)!r}")

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import pandas as pd
 
 from .analytics import typed_frame
+from .resources import covers
 
 if TYPE_CHECKING:
     from .store import JobStore, WorkerBeat
@@ -43,6 +44,7 @@ WORKER_COLUMNS = {
     "last_seen": "datetime64[ns, UTC]",
     "seen_s_ago": "float64",
     "stopped_at": "datetime64[ns, UTC]",
+    "resources": "object",
 }
 
 
@@ -52,7 +54,7 @@ def worker_beat(worker_id: str, options: WorkerOptions, running: int, *, startin
 
     return WorkerBeat(worker_id=worker_id, host=socket.gethostname(), pid=os.getpid(), queues=list(options.queues),
                       concurrency=options.concurrency, running=running, lease_timeout=options.lease_timeout,
-                      starting=starting)
+                      starting=starting, resources=dict(options.resources) or None)
 
 
 def state_of(row: dict[str, Any], seen_s_ago: float) -> str:
@@ -69,6 +71,7 @@ def worker_records(store: JobStore) -> list[dict[str, Any]]:
     for row in rows:
         seen_s_ago = max((now - row["last_seen"]).total_seconds(), 0.0) if row["last_seen"] else float("inf")
         records.append({**row, "queues": json.loads(row["queues"]) if row["queues"] else [],
+                        "resources": json.loads(row["resources"]) if row.get("resources") else {},
                         "seen_s_ago": seen_s_ago, "state": state_of(row, seen_s_ago)})
     return records
 
@@ -93,6 +96,21 @@ def live_slots(store: JobStore, queue: str) -> int | None:
         return None
     return sum(int(record["concurrency"] or 0) for record in records
                if record["state"] == LIVE and queue in record["queues"])
+
+
+def unrunnable_jobs(store: JobStore) -> dict[str, int]:
+    """Per queue, the pending or waiting jobs with requirements that no live worker serving the queue has the
+    resources for: they would wait for ever, so ``fetch_stats()`` and ``kronix stats`` count them."""
+    needs = store.count_pending_requirements()
+    if not needs:
+        return {}
+    live = [record for record in worker_records(store) if record["state"] == LIVE]
+    unrunnable: dict[str, int] = {}
+    for queue, requires, jobs in needs:
+        wanted = json.loads(requires)
+        if not any(queue in record["queues"] and covers(record["resources"], wanted) for record in live):
+            unrunnable[queue] = unrunnable.get(queue, 0) + jobs
+    return unrunnable
 
 
 def forget_gone_workers(store: JobStore) -> int:
