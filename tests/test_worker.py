@@ -8,7 +8,7 @@ import time
 import pytest
 import sqlalchemy as sa
 
-from helpers import kill_session, run_burst, session_id
+from helpers import kill_session, run_burst, session_id, wait_until
 from kronix_data import DatabaseQueueDriver, Job, JobStatus, RetryPolicy, Worker, task
 
 FAST_RETRY = RetryPolicy(delay=0.05, backoff=2.0, jitter=0.0)
@@ -85,21 +85,20 @@ def test_the_concurrency_limit_is_never_exceeded(driver):
 
 
 def test_quick_jobs_are_claimed_ahead_and_given_back_unstarted_on_stop(driver):
-    gate = threading.Event()
+    gate, gate_started = threading.Event(), threading.Event()
 
     @task(name="w.gated")
     def gated(payload):
         if payload == "gate":
-            gate.wait(10)
+            gate_started.set()
+            gate.wait(30)
 
     ids = driver.push_many([gated.job(i) for i in range(5)] + [gated.job("gate")] + [gated.job(i) for i in range(50)])
-    worker = Worker(driver, concurrency=1, poll_interval=0.05, lease_timeout=10).start()
-    deadline = time.monotonic() + 10
-    while driver.size() > 0 and time.monotonic() < deadline:  # the quick jobs taught it to claim ahead
-        time.sleep(0.01)
-    assert driver.size() == 0
+    worker = Worker(driver, concurrency=1, poll_interval=0.05, lease_timeout=30).start()
+    assert gate_started.wait(30)  # the five quick jobs ran first (and taught it to claim ahead)
+    wait_until(lambda: driver.size() == 0, 30, "the worker to claim every job ahead")
     worker.stop(wait=False)
-    time.sleep(0.3)
+    wait_until(lambda: driver.size() >= 40, 30, "the unstarted jobs to be given back while the gate job runs")
     gate.set()
     worker.stop(timeout=10)
 
