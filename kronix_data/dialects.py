@@ -275,6 +275,16 @@ class QueueDialect:
         """INSERT ``values``, or where the primary key is already there, UPDATE that row with ``changes``."""
         raise NotImplementedError
 
+    #: How far behind the clock a fold's watermark stays at least (seconds): covers the instant between a
+    #: transaction taking its clock and the server listing it as running.
+    fold_margin_s = 2.0
+
+    def fold_watermark(self, conn: sa.Connection) -> Any:
+        """The newest watermark a fold may take now: no transaction not yet visible to the fold's next
+        statement can still finish a job with ``finished_at`` before it (see ``JobStore.fold_finished``).
+        Run as a statement of its own, before the fold's count."""
+        raise NotImplementedError
+
 
 def stored_ids_by_key(conn: sa.Connection, table: sa.Table, keys: list[str]) -> dict[str, str]:
     """The ids of the stored jobs with these keys, read in slices under every database's parameter limit."""
@@ -354,6 +364,19 @@ class PostgresDialect(OnConflictDialect):
 
     def listener(self, engine, channel):
         return PostgresListener(engine, channel)
+
+    def fold_watermark(self, conn):
+        # finished_at is now(), the start of the finishing transaction, so a job is finished before W only by
+        # a transaction that started before W: every such one has ended (it is visible to the fold's next
+        # statement, read committed) when W is at most the start of every transaction still open in this
+        # database.  Idle sessions have no xact_start; a long open transaction holds the watermark back.
+        activity = sa.table("pg_stat_activity", sa.column("xact_start"), sa.column("datname"), sa.column("pid"))
+        oldest = (sa.select(sa.func.min(activity.c.xact_start))
+                  .where(activity.c.datname == sa.func.current_database(), activity.c.pid != sa.func.pg_backend_pid())
+                  .scalar_subquery())
+        margin = sa.literal(timedelta(seconds=self.fold_margin_s), sa.Interval)
+        return conn.execute(sa.select(sa.type_coerce(
+            sa.func.least(sa.func.clock_timestamp(), oldest) - margin, UTCDateTime()))).scalar_one()
 
     #: Below this many rows a multi-row INSERT is as quick as COPY and simpler.
     copy_threshold = 64
@@ -458,6 +481,31 @@ class MySQLDialect(QueueDialect):
 
     def now(self):
         return sa.type_coerce(sa.literal_column("UTC_TIMESTAMP(6)"), UTCDateTime())
+
+    #: Where the open transactions cannot be listed (no PROCESS privilege), the watermark stays this far
+    #: behind the clock instead (seconds): exact as long as no transaction that finishes jobs stays open
+    #: longer (kronix-data's own are short; InnoDB's lock wait timeout defaults to 50 s).
+    fold_fallback_margin_s = 600.0
+
+    def fold_watermark(self, conn):
+        # UTC_TIMESTAMP(6) is the time of the statement that finishes a job, which comes after its
+        # transaction started (InnoDB's trx_started, in whole seconds of the session's zone, hence
+        # measured as an age against NOW()).  The margin covers the first statement's clock running a
+        # moment before InnoDB starts its transaction, and innodb_trx's cache (refreshed every 0.1 s).
+        trx = sa.table("innodb_trx", sa.column("trx_started"), sa.column("trx_mysql_thread_id"),
+                       schema="information_schema")
+        oldest_age = (sa.select(sa.func.timestampdiff(sa.literal_column("MICROSECOND"), sa.func.min(trx.c.trx_started),
+                                                      sa.func.now(6)))
+                      .where(trx.c.trx_mysql_thread_id != sa.func.connection_id()).scalar_subquery())
+        try:
+            with conn.begin_nested():
+                age_us = conn.execute(sa.select(oldest_age)).scalar()
+            margin_s = self.fold_margin_s + max(float(age_us or 0) / 1e6, 0.0)
+        except sa.exc.DBAPIError as error:  # no PROCESS privilege: innodb_trx cannot be read
+            log.warning("cannot list open transactions (%s); folding finished jobs %gs behind the clock",
+                        str(error.orig).splitlines()[0], self.fold_fallback_margin_s)
+            margin_s = self.fold_fallback_margin_s
+        return conn.execute(sa.select(self.now_plus(-margin_s))).scalar_one()
 
     def update_by_id(self, table):
         # With "status = 'processing'" in the WHERE, InnoDB may range-scan the
@@ -594,6 +642,11 @@ class SQLiteDialect(OnConflictDialect):
     def now_minus(self, seconds):
         modifier = sa.func.printf("%+.6f seconds", -seconds)
         return sa.type_coerce(sa.func.strftime("%Y-%m-%d %H:%M:%f000", "now", modifier), UTCDateTime())
+
+    def fold_watermark(self, conn):
+        # The fold runs under BEGIN IMMEDIATE: it holds the write lock, so every transaction that finished
+        # a job has committed and any later one reads a later clock.  The margin only guards the clock.
+        return conn.execute(sa.select(self.now_plus(-self.fold_margin_s))).scalar_one()
 
     def insert_with_conflicts(self, table):
         from sqlalchemy.dialects.sqlite import insert

@@ -20,6 +20,7 @@ Two rules hold for every statement:
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Callable, Iterable, Iterator, Sequence
 import threading
 from contextlib import contextmanager
@@ -33,6 +34,8 @@ from .dialects import Listener, dialect_for, make_engine, stored_ids_by_key
 from .errors import DatabaseUnavailableError, InvalidInputError, NotFoundError
 from .job import Job, JobStatus, decode_json, encode_payload, new_job_id, validate_job
 from .schema import PENDING, PROCESSING, WAITING, build_tables, claim_sort_key
+
+log = logging.getLogger(__name__)
 
 #: Stale jobs recovered per transaction.
 RECOVERY_BATCH = 1000
@@ -247,8 +250,10 @@ class JobStore:
     # -- schema --------------------------------------------------------------------
 
     def create_or_upgrade_table(self) -> None:
-        """CREATE the tables and their indexes, or ALTER older ones in place (safe from many processes)."""
+        """CREATE the tables and their indexes, or ALTER older ones in place (safe from many processes);
+        an older table's finished jobs are folded into the new rollup once (see :meth:`seed_rollup`)."""
         self.dialect.create_or_upgrade(self._writer, self.tables)
+        self.seed_rollup()
 
     def drop_table(self) -> None:
         """DROP the jobs table, its companions and everything in them, where they exist."""
@@ -802,11 +807,11 @@ class JobStore:
                 self.dialect.notify(conn, self.channel)
 
     def count_jobs_by_queue_and_status(self) -> list[tuple[str, str, int]]:
-        """COUNT every job by queue and status (an index-only scan of ``<table>_status``)."""
-        c = self.table.c
+        """Every job's count by queue and status, from the rollup and live counts (see :meth:`_live_counts`);
+        a status may come in several rows, to be added up."""
+        self.fold_if_stale()
         with self._reading_analytics() as conn:
-            return [tuple(row) for row in conn.execute(
-                sa.select(c.queue, c.status, sa.func.count()).group_by(c.status, c.queue))]
+            return [(queue, status, int(jobs)) for queue, status, jobs in conn.execute(self._live_counts())]
 
     def read_queue_settings(self) -> dict[str, dict[str, Any]]:
         """SELECT every queue's settings row (a queue without one has the defaults)."""
@@ -872,21 +877,27 @@ class JobStore:
         if queue is not None:
             condition = sa.and_(condition, c.queue == queue)
         with self._transaction() as conn:
-            return conn.execute(self.table.delete().where(condition)).rowcount
+            taken = self._take_from_rollup(conn, condition)
+            deleted = conn.execute(self.table.delete().where(condition)).rowcount
+            self._settle_rollup(conn, taken)
+            return deleted
 
     def retry_dead_letters(self, *, job_id: str | None = None, queue: str | None = None, name: str | None = None,
                            batch: str | None = None) -> int:
         """Set dead letters matching every filter given back to pending with attempts 0, due now; NOTIFY."""
         c = self.table.c
         filters = [(c.id, job_id), (c.queue, queue), (c.name, name), (c.batch_id, batch)]
+        condition = sa.and_(c.status == FAILED, *(column == value for column, value in filters if value is not None))
         statement = (
             self.table.update()
-            .where(c.status == FAILED, *(column == value for column, value in filters if value is not None))
+            .where(condition)
             .values(status=JobStatus.PENDING.value, attempts=0, last_error=None, available_at=self.dialect.now(),
                     finished_at=None, reserved_by=None, reserved_at=None, heartbeat_at=None)
         )
         with self._transaction() as conn:
+            taken = self._take_from_rollup(conn, condition)
             changed = conn.execute(statement).rowcount
+            self._settle_rollup(conn, taken)
             if changed:
                 self.dialect.notify(conn, self.channel)
         return changed
@@ -902,11 +913,14 @@ class JobStore:
         deleted = 0
         while True:
             with self._transaction() as conn:
+                watermark = self._lock_rollup(conn)  # first: every writer of finished rows locks in this order
                 boundary = conn.execute(sa.select(c.finished_at).where(prunable).order_by(c.finished_at)
                                         .offset(chunk_size - 1).limit(1)).scalar()
                 last = boundary is None  # fewer than chunk_size left: take them all
                 condition = prunable if last else sa.and_(prunable, c.finished_at <= boundary)
+                taken = self._take_from_rollup(conn, condition) if watermark is not None else (None, [])
                 deleted += conn.execute(self.table.delete().where(condition)).rowcount
+                self._settle_rollup(conn, taken)
             if last:
                 return deleted
 
@@ -932,20 +946,20 @@ class JobStore:
             return [dict(row) for row in conn.execute(statement).mappings()]
 
     def read_queue_stats(self, window_s: float) -> QueueStatsRows:
-        """Per queue, in one connection: COUNT by status (an index-only scan of ``<table>_status``), the
-        earliest due pending job (the claim index), and wait/run timings of the jobs finished in the last
+        """Per queue, in one connection: the jobs' counts by status (:meth:`_live_counts`: the rollup and live
+        counts, no scan of history), the earliest due pending job (the claim index), and wait/run timings of the jobs finished in the last
         ``window_s`` (found through ``<table>_finished``), aggregated by the database where it can."""
         c, dialect = self.table.c, self.dialect
-        # Grouped in the order of the <table>_status index (status, queue): an index-only scan.
-        counts = sa.select(c.queue, c.status, sa.func.count()).group_by(c.status, c.queue)
+        counts = self._live_counts()  # the finished jobs from the rollup: no scan of history
         # The literal lets PostgreSQL match the partial claim index even in a generic plan.
         earliest = sa.select(c.queue, sa.func.min(c.available_at)).where(c.status == PENDING).group_by(c.queue)
         wait = dialect.seconds_between(c.reserved_at, c.available_at)
         run = sa.case((c.status == COMPLETED, dialect.seconds_between(c.finished_at, c.reserved_at)))
         in_window = c.finished_at >= dialect.now_plus(-window_s)
+        self.fold_if_stale()
         with self._reading_analytics() as conn:
             now = conn.execute(sa.select(dialect.now())).scalar_one()
-            count_rows = [tuple(row) for row in conn.execute(counts)]
+            count_rows = [(queue, status, int(jobs)) for queue, status, jobs in conn.execute(counts)]
             earliest_rows = [tuple(row) for row in conn.execute(earliest)]
             summary, rows = None, []
             if dialect.percentiles([0.5], wait) is not None:
@@ -1029,28 +1043,35 @@ class JobStore:
                                      .limit(limit)).scalars())
 
     def summarise_batches(self, since: datetime | float | None = None) -> list[dict[str, Any]]:
-        """Per batch and status: COUNT, the smallest and largest name, the first ``created_at`` and the last
-        ``finished_at``; of every batch, or of those with a job created since ``since`` (whole).
+        """Per batch and status: the jobs' count, the smallest and largest name, the first ``created_at`` and
+        the last ``finished_at``; of every batch, or of those with a job created since ``since`` (whole).
 
-        With ``since``, two steps rather than a subquery: the planner cannot guess
-        how few batches are recent and would scan the whole table to join them.
+        One statement over the rollup, the jobs finished since its watermark and
+        those in flight (:meth:`_live_batches`): no scan of history.  A batch's
+        extremes among its folded jobs are bounds kept by the fold and recomputed
+        when retries or prunes change them.
         """
-        c = self.table.c
-        statement = (sa.select(c.batch_id, c.status, sa.func.count().label("jobs"), sa.func.min(c.name).label("name"),
-                               sa.func.max(c.name).label("other_name"),
-                               sa.func.min(c.created_at).label("created_at"),
-                               sa.func.max(c.finished_at).label("finished_at"))
-                     .group_by(c.batch_id, c.status))
+        self.fold_if_stale()
+        merged: dict[tuple[str, str], dict[str, Any]] = {}
         with self._reading_analytics() as conn:
-            if since is None:
-                return [dict(row) for row in conn.execute(statement.where(c.batch_id.is_not(None))).mappings()]
-            recent = list(conn.execute(sa.select(c.batch_id).distinct().where(
-                c.batch_id.is_not(None), c.created_at >= self._time_bound(since, "since"))).scalars())
-            rows = []
-            for start in range(0, len(recent), IN_LIST_LIMIT):
-                rows += [dict(row) for row in conn.execute(
-                    statement.where(c.batch_id.in_(recent[start:start + IN_LIST_LIMIT]))).mappings()]
-            return rows
+            bound = None if since is None else since if isinstance(since, datetime) else \
+                conn.execute(sa.select(self.dialect.now_plus(-float(since)))).scalar_one()
+            for row in conn.execute(self._live_batches()):
+                batch_id, status, jobs, name, other_name, created_at, last_created_at, finished_at = row
+                record = merged.setdefault((batch_id, status), {
+                    "batch_id": batch_id, "status": status, "jobs": 0, "name": None, "other_name": None,
+                    "created_at": None, "last_created_at": None, "finished_at": None})
+                record["jobs"] += int(jobs)
+                for key, value, pick in (("name", name, min), ("other_name", other_name, max),
+                                         ("created_at", created_at, min), ("last_created_at", last_created_at, max),
+                                         ("finished_at", finished_at, max)):
+                    record[key] = _extreme(pick, record[key], value)
+        rows = [record for record in merged.values() if record["jobs"] > 0]
+        if bound is not None:
+            recent = {row["batch_id"] for row in rows if row["last_created_at"] is not None
+                      and row["last_created_at"] >= bound}
+            rows = [row for row in rows if row["batch_id"] in recent]
+        return rows
 
     def job_name_other_than(self, name: str) -> str | None:
         """SELECT the name of one job not named ``name`` (the demo refuses a table holding others'), or None."""
@@ -1185,3 +1206,237 @@ class JobStore:
         with self._transaction() as conn:
             return conn.execute(workers.delete().where(
                 workers.c.last_seen < self.dialect.now_plus(-older_than_s))).rowcount
+
+    # -- the finished jobs' rollup ---------------------------------------------------------
+    #
+    # Counts that do not grow with history.  Jobs still in flight (pending, waiting,
+    # processing) are counted live through the <table>_status index: they are bounded
+    # by the work queued, not by the history.  Finished jobs are counted from
+    # <table>_rollup (one row per queue, batch and status) for those finished before
+    # the watermark W in <table>_rollup_state, plus a live count of those finished
+    # since W through the <table>_finished index (a few minutes' worth).  A fold moves
+    # that tail into the rollup; the statements that change already-finished rows
+    # (retrying or deleting dead letters, pruning) take what they change out of it in
+    # their own transaction.  Both hold the state row's lock, so they never interleave;
+    # the claim and completion path never touches either table.
+
+    #: A fold before a read on the primary, when the last one is older than this (seconds): the tail
+    #: stays small even where no worker runs (the workers fold on every maintenance pass).
+    FOLD_STALE_S = 300.0
+
+    @staticmethod
+    def _rollup_statuses() -> tuple[list[str], list[str]]:
+        """The statuses counted live (in flight) and those folded (finished, final)."""
+        return ([JobStatus.PENDING.value, JobStatus.WAITING.value, JobStatus.PROCESSING.value],
+                [COMPLETED, FAILED, CANCELLED])
+
+    def _folded(self, watermark: datetime) -> sa.ColumnElement[bool]:
+        """The jobs the rollup counts: finished before the watermark (or by a previous release, without a time)."""
+        c = self.table.c
+        return sa.and_(c.status.in_(self._rollup_statuses()[1]),
+                       sa.or_(c.finished_at < watermark, c.finished_at.is_(None)))
+
+    def _watermark(self) -> sa.ScalarSelect:
+        state = self.tables.rollup_state
+        return sa.select(state.c.watermark).where(state.c.id == 1).scalar_subquery()
+
+    def seed_rollup(self) -> None:
+        """Make the state row if there is none and, on a table never folded (new, or from a previous
+        release), fold every finished job into the rollup: one pass over the table, once."""
+        state = self.tables.rollup_state
+        with self._transaction() as conn:
+            self.dialect.upsert(conn, state, {"id": 1, "watermark": None, "folded_at": None}, {"id": 1})
+            row = conn.execute(sa.select(state.c.watermark, state.c.folded_at).where(state.c.id == 1)
+                               .with_for_update()).one()
+            if row.folded_at is None:
+                self._fold(conn, None)
+
+    def fold_finished(self) -> int | None:
+        """Fold the jobs finished since the watermark into the rollup, in one transaction; returns how many,
+        or None if another process is folding (its state row is locked: this one skips, never waits)."""
+        state = self.tables.rollup_state
+        with self._transaction() as conn:
+            row = conn.execute(sa.select(state.c.watermark, state.c.folded_at).where(state.c.id == 1)
+                               .with_for_update(skip_locked=self.dialect.skips_locked(conn))).first()
+            if row is None or row.folded_at is None:
+                return None  # locked, or a table never upgraded (create_or_upgrade_table seeds it)
+            return self._fold(conn, row.watermark)
+
+    def fold_if_stale(self) -> None:
+        """Fold first when the last fold is older than :attr:`FOLD_STALE_S`, on the primary only (a standby
+        cannot write; there the primary's workers fold).  A fold that cannot run (a read-only role, say)
+        leaves the read to count a longer tail, still exact."""
+        if self.read_engine is not None:
+            return
+        state = self.tables.rollup_state
+        try:
+            with self._reading() as conn:
+                stale = conn.execute(sa.select(sa.func.count()).select_from(state).where(
+                    state.c.id == 1, state.c.folded_at < self.dialect.now_plus(-self.FOLD_STALE_S))).scalar_one()
+            if stale:
+                self.fold_finished()
+        except sa.exc.DBAPIError as error:
+            log.debug("no fold before the read: %s", str(error).splitlines()[0])
+
+    def _fold(self, conn: sa.Connection, old: datetime | None) -> int:
+        """Count ``old <= finished_at < new`` by queue, batch and status into the rollup and set W = new.
+
+        The new watermark is read first, in a statement of its own (see
+        ``QueueDialect.fold_watermark``): every job that will ever be finished
+        before it is finished by a transaction visible to the count that follows.
+        """
+        c, state = self.table.c, self.tables.rollup_state
+        new = self.dialect.fold_watermark(conn)
+        folded = 0
+        if old is None or new > old:
+            window = self._folded(new) if old is None else sa.and_(
+                c.status.in_(self._rollup_statuses()[1]), c.finished_at >= old, c.finished_at < new)
+            groups = [dict(row) for row in conn.execute(self._rollup_groups(window)).mappings()]
+            self._add_to_rollup(conn, groups)
+            folded = sum(group["jobs"] for group in groups)
+        else:
+            new = old  # the clock or an open transaction held it back: W never moves back
+        conn.execute(state.update().where(state.c.id == 1).values(watermark=new, folded_at=self.dialect.now()))
+        return folded
+
+    def _rollup_groups(self, condition: sa.ColumnElement[bool]) -> sa.Select:
+        """The rollup's figures of the jobs matching ``condition``, per queue, batch and status."""
+        c = self.table.c
+        return (sa.select(c.queue, c.batch_id, c.status, sa.func.count().label("jobs"),
+                          sa.func.min(c.name).label("min_name"), sa.func.max(c.name).label("max_name"),
+                          sa.func.min(c.created_at).label("min_created_at"),
+                          sa.func.max(c.created_at).label("max_created_at"),
+                          sa.func.max(c.finished_at).label("max_finished_at"))
+                .where(condition).group_by(c.queue, c.batch_id, c.status))
+
+    def _rollup_rows(self, conn: sa.Connection, batch_ids: set[str | None]) -> dict[tuple, dict[str, Any]]:
+        """The rollup's rows of these batches (None: the jobs of no batch), by (queue, batch, status)."""
+        r = self.tables.rollup.c
+        named = sorted(batch for batch in batch_ids if batch is not None)
+        conditions = [r.batch_id.in_(named[start:start + IN_LIST_LIMIT]) for start in range(0, len(named),
+                                                                                             IN_LIST_LIMIT)]
+        if None in batch_ids:
+            conditions.append(r.batch_id.is_(None))
+        rows: dict[tuple, dict[str, Any]] = {}
+        for condition in conditions:
+            for row in conn.execute(sa.select(self.tables.rollup).where(condition)).mappings():
+                rows[(row["queue"], row["batch_id"], row["status"])] = dict(row)
+        return rows
+
+    def _add_to_rollup(self, conn: sa.Connection, groups: Sequence[dict[str, Any]]) -> None:
+        """Add folded groups to their rollup rows (made where missing): counts summed, extremes widened."""
+        if not groups:
+            return
+        rollup = self.tables.rollup
+        stored = self._rollup_rows(conn, {group["batch_id"] for group in groups})
+        new, changed = [], []
+        for group in groups:
+            row = stored.get((group["queue"], group["batch_id"], group["status"]))
+            if row is None:
+                new.append({**group, "jobs": int(group["jobs"])})
+                continue
+            changed.append({"row_id": row["id"], "n_jobs": int(row["jobs"]) + int(group["jobs"]),
+                            **{f"n_{name}": _extreme(pick, row[name], group[name]) for name, pick in _ROLLUP_EXTREMES}})
+        if new:
+            conn.execute(rollup.insert(), new)
+        if changed:
+            self._update_rollup_rows(conn, changed)
+
+    def _update_rollup_rows(self, conn: sa.Connection, changed: list[dict[str, Any]]) -> None:
+        rollup = self.tables.rollup
+        conn.execute(rollup.update().where(rollup.c.id == sa.bindparam("row_id")).values(
+            jobs=sa.bindparam("n_jobs"), **{name: sa.bindparam(f"n_{name}") for name, _ in _ROLLUP_EXTREMES}),
+            changed)
+
+    def _lock_rollup(self, conn: sa.Connection) -> datetime | None:
+        """Lock the state row (waiting for a fold in progress) and return the watermark (None: never folded)."""
+        state = self.tables.rollup_state
+        return conn.execute(sa.select(state.c.watermark).where(state.c.id == 1).with_for_update()).scalar()
+
+    def _take_from_rollup(self, conn: sa.Connection, condition: sa.ColumnElement[bool]):
+        """Before a statement changes or deletes the finished jobs matching ``condition``: lock the state row
+        and count those among them the rollup holds.  Hand the result to :meth:`_settle_rollup` after it."""
+        watermark = self._lock_rollup(conn)
+        if watermark is None:
+            return None, []
+        counts = [dict(row) for row in conn.execute(
+            sa.select(self.table.c.queue, self.table.c.batch_id, self.table.c.status, sa.func.count().label("jobs"))
+            .where(condition, self._folded(watermark))
+            .group_by(self.table.c.queue, self.table.c.batch_id, self.table.c.status)).mappings()]
+        return watermark, counts
+
+    def _settle_rollup(self, conn: sa.Connection, taken) -> None:
+        """After the change: the counts taken off their rows, and the extremes of each batch touched
+        recomputed from the jobs it still has folded (through the ``<table>_batch`` index); rows left
+        with no job go."""
+        watermark, counts = taken
+        if not counts:
+            return
+        rollup, r = self.tables.rollup, self.tables.rollup.c
+        batches = {group["batch_id"] for group in counts}
+        stored = self._rollup_rows(conn, batches)
+        named = sorted(batch for batch in batches if batch is not None)
+        exact = {}
+        for start in range(0, len(named), IN_LIST_LIMIT):
+            condition = sa.and_(self.table.c.batch_id.in_(named[start:start + IN_LIST_LIMIT]), self._folded(watermark))
+            exact.update({(row["queue"], row["batch_id"], row["status"]): dict(row)
+                          for row in conn.execute(self._rollup_groups(condition)).mappings()})
+        changed, gone = [], []
+        for group in counts:
+            key = (group["queue"], group["batch_id"], group["status"])
+            row = stored.get(key)
+            if row is None:
+                continue
+            jobs = int(row["jobs"]) - int(group["jobs"])
+            if jobs <= 0:
+                gone.append(row["id"])
+                continue
+            extremes = exact.get(key, row) if group["batch_id"] is not None else row
+            changed.append({"row_id": row["id"], "n_jobs": jobs,
+                            **{f"n_{name}": extremes[name] for name, _ in _ROLLUP_EXTREMES}})
+        if changed:
+            self._update_rollup_rows(conn, changed)
+        for start in range(0, len(gone), IN_LIST_LIMIT):
+            conn.execute(rollup.delete().where(r.id.in_(gone[start:start + IN_LIST_LIMIT])))
+
+    def _live_counts(self) -> sa.CompoundSelect:
+        """``(queue, status, jobs)`` in one statement (one snapshot): the rollup's sums, the jobs finished
+        since the watermark (a range of ``<table>_finished``) and those in flight (``<table>_status``);
+        the same status may come in several rows, to be added up."""
+        c, r = self.table.c, self.tables.rollup.c
+        active, finished = self._rollup_statuses()
+        return sa.union_all(
+            sa.select(r.queue, r.status, sa.func.sum(r.jobs)).group_by(r.queue, r.status),
+            sa.select(c.queue, c.status, sa.func.count()).where(c.finished_at >= self._watermark(),
+                                                                c.status.in_(finished)).group_by(c.queue, c.status),
+            sa.select(c.queue, c.status, sa.func.count()).where(c.status.in_(active)).group_by(c.status, c.queue))
+
+    def _live_batches(self) -> sa.CompoundSelect:
+        """Per batch and status, in one statement: ``jobs``, ``name``/``other_name`` (smallest, largest),
+        ``created_at`` (first), ``last_created_at`` and ``finished_at`` (last), from the rollup, the
+        jobs finished since the watermark and those in flight; several rows may share a (batch, status)."""
+        c, r = self.table.c, self.tables.rollup.c
+        active, finished = self._rollup_statuses()
+
+        def live(condition):
+            return (sa.select(c.batch_id, c.status, sa.func.count(), sa.func.min(c.name), sa.func.max(c.name),
+                              sa.func.min(c.created_at), sa.func.max(c.created_at), sa.func.max(c.finished_at))
+                    .where(c.batch_id.is_not(None), condition).group_by(c.batch_id, c.status))
+
+        return sa.union_all(
+            sa.select(r.batch_id, r.status, sa.func.sum(r.jobs).label("jobs"), sa.func.min(r.min_name).label("name"),
+                      sa.func.max(r.max_name).label("other_name"), sa.func.min(r.min_created_at).label("created_at"),
+                      sa.func.max(r.max_created_at).label("last_created_at"),
+                      sa.func.max(r.max_finished_at).label("finished_at"))
+            .where(r.batch_id.is_not(None)).group_by(r.batch_id, r.status),
+            live(sa.and_(c.finished_at >= self._watermark(), c.status.in_(finished))),
+            live(c.status.in_(active)))
+
+
+#: The rollup's extremes and how two of them combine.
+_ROLLUP_EXTREMES = (("min_name", min), ("max_name", max), ("min_created_at", min), ("max_created_at", max),
+                    ("max_finished_at", max))
+
+
+def _extreme(pick, current, value):
+    return value if current is None else current if value is None else pick(current, value)
