@@ -1251,6 +1251,17 @@ class JobStore:
             if row.folded_at is None:
                 self._fold(conn, None)
 
+    def rebuild_rollup(self) -> int:
+        """Count the rollup afresh from the table (one pass over it), for a table whose finished rows were
+        changed behind the store's back (an UPDATE of ``finished_at`` or ``status`` by hand); waits for a
+        fold in progress.  Returns how many jobs it holds."""
+        with self._transaction() as conn:
+            if self._lock_rollup(conn) is None and conn.execute(sa.select(sa.func.count()).select_from(
+                    self.tables.rollup_state)).scalar_one() == 0:
+                raise NotFoundError(f"table {self.table_name!r} has no rollup: create_table() first")
+            conn.execute(self.tables.rollup.delete())
+            return self._fold(conn, None)
+
     def fold_finished(self) -> int | None:
         """Fold the jobs finished since the watermark into the rollup, in one transaction; returns how many,
         or None if another process is folding (its state row is locked: this one skips, never waits)."""

@@ -99,7 +99,7 @@ def drop_table(url: str, table: str) -> None:
     engine = sa.create_engine(url)
     with engine.begin() as conn:
         for name in (f"{table}_deps", f"{table}_waits", f"{table}_queues", f"{table}_workers",
-                     table):  # our own unique_table()
+                     f"{table}_rollup", f"{table}_rollup_state", table):  # our own unique_table()
             conn.execute(sa.text(f"DROP TABLE IF EXISTS {name}"))
     engine.dispose()
 
@@ -123,6 +123,7 @@ def set_times(driver: DatabaseQueueDriver, job_id: str, **values) -> None:
     """Put known timestamps on a row, as if it had run then."""
     with driver.engine.begin() as conn:
         conn.execute(driver.table.update().where(driver.table.c.id == job_id).values(**values))
+    driver.store.rebuild_rollup()  # a finished job moved back in time by hand: counted afresh
 
 
 def finished_job(driver: DatabaseQueueDriver, *, queue: str = "default", status: str = "completed",
