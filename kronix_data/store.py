@@ -811,7 +811,8 @@ class JobStore:
         a status may come in several rows, to be added up."""
         self.fold_if_stale()
         with self._reading_analytics() as conn:
-            return [(queue, status, int(jobs)) for queue, status, jobs in conn.execute(self._live_counts())]
+            counts = self._live_counts(self._read_watermark(conn))
+            return [(queue, status, int(jobs)) for queue, status, jobs in conn.execute(counts)]
 
     def read_queue_settings(self) -> dict[str, dict[str, Any]]:
         """SELECT every queue's settings row (a queue without one has the defaults)."""
@@ -950,7 +951,6 @@ class JobStore:
         counts, no scan of history), the earliest due pending job (the claim index), and wait/run timings of the jobs finished in the last
         ``window_s`` (found through ``<table>_finished``), aggregated by the database where it can."""
         c, dialect = self.table.c, self.dialect
-        counts = self._live_counts()  # the finished jobs from the rollup: no scan of history
         # The literal lets PostgreSQL match the partial claim index even in a generic plan.
         earliest = sa.select(c.queue, sa.func.min(c.available_at)).where(c.status == PENDING).group_by(c.queue)
         wait = dialect.seconds_between(c.reserved_at, c.available_at)
@@ -959,6 +959,7 @@ class JobStore:
         self.fold_if_stale()
         with self._reading_analytics() as conn:
             now = conn.execute(sa.select(dialect.now())).scalar_one()
+            counts = self._live_counts(self._read_watermark(conn))  # the finished jobs from the rollup: no history
             count_rows = [(queue, status, int(jobs)) for queue, status, jobs in conn.execute(counts)]
             earliest_rows = [tuple(row) for row in conn.execute(earliest)]
             summary, rows = None, []
@@ -1056,16 +1057,14 @@ class JobStore:
         with self._reading_analytics() as conn:
             bound = None if since is None else since if isinstance(since, datetime) else \
                 conn.execute(sa.select(self.dialect.now_plus(-float(since)))).scalar_one()
-            for row in conn.execute(self._live_batches()):
-                batch_id, status, jobs, name, other_name, created_at, last_created_at, finished_at = row
-                record = merged.setdefault((batch_id, status), {
-                    "batch_id": batch_id, "status": status, "jobs": 0, "name": None, "other_name": None,
-                    "created_at": None, "last_created_at": None, "finished_at": None})
-                record["jobs"] += int(jobs)
-                for key, value, pick in (("name", name, min), ("other_name", other_name, max),
-                                         ("created_at", created_at, min), ("last_created_at", last_created_at, max),
-                                         ("finished_at", finished_at, max)):
-                    record[key] = _extreme(pick, record[key], value)
+            for row in conn.execute(self._live_batches(self._read_watermark(conn))).mappings():
+                record = merged.get((row["batch_id"], row["status"]))
+                if record is None:  # the common case: a (batch, status) in one part only
+                    merged[(row["batch_id"], row["status"])] = {**row, "jobs": int(row["jobs"])}
+                    continue
+                record["jobs"] += int(row["jobs"])
+                for key, pick in _BATCH_EXTREMES:
+                    record[key] = _extreme(pick, record[key], row[key])
         rows = [record for record in merged.values() if record["jobs"] > 0]
         if bound is not None:
             recent = {row["batch_id"] for row in rows if row["last_created_at"] is not None
@@ -1410,28 +1409,42 @@ class JobStore:
         for start in range(0, len(gone), IN_LIST_LIMIT):
             conn.execute(rollup.delete().where(r.id.in_(gone[start:start + IN_LIST_LIMIT])))
 
-    def _live_counts(self) -> sa.CompoundSelect:
+    def _read_watermark(self, conn: sa.Connection) -> datetime | None:
+        """The watermark as it is now (it only ever grows), for :meth:`_in_tail`."""
+        return conn.execute(sa.select(self._watermark())).scalar()
+
+    def _in_tail(self, floor: datetime | None) -> sa.ColumnElement[bool]:
+        """Finished since the watermark, as the statement's own snapshot has it; ``floor``, a watermark read
+        just before (never later than that one), bounds the ``<table>_finished`` range the planner sees:
+        against the subquery alone PostgreSQL guesses a third of the table and scans all of it."""
+        c = self.table.c
+        exact = c.finished_at >= self._watermark()
+        return exact if floor is None else sa.and_(c.finished_at >= floor, exact)
+
+    def _live_counts(self, floor: datetime | None = None) -> sa.CompoundSelect:
         """``(queue, status, jobs)`` in one statement (one snapshot): the rollup's sums, the jobs finished
-        since the watermark (a range of ``<table>_finished``) and those in flight (``<table>_status``);
+        floor the watermark (a range of ``<table>_finished``) and those in flight (``<table>_status``);
         the same status may come in several rows, to be added up."""
         c, r = self.table.c, self.tables.rollup.c
         active, finished = self._rollup_statuses()
         return sa.union_all(
             sa.select(r.queue, r.status, sa.func.sum(r.jobs)).group_by(r.queue, r.status),
-            sa.select(c.queue, c.status, sa.func.count()).where(c.finished_at >= self._watermark(),
-                                                                c.status.in_(finished)).group_by(c.queue, c.status),
+            sa.select(c.queue, c.status, sa.func.count()).where(self._in_tail(floor), c.status.in_(finished))
+            .group_by(c.queue, c.status),
             sa.select(c.queue, c.status, sa.func.count()).where(c.status.in_(active)).group_by(c.status, c.queue))
 
-    def _live_batches(self) -> sa.CompoundSelect:
+    def _live_batches(self, floor: datetime | None = None) -> sa.CompoundSelect:
         """Per batch and status, in one statement: ``jobs``, ``name``/``other_name`` (smallest, largest),
         ``created_at`` (first), ``last_created_at`` and ``finished_at`` (last), from the rollup, the
-        jobs finished since the watermark and those in flight; several rows may share a (batch, status)."""
+        jobs finished floor the watermark and those in flight; several rows may share a (batch, status)."""
         c, r = self.table.c, self.tables.rollup.c
         active, finished = self._rollup_statuses()
 
         def live(condition):
-            return (sa.select(c.batch_id, c.status, sa.func.count(), sa.func.min(c.name), sa.func.max(c.name),
-                              sa.func.min(c.created_at), sa.func.max(c.created_at), sa.func.max(c.finished_at))
+            return (sa.select(c.batch_id, c.status, sa.func.count().label("jobs"), sa.func.min(c.name).label("name"),
+                              sa.func.max(c.name).label("other_name"), sa.func.min(c.created_at).label("created_at"),
+                              sa.func.max(c.created_at).label("last_created_at"),
+                              sa.func.max(c.finished_at).label("finished_at"))
                     .where(c.batch_id.is_not(None), condition).group_by(c.batch_id, c.status))
 
         return sa.union_all(
@@ -1440,10 +1453,13 @@ class JobStore:
                       sa.func.max(r.max_created_at).label("last_created_at"),
                       sa.func.max(r.max_finished_at).label("finished_at"))
             .where(r.batch_id.is_not(None)).group_by(r.batch_id, r.status),
-            live(sa.and_(c.finished_at >= self._watermark(), c.status.in_(finished))),
+            live(sa.and_(self._in_tail(floor), c.status.in_(finished))),
             live(c.status.in_(active)))
 
 
+#: What summarise_batches returns of a (batch, status) besides its count, and how two parts combine.
+_BATCH_EXTREMES = (("name", min), ("other_name", max), ("created_at", min), ("last_created_at", max),
+                   ("finished_at", max))
 #: The rollup's extremes and how two of them combine.
 _ROLLUP_EXTREMES = (("min_name", min), ("max_name", max), ("min_created_at", min), ("max_created_at", max),
                     ("max_finished_at", max))
