@@ -91,6 +91,15 @@ def add_chunks(driver: DatabaseQueueDriver, chunks: int) -> None:
         conn.execute(sa.text(f"VACUUM ANALYZE {table}"))
 
 
+def remove_chunks(driver: DatabaseQueueDriver) -> None:
+    """Delete what add_chunks added (pending jobs only: the rollup does not hold them)."""
+    table = driver.engine.dialect.identifier_preparer.format_table(driver.table)
+    with driver.engine.begin() as conn:
+        conn.execute(sa.text(f"DELETE FROM {table} WHERE batch_id = 'load'"))
+    with driver.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        conn.execute(sa.text(f"VACUUM ANALYZE {table}"))
+
+
 def previous_counts(driver: DatabaseQueueDriver) -> list:
     """What the previous release's fetch_stats() counted: every row, grouped (an index-only scan of _status)."""
     c = driver.table.c
@@ -142,18 +151,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--running", type=int, default=50)
     parser.add_argument("--runs", type=int, default=7)
     parser.add_argument("--keep", action="store_true", help="keep the table (to EXPLAIN its statements)")
+    parser.add_argument("--reuse", metavar="TABLE", help="time a table kept by --keep again instead of filling one")
     args = parser.parse_args(argv)
 
-    table = f"bench_stats_{uuid.uuid4().hex[:10]}"
+    table = args.reuse or f"bench_stats_{uuid.uuid4().hex[:10]}"
     driver = DatabaseQueueDriver(args.db, table=table)
     if driver.engine.dialect.name != "postgresql":
         parser.error("this benchmark fills the table with PostgreSQL's generate_series; give a PostgreSQL URL")
     driver.create_table()
     try:
         started = time.perf_counter()
-        fill(driver, args.finished, args.pending, args.running)
-        print(f"filled {table}: {args.finished:,} finished jobs over {DAYS} days, {args.pending:,} pending, "
-              f"{args.running} running in {time.perf_counter() - started:.1f}s (incl. VACUUM ANALYZE)")
+        if args.reuse:
+            remove_chunks(driver)
+            print(f"reusing {table} (its chunks removed)")
+        else:
+            fill(driver, args.finished, args.pending, args.running)
+            print(f"filled {table}: {args.finished:,} finished jobs over {DAYS} days, {args.pending:,} pending, "
+                  f"{args.running} running in {time.perf_counter() - started:.1f}s (incl. VACUUM ANALYZE)")
         started = time.perf_counter()
         folded = driver.store.rebuild_rollup()  # the rows came in behind the store's back, as on an upgrade
         print(f"rollup counted afresh (what create_table does once on an older table): {folded:,} jobs in "

@@ -216,10 +216,12 @@ class JobStore:
         if self.read_engine is None:
             self._lag.seconds = 0.0
             with self._reading() as conn:
+                self.dialect.prepare_analytics(conn)
                 yield conn
             return
         with self._connected(self._analytics_reader) as conn:
             self._lag.seconds = self.dialect.replay_lag_s(conn)
+            self.dialect.prepare_analytics(conn)
             yield conn
 
     def read_lag_s(self) -> float | None:
@@ -1043,34 +1045,39 @@ class JobStore:
             return list(conn.execute(sa.select(c.name).where(c.batch_id == batch_id).distinct()
                                      .limit(limit)).scalars())
 
-    def summarise_batches(self, since: datetime | float | None = None) -> list[dict[str, Any]]:
-        """Per batch and status: the jobs' count, the smallest and largest name, the first ``created_at`` and
-        the last ``finished_at``; of every batch, or of those with a job created since ``since`` (whole).
+    def summarise_batches(self, since: datetime | float | None = None) -> tuple[list[str], list[tuple]]:
+        """One row per batch: ``batch_id``, ``total``, a count per status, ``name`` (None if its jobs have
+        several), the first ``created_at`` and the last ``finished_at``; of every batch, or of those with a
+        job created since ``since`` (whole).  Returns the column names and the rows.
 
-        One statement over the rollup, the jobs finished since its watermark and
-        those in flight (:meth:`_live_batches`): no scan of history.  A batch's
-        extremes among its folded jobs are bounds kept by the fold and recomputed
-        when retries or prunes change them.
+        One statement, pivoted and grouped by the database, over the rollup,
+        the jobs finished since its watermark and those in flight
+        (:meth:`_live_batches`): no scan of history, and one row per batch to
+        hand to pandas.
         """
         self.fold_if_stale()
-        merged: dict[tuple[str, str], dict[str, Any]] = {}
+        statuses = [status.value for status in JobStatus]
         with self._reading_analytics() as conn:
-            bound = None if since is None else since if isinstance(since, datetime) else \
-                conn.execute(sa.select(self.dialect.now_plus(-float(since)))).scalar_one()
-            for row in conn.execute(self._live_batches(self._read_watermark(conn))).mappings():
-                record = merged.get((row["batch_id"], row["status"]))
-                if record is None:  # the common case: a (batch, status) in one part only
-                    merged[(row["batch_id"], row["status"])] = {**row, "jobs": int(row["jobs"])}
-                    continue
-                record["jobs"] += int(row["jobs"])
-                for key, pick in _BATCH_EXTREMES:
-                    record[key] = _extreme(pick, record[key], row[key])
-        rows = [record for record in merged.values() if record["jobs"] > 0]
-        if bound is not None:
-            recent = {row["batch_id"] for row in rows if row["last_created_at"] is not None
-                      and row["last_created_at"] >= bound}
-            rows = [row for row in rows if row["batch_id"] in recent]
-        return rows
+            parts = self._live_batches(self._read_watermark(conn)).subquery("parts")
+
+            def total(condition=None):
+                jobs = parts.c.jobs if condition is None else sa.case((condition, parts.c.jobs), else_=0)
+                return sa.cast(sa.func.coalesce(sa.func.sum(jobs), 0), sa.BigInteger)
+
+            name = sa.func.min(parts.c.name)
+            statement = (sa.select(parts.c.batch_id, total().label("total"),
+                                   *(total(parts.c.status == status).label(status) for status in statuses),
+                                   sa.case((name == sa.func.max(parts.c.other_name), name)).label("name"),
+                                   sa.func.min(parts.c.created_at).label("created_at"),
+                                   sa.func.max(parts.c.finished_at).label("finished_at"))
+                         .group_by(parts.c.batch_id))
+            if since is not None:
+                bound = since if isinstance(since, datetime) else self.dialect.now_plus(-float(since))
+                if isinstance(bound, datetime):
+                    bound = sa.bindparam("kronix_since", bound, type_=self.table.c.created_at.type)
+                statement = statement.having(sa.func.max(parts.c.last_created_at) >= bound)
+            result = conn.execute(statement)
+            return list(result.keys()), [tuple(row) for row in result]
 
     def job_name_other_than(self, name: str) -> str | None:
         """SELECT the name of one job not named ``name`` (the demo refuses a table holding others'), or None."""
@@ -1457,9 +1464,6 @@ class JobStore:
             live(c.status.in_(active)))
 
 
-#: What summarise_batches returns of a (batch, status) besides its count, and how two parts combine.
-_BATCH_EXTREMES = (("name", min), ("other_name", max), ("created_at", min), ("last_created_at", max),
-                   ("finished_at", max))
 #: The rollup's extremes and how two of them combine.
 _ROLLUP_EXTREMES = (("min_name", min), ("max_name", max), ("min_created_at", min), ("max_created_at", max),
                     ("max_finished_at", max))
