@@ -373,18 +373,27 @@ class PostgresDialect(OnConflictDialect):
         # 140 ms of a 500 ms batches() with 100,000 pending chunks; for the transaction only.
         conn.execute(sa.text("SET LOCAL jit = off"))
 
+    #: Where some sessions' transactions are hidden from this role (no ``pg_read_all_stats``, other roles'
+    #: sessions), the watermark stays this far behind the clock (seconds), as on MariaDB without PROCESS.
+    fold_fallback_margin_s = 600.0
+
     def fold_watermark(self, conn):
         # finished_at is now(), the start of the finishing transaction, so a job is finished before W only by
-        # a transaction that started before W: every such one has ended (it is visible to the fold's next
-        # statement, read committed) when W is at most the start of every transaction still open in this
-        # database.  Idle sessions have no xact_start; a long open transaction holds the watermark back.
-        activity = sa.table("pg_stat_activity", sa.column("xact_start"), sa.column("datname"), sa.column("pid"))
-        oldest = (sa.select(sa.func.min(activity.c.xact_start))
-                  .where(activity.c.datname == sa.func.current_database(), activity.c.pid != sa.func.pg_backend_pid())
-                  .scalar_subquery())
+        # a transaction that started before W: every such one has ended (a session leaves the list after its
+        # commit is visible, so the fold's next statement, read committed, sees it) when W is at most the
+        # start of every transaction still open in this database.  Idle sessions have no xact_start; a long
+        # open transaction holds the watermark back.  Another role's session whose state this role may not
+        # see (state NULL) could hide one: then the fallback margin.
+        activity = sa.table("pg_stat_activity", sa.column("xact_start"), sa.column("datname"), sa.column("pid"),
+                            sa.column("state"))
+        clock = sa.func.clock_timestamp()
+        hidden = sa.func.count().filter(activity.c.state.is_(None))  # every session this role may see has one
+        fallback = sa.case((hidden > 0, clock - sa.literal(timedelta(seconds=self.fold_fallback_margin_s), sa.Interval)))
         margin = sa.literal(timedelta(seconds=self.fold_margin_s), sa.Interval)
-        return conn.execute(sa.select(sa.type_coerce(
-            sa.func.least(sa.func.clock_timestamp(), oldest) - margin, UTCDateTime()))).scalar_one()
+        statement = (sa.select(sa.type_coerce(sa.func.least(clock, sa.func.min(activity.c.xact_start), fallback) - margin,
+                                              UTCDateTime()))
+                     .where(activity.c.datname == sa.func.current_database(), activity.c.pid != sa.func.pg_backend_pid()))
+        return conn.execute(statement).scalar_one()
 
     #: Below this many rows a multi-row INSERT is as quick as COPY and simpler.
     copy_threshold = 64
