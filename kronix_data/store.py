@@ -1266,6 +1266,7 @@ class JobStore:
                     self.tables.rollup_state)).scalar_one() == 0:
                 raise NotFoundError(f"table {self.table_name!r} has no rollup: create_table() first")
             conn.execute(self.tables.rollup.delete())
+            conn.execute(self.tables.rollup_totals.delete())
             return self._fold(conn, None)
 
     def fold_finished(self) -> int | None:
@@ -1358,6 +1359,28 @@ class JobStore:
             conn.execute(rollup.insert(), new)
         if changed:
             self._update_rollup_rows(conn, changed)
+        self._add_to_totals(conn, groups, 1)
+
+    def _add_to_totals(self, conn: sa.Connection, groups: Sequence[dict[str, Any]], sign: int) -> None:
+        """Add (``sign`` 1) or take off (-1) the groups' counts per queue and status in ``<table>_rollup_totals``;
+        a total left at zero goes."""
+        totals = self.tables.rollup_totals
+        change: dict[tuple[str, str], int] = {}
+        for group in groups:
+            key = (group["queue"], group["status"])
+            change[key] = change.get(key, 0) + sign * int(group["jobs"])
+        stored = {(row.queue, row.status): int(row.jobs) for row in conn.execute(sa.select(totals))}
+        new = [{"queue": queue, "status": status, "jobs": jobs} for (queue, status), jobs in change.items()
+               if (queue, status) not in stored and jobs > 0]
+        left = [{"t_queue": queue, "t_status": status, "t_jobs": stored[(queue, status)] + jobs}
+                for (queue, status), jobs in change.items() if (queue, status) in stored]
+        same_key = sa.and_(totals.c.queue == sa.bindparam("t_queue"), totals.c.status == sa.bindparam("t_status"))
+        if new:
+            conn.execute(totals.insert(), new)
+        if kept := [row for row in left if row["t_jobs"] > 0]:
+            conn.execute(totals.update().where(same_key).values(jobs=sa.bindparam("t_jobs")), kept)
+        if gone := [{"t_queue": row["t_queue"], "t_status": row["t_status"]} for row in left if row["t_jobs"] <= 0]:
+            conn.execute(totals.delete().where(same_key), gone)
 
     def _update_rollup_rows(self, conn: sa.Connection, changed: list[dict[str, Any]]) -> None:
         rollup = self.tables.rollup
@@ -1415,6 +1438,7 @@ class JobStore:
             self._update_rollup_rows(conn, changed)
         for start in range(0, len(gone), IN_LIST_LIMIT):
             conn.execute(rollup.delete().where(r.id.in_(gone[start:start + IN_LIST_LIMIT])))
+        self._add_to_totals(conn, counts, -1)
 
     def _read_watermark(self, conn: sa.Connection) -> datetime | None:
         """The watermark as it is now (it only ever grows), for :meth:`_in_tail`."""
@@ -1429,13 +1453,13 @@ class JobStore:
         return exact if floor is None else sa.and_(c.finished_at >= floor, exact)
 
     def _live_counts(self, floor: datetime | None = None) -> sa.CompoundSelect:
-        """``(queue, status, jobs)`` in one statement (one snapshot): the rollup's sums, the jobs finished
-        floor the watermark (a range of ``<table>_finished``) and those in flight (``<table>_status``);
-        the same status may come in several rows, to be added up."""
-        c, r = self.table.c, self.tables.rollup.c
+        """``(queue, status, jobs)`` in one statement (one snapshot): the rollup's totals (a row per queue and
+        status), the jobs finished since the watermark (a range of ``<table>_finished``) and those in
+        flight (``<table>_status``); the same status may come in several rows, to be added up."""
+        c, totals = self.table.c, self.tables.rollup_totals.c
         active, finished = self._rollup_statuses()
         return sa.union_all(
-            sa.select(r.queue, r.status, sa.func.sum(r.jobs)).group_by(r.queue, r.status),
+            sa.select(totals.queue, totals.status, totals.jobs),
             sa.select(c.queue, c.status, sa.func.count()).where(self._in_tail(floor), c.status.in_(finished))
             .group_by(c.queue, c.status),
             sa.select(c.queue, c.status, sa.func.count()).where(c.status.in_(active)).group_by(c.status, c.queue))
@@ -1443,7 +1467,7 @@ class JobStore:
     def _live_batches(self, floor: datetime | None = None) -> sa.CompoundSelect:
         """Per batch and status, in one statement: ``jobs``, ``name``/``other_name`` (smallest, largest),
         ``created_at`` (first), ``last_created_at`` and ``finished_at`` (last), from the rollup, the
-        jobs finished floor the watermark and those in flight; several rows may share a (batch, status)."""
+        jobs finished since the watermark and those in flight; several rows may share a (batch, status)."""
         c, r = self.table.c, self.tables.rollup.c
         active, finished = self._rollup_statuses()
 

@@ -137,7 +137,7 @@ def test_a_previous_release_table_gains_the_rollup_seeded_with_its_finished_jobs
     with old.engine.begin() as conn:  # all of it long ago, then back to the previous release's tables
         conn.execute(old.table.update().where(c.finished_at.is_not(None))
                      .values(finished_at=datetime.now(timezone.utc) - timedelta(days=1)))
-        for table in (old.store.tables.rollup_state, old.store.tables.rollup):
+        for table in (old.store.tables.rollup_state, old.store.tables.rollup_totals, old.store.tables.rollup):
             table.drop(conn)
     old.close()
     expected = {(status, queue): n for status, queue, n in _plain_counts(db_url, table_name)}
@@ -145,7 +145,7 @@ def test_a_previous_release_table_gains_the_rollup_seeded_with_its_finished_jobs
     driver = DatabaseQueueDriver(db_url, table=table_name)
     driver.create_table()
     inspector = sa.inspect(driver.engine)
-    assert inspector.has_table(f"{table_name}_rollup") and inspector.has_table(f"{table_name}_rollup_state")
+    assert all(inspector.has_table(f"{table_name}_{part}") for part in ("rollup", "rollup_totals", "rollup_state"))
     rollup = driver.store.tables.rollup
     with driver.engine.connect() as conn:
         folded = int(conn.execute(sa.select(sa.func.coalesce(sa.func.sum(rollup.c.jobs), 0))).scalar_one())
