@@ -3,11 +3,12 @@
 Every frame has a fixed set of columns and dtypes, also when it is empty, so
 notebook code such as ``df.groupby("queue")`` never needs a special case.
 
-``fetch_stats`` stays fast on a big table because it never aggregates
-timings over the whole history: counts per (queue, status) come from an
-index-only scan of the ``<table>_status`` index, the oldest pending job from
-the claim index, and wait/run timings only from the jobs finished in the
-window, found through the ``<table>_finished`` index.
+``fetch_stats`` stays fast on a big table because it never reads the whole
+history: counts per (queue, status) come from the finished jobs' rollup plus
+live counts of the jobs finished since its watermark and of those in flight
+(see the store's rollup section), the oldest pending job from the claim
+index, and wait/run timings only from the jobs finished in the window, found
+through the ``<table>_finished`` index.
 """
 
 from __future__ import annotations

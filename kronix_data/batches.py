@@ -335,30 +335,10 @@ def batches_frame(store: JobStore, since: datetime | timedelta | None = None) ->
     ``created_at`` index, then counted through the batch index, so a monitor
     refreshing it stays cheap on a big table.
     """
-    rows = store.summarise_batches(None if since is None else time_bound(since, "since"))
-    return with_lag(typed_frame(_fold_batches(rows), BATCH_COLUMNS), store)
-
-
-def _fold_batches(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    batches: dict[str, dict[str, Any]] = {}
-    for row in rows:
-        batch = batches.setdefault(row["batch_id"], {"batch_id": row["batch_id"], "names": set(), "total": 0,
-                                                     **dict.fromkeys(_STATUSES, 0),
-                                                     "created_at": None, "finished_at": None})
-        batch["names"].update((row["name"], row["other_name"]))
-        batch["total"] += row["jobs"]
-        if row["status"] in _STATUSES:
-            batch[row["status"]] += row["jobs"]
-        batch["created_at"] = _extreme(min, batch["created_at"], row["created_at"])
-        batch["finished_at"] = _extreme(max, batch["finished_at"], row["finished_at"])
-    for batch in batches.values():
-        names = batch.pop("names")
-        batch["name"] = names.pop() if len(names) == 1 else None
-    return sorted(batches.values(), key=lambda batch: (batch["created_at"], batch["batch_id"]), reverse=True)
-
-
-def _extreme(pick, current, value):
-    return value if current is None else current if value is None else pick(current, value)
+    columns, rows = store.summarise_batches(None if since is None else time_bound(since, "since"))
+    at = columns.index("created_at"), columns.index("batch_id")
+    rows = sorted(rows, key=lambda row: (row[at[0]], row[at[1]]), reverse=True)  # newest first
+    return with_lag(typed_frame([dict(zip(columns, row)) for row in rows], BATCH_COLUMNS), store)
 
 
 # -- enqueueing ------------------------------------------------------------------

@@ -113,7 +113,9 @@ class Tables:
     ``after=`` another, a batch's ``then`` step), with how many of its parents
     have not completed yet.  ``queues``: one row per queue that has settings
     (paused or not); a queue without a row has the defaults.  ``workers``: one
-    row per worker, written by its heartbeat (the worker registry).
+    row per worker, written by its heartbeat (the worker registry).  ``rollup``,
+    ``rollup_totals`` and ``rollup_state``: the finished jobs' counts, folded
+    (see :func:`build_rollup_tables`).
     """
 
     jobs: sa.Table
@@ -122,9 +124,13 @@ class Tables:
     queues: sa.Table
     workers: sa.Table
     schedules: sa.Table
+    rollup: sa.Table
+    rollup_totals: sa.Table
+    rollup_state: sa.Table
 
     def all(self) -> tuple[sa.Table, ...]:
-        return (self.jobs, self.deps, self.waits, self.queues, self.workers, self.schedules)
+        return (self.jobs, self.deps, self.waits, self.queues, self.workers, self.schedules, self.rollup,
+                self.rollup_totals, self.rollup_state)
 
 
 def build_tables(name: str, *, partial_indexes: bool, now_default: str) -> Tables:
@@ -247,7 +253,8 @@ def build_tables(name: str, *, partial_indexes: bool, now_default: str) -> Table
     )
     workers = build_workers_table(metadata, table_name, options)
     schedules = build_schedules_table(metadata, table_name, options)
-    return Tables(table, deps, waits, queues, workers, schedules)
+    rollup, rollup_totals, rollup_state = build_rollup_tables(metadata, table_name, options)
+    return Tables(table, deps, waits, queues, workers, schedules, rollup, rollup_totals, rollup_state)
 
 
 def build_workers_table(metadata: sa.MetaData, table_name: str, options: dict) -> sa.Table:
@@ -293,6 +300,54 @@ def build_schedules_table(metadata: sa.MetaData, table_name: str, options: dict)
     )
     sa.Index(f"{table_name}_schedules_next", schedules.c.next_run_at)  # the scheduler's look for due slots
     return schedules
+
+
+def build_rollup_tables(metadata: sa.MetaData, table_name: str, options: dict) -> tuple[sa.Table, sa.Table, sa.Table]:
+    """``<name>_rollup``, ``<name>_rollup_totals`` and ``<name>_rollup_state``: the finished jobs' counts
+    without a scan of history.
+
+    ``<name>_rollup`` holds one row per (queue, batch, status) of the finished
+    jobs (completed, failed, cancelled) whose ``finished_at`` is before the
+    watermark in the one row of ``<name>_rollup_state`` (or NULL: jobs a
+    previous release finished without one): how many, and the extremes
+    ``batches()`` shows; ``<name>_rollup_totals`` the same counts per queue
+    and status only, what ``fetch_stats()`` reads (a handful of rows however
+    many batches there were).  The jobs finished since the watermark are counted
+    live through the ``<name>_finished`` index; a fold moves them in (see
+    ``JobStore.fold_finished``).  Only holders of the state row's lock write
+    either table, so a fold never counts a job twice.
+    """
+    rollup = sa.Table(
+        f"{table_name}_rollup", metadata,
+        sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+        sa.Column("queue", _key_text(MAX_QUEUE_LENGTH), nullable=False),
+        sa.Column("batch_id", _key_text(MAX_BATCH_ID_LENGTH)),
+        sa.Column("status", _key_text(16), nullable=False),
+        sa.Column("jobs", sa.BigInteger, nullable=False),
+        # Bounds over every job folded into the row (a job pruned or retried later may have set them).
+        sa.Column("min_name", _key_text(MAX_NAME_LENGTH)),
+        sa.Column("max_name", _key_text(MAX_NAME_LENGTH)),
+        sa.Column("min_created_at", UTCDateTime()),
+        sa.Column("max_created_at", UTCDateTime()),
+        sa.Column("max_finished_at", UTCDateTime()),
+        **options,
+    )
+    sa.Index(f"{table_name}_rollup_key", rollup.c.batch_id, rollup.c.queue, rollup.c.status)
+    totals = sa.Table(
+        f"{table_name}_rollup_totals", metadata,
+        sa.Column("queue", _key_text(MAX_QUEUE_LENGTH), primary_key=True),
+        sa.Column("status", _key_text(16), primary_key=True),
+        sa.Column("jobs", sa.BigInteger, nullable=False),
+        **options,
+    )
+    state = sa.Table(
+        f"{table_name}_rollup_state", metadata,
+        sa.Column("id", sa.Integer, primary_key=True, autoincrement=False),  # always 1
+        sa.Column("watermark", UTCDateTime()),  # finished before this: in the rollup
+        sa.Column("folded_at", UTCDateTime()),  # when the last fold ran (database clock)
+        **options,
+    )
+    return rollup, totals, state
 
 
 #: Indexes an earlier release made that a newer one replaced: dropped on upgrade.

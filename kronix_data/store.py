@@ -39,6 +39,8 @@ from .schema import PENDING, PROCESSING, WAITING, UTCDateTime, build_tables, cla
 
 log = logging.getLogger(__name__)
 
+log = logging.getLogger(__name__)
+
 #: Stale jobs recovered per transaction.
 RECOVERY_BATCH = 1000
 #: Values bound in one ``IN (...)``: under every database's bound-parameter limit.
@@ -230,10 +232,12 @@ class JobStore:
         if self.read_engine is None:
             self._lag.seconds = 0.0
             with self._reading() as conn:
+                self.dialect.prepare_analytics(conn)
                 yield conn
             return
         with self._connected(self._analytics_reader) as conn:
             self._lag.seconds = self.dialect.replay_lag_s(conn)
+            self.dialect.prepare_analytics(conn)
             yield conn
 
     def read_lag_s(self) -> float | None:
@@ -264,8 +268,10 @@ class JobStore:
     # -- schema --------------------------------------------------------------------
 
     def create_or_upgrade_table(self) -> None:
-        """CREATE the tables and their indexes, or ALTER older ones in place (safe from many processes)."""
+        """CREATE the tables and their indexes, or ALTER older ones in place (safe from many processes);
+        an older table's finished jobs are folded into the new rollup once (see :meth:`seed_rollup`)."""
         self.dialect.create_or_upgrade(self._writer, self.tables)
+        self.seed_rollup()
 
     def drop_table(self) -> None:
         """DROP the jobs table, its companions and everything in them, where they exist."""
@@ -853,11 +859,12 @@ class JobStore:
                 self.dialect.notify(conn, self.channel)
 
     def count_jobs_by_queue_and_status(self) -> list[tuple[str, str, int]]:
-        """COUNT every job by queue and status (an index-only scan of ``<table>_status``)."""
-        c = self.table.c
+        """Every job's count by queue and status, from the rollup and live counts (see :meth:`_live_counts`);
+        a status may come in several rows, to be added up."""
+        self.fold_if_stale()
         with self._reading_analytics() as conn:
-            return [tuple(row) for row in conn.execute(
-                sa.select(c.queue, c.status, sa.func.count()).group_by(c.status, c.queue))]
+            counts = self._live_counts(self._read_watermark(conn))
+            return [(queue, status, int(jobs)) for queue, status, jobs in conn.execute(counts)]
 
     def read_queue_settings(self) -> dict[str, dict[str, Any]]:
         """SELECT every queue's settings row (a queue without one has the defaults)."""
@@ -923,21 +930,27 @@ class JobStore:
         if queue is not None:
             condition = sa.and_(condition, c.queue == queue)
         with self._transaction() as conn:
-            return conn.execute(self.table.delete().where(condition)).rowcount
+            taken = self._take_from_rollup(conn, condition)
+            deleted = conn.execute(self.table.delete().where(condition)).rowcount
+            self._settle_rollup(conn, taken)
+            return deleted
 
     def retry_dead_letters(self, *, job_id: str | None = None, queue: str | None = None, name: str | None = None,
                            batch: str | None = None) -> int:
         """Set dead letters matching every filter given back to pending with attempts 0, due now; NOTIFY."""
         c = self.table.c
         filters = [(c.id, job_id), (c.queue, queue), (c.name, name), (c.batch_id, batch)]
+        condition = sa.and_(c.status == FAILED, *(column == value for column, value in filters if value is not None))
         statement = (
             self.table.update()
-            .where(c.status == FAILED, *(column == value for column, value in filters if value is not None))
+            .where(condition)
             .values(status=JobStatus.PENDING.value, attempts=0, last_error=None, available_at=self.dialect.now(),
                     finished_at=None, reserved_by=None, reserved_at=None, heartbeat_at=None)
         )
         with self._transaction() as conn:
+            taken = self._take_from_rollup(conn, condition)
             changed = conn.execute(statement).rowcount
+            self._settle_rollup(conn, taken)
             if changed:
                 self.dialect.notify(conn, self.channel)
         return changed
@@ -953,11 +966,14 @@ class JobStore:
         deleted = 0
         while True:
             with self._transaction() as conn:
+                watermark = self._lock_rollup(conn)  # first: every writer of finished rows locks in this order
                 boundary = conn.execute(sa.select(c.finished_at).where(prunable).order_by(c.finished_at)
                                         .offset(chunk_size - 1).limit(1)).scalar()
                 last = boundary is None  # fewer than chunk_size left: take them all
                 condition = prunable if last else sa.and_(prunable, c.finished_at <= boundary)
+                taken = self._take_from_rollup(conn, condition) if watermark is not None else (None, [])
                 deleted += conn.execute(self.table.delete().where(condition)).rowcount
+                self._settle_rollup(conn, taken)
             if last:
                 return deleted
 
@@ -983,20 +999,20 @@ class JobStore:
             return [dict(row) for row in conn.execute(statement).mappings()]
 
     def read_queue_stats(self, window_s: float) -> QueueStatsRows:
-        """Per queue, in one connection: COUNT by status (an index-only scan of ``<table>_status``), the
-        earliest due pending job (the claim index), and wait/run timings of the jobs finished in the last
+        """Per queue, in one connection: the jobs' counts by status (:meth:`_live_counts`: the rollup and live
+        counts, no scan of history), the earliest due pending job (the claim index), and wait/run timings of the jobs finished in the last
         ``window_s`` (found through ``<table>_finished``), aggregated by the database where it can."""
         c, dialect = self.table.c, self.dialect
-        # Grouped in the order of the <table>_status index (status, queue): an index-only scan.
-        counts = sa.select(c.queue, c.status, sa.func.count()).group_by(c.status, c.queue)
         # The literal lets PostgreSQL match the partial claim index even in a generic plan.
         earliest = sa.select(c.queue, sa.func.min(c.available_at)).where(c.status == PENDING).group_by(c.queue)
         wait = dialect.seconds_between(c.reserved_at, c.available_at)
         run = sa.case((c.status == COMPLETED, dialect.seconds_between(c.finished_at, c.reserved_at)))
         in_window = c.finished_at >= dialect.now_plus(-window_s)
+        self.fold_if_stale()
         with self._reading_analytics() as conn:
             now = conn.execute(sa.select(dialect.now())).scalar_one()
-            count_rows = [tuple(row) for row in conn.execute(counts)]
+            counts = self._live_counts(self._read_watermark(conn))  # the finished jobs from the rollup: no history
+            count_rows = [(queue, status, int(jobs)) for queue, status, jobs in conn.execute(counts)]
             earliest_rows = [tuple(row) for row in conn.execute(earliest)]
             summary, rows = None, []
             if dialect.percentiles([0.5], wait) is not None:
@@ -1106,29 +1122,39 @@ class JobStore:
             return list(conn.execute(sa.select(c.name).where(c.batch_id == batch_id).distinct()
                                      .limit(limit)).scalars())
 
-    def summarise_batches(self, since: datetime | float | None = None) -> list[dict[str, Any]]:
-        """Per batch and status: COUNT, the smallest and largest name, the first ``created_at`` and the last
-        ``finished_at``; of every batch, or of those with a job created since ``since`` (whole).
+    def summarise_batches(self, since: datetime | float | None = None) -> tuple[list[str], list[tuple]]:
+        """One row per batch: ``batch_id``, ``total``, a count per status, ``name`` (None if its jobs have
+        several), the first ``created_at`` and the last ``finished_at``; of every batch, or of those with a
+        job created since ``since`` (whole).  Returns the column names and the rows.
 
-        With ``since``, two steps rather than a subquery: the planner cannot guess
-        how few batches are recent and would scan the whole table to join them.
+        One statement, pivoted and grouped by the database, over the rollup,
+        the jobs finished since its watermark and those in flight
+        (:meth:`_live_batches`): no scan of history, and one row per batch to
+        hand to pandas.
         """
-        c = self.table.c
-        statement = (sa.select(c.batch_id, c.status, sa.func.count().label("jobs"), sa.func.min(c.name).label("name"),
-                               sa.func.max(c.name).label("other_name"),
-                               sa.func.min(c.created_at).label("created_at"),
-                               sa.func.max(c.finished_at).label("finished_at"))
-                     .group_by(c.batch_id, c.status))
+        self.fold_if_stale()
+        statuses = [status.value for status in JobStatus]
         with self._reading_analytics() as conn:
-            if since is None:
-                return [dict(row) for row in conn.execute(statement.where(c.batch_id.is_not(None))).mappings()]
-            recent = list(conn.execute(sa.select(c.batch_id).distinct().where(
-                c.batch_id.is_not(None), c.created_at >= self._time_bound(since, "since"))).scalars())
-            rows = []
-            for start in range(0, len(recent), IN_LIST_LIMIT):
-                rows += [dict(row) for row in conn.execute(
-                    statement.where(c.batch_id.in_(recent[start:start + IN_LIST_LIMIT]))).mappings()]
-            return rows
+            parts = self._live_batches(self._read_watermark(conn)).subquery("parts")
+
+            def total(condition=None):
+                jobs = parts.c.jobs if condition is None else sa.case((condition, parts.c.jobs), else_=0)
+                return sa.cast(sa.func.coalesce(sa.func.sum(jobs), 0), sa.BigInteger)
+
+            name = sa.func.min(parts.c.name)
+            statement = (sa.select(parts.c.batch_id, total().label("total"),
+                                   *(total(parts.c.status == status).label(status) for status in statuses),
+                                   sa.case((name == sa.func.max(parts.c.other_name), name)).label("name"),
+                                   sa.func.min(parts.c.created_at).label("created_at"),
+                                   sa.func.max(parts.c.finished_at).label("finished_at"))
+                         .group_by(parts.c.batch_id))
+            if since is not None:
+                bound = since if isinstance(since, datetime) else self.dialect.now_plus(-float(since))
+                if isinstance(bound, datetime):
+                    bound = sa.bindparam("kronix_since", bound, type_=self.table.c.created_at.type)
+                statement = statement.having(sa.func.max(parts.c.last_created_at) >= bound)
+            result = conn.execute(statement)
+            return list(result.keys()), [tuple(row) for row in result]
 
     def job_name_other_than(self, name: str) -> str | None:
         """SELECT the name of one job not named ``name`` (the demo refuses a table holding others'), or None."""
@@ -1382,3 +1408,286 @@ class JobStore:
             if cancelled:
                 self._cancel_dependents(conn, cancelled)
         return put_back + len(cancelled)
+
+    # -- the finished jobs' rollup ---------------------------------------------------------
+    #
+    # Counts that do not grow with history.  Jobs still in flight (pending, waiting,
+    # processing) are counted live through the <table>_status index: they are bounded
+    # by the work queued, not by the history.  Finished jobs are counted from
+    # <table>_rollup (one row per queue, batch and status) for those finished before
+    # the watermark W in <table>_rollup_state, plus a live count of those finished
+    # since W through the <table>_finished index (a few minutes' worth).  A fold moves
+    # that tail into the rollup; the statements that change already-finished rows
+    # (retrying or deleting dead letters, pruning) take what they change out of it in
+    # their own transaction.  Both hold the state row's lock, so they never interleave;
+    # the claim and completion path never touches either table.
+
+    #: A fold before a read on the primary, when the last one is older than this (seconds): the tail
+    #: stays small even where no worker runs (the workers fold on every maintenance pass).
+    FOLD_STALE_S = 300.0
+
+    @staticmethod
+    def _rollup_statuses() -> tuple[list[str], list[str]]:
+        """The statuses counted live (in flight) and those folded (finished, final)."""
+        return ([JobStatus.PENDING.value, JobStatus.WAITING.value, JobStatus.PROCESSING.value],
+                [COMPLETED, FAILED, CANCELLED])
+
+    def _folded(self, watermark: datetime) -> sa.ColumnElement[bool]:
+        """The jobs the rollup counts: finished before the watermark (or by a previous release, without a time)."""
+        c = self.table.c
+        return sa.and_(c.status.in_(self._rollup_statuses()[1]),
+                       sa.or_(c.finished_at < watermark, c.finished_at.is_(None)))
+
+    def _watermark(self) -> sa.ScalarSelect:
+        state = self.tables.rollup_state
+        return sa.select(state.c.watermark).where(state.c.id == 1).scalar_subquery()
+
+    def seed_rollup(self) -> None:
+        """Make the state row if there is none and, on a table never folded (new, or from a previous
+        release), fold every finished job into the rollup: one pass over the table, once."""
+        state = self.tables.rollup_state
+        with self._transaction() as conn:
+            self.dialect.upsert(conn, state, {"id": 1, "watermark": None, "folded_at": None}, {"id": 1})
+            row = conn.execute(sa.select(state.c.watermark, state.c.folded_at).where(state.c.id == 1)
+                               .with_for_update()).one()
+            if row.folded_at is None:
+                self._fold(conn, None)
+
+    def rebuild_rollup(self) -> int:
+        """Count the rollup afresh from the table (one pass over it), for a table whose finished rows were
+        changed behind the store's back (an UPDATE of ``finished_at`` or ``status`` by hand); waits for a
+        fold in progress.  Returns how many jobs it holds."""
+        with self._transaction() as conn:
+            if self._lock_rollup(conn) is None and conn.execute(sa.select(sa.func.count()).select_from(
+                    self.tables.rollup_state)).scalar_one() == 0:
+                raise NotFoundError(f"table {self.table_name!r} has no rollup: create_table() first")
+            conn.execute(self.tables.rollup.delete())
+            conn.execute(self.tables.rollup_totals.delete())
+            return self._fold(conn, None)
+
+    def fold_finished(self) -> int | None:
+        """Fold the jobs finished since the watermark into the rollup, in one transaction; returns how many,
+        or None if another process is folding (its state row is locked: this one skips, never waits)."""
+        state = self.tables.rollup_state
+        with self._transaction() as conn:
+            row = conn.execute(sa.select(state.c.watermark, state.c.folded_at).where(state.c.id == 1)
+                               .with_for_update(skip_locked=self.dialect.skips_locked(conn))).first()
+            if row is None or row.folded_at is None:
+                return None  # locked, or a table never upgraded (create_or_upgrade_table seeds it)
+            return self._fold(conn, row.watermark)
+
+    def fold_if_stale(self) -> None:
+        """Fold first when the last fold is older than :attr:`FOLD_STALE_S`, on the primary only (a standby
+        cannot write; there the primary's workers fold).  A fold that cannot run (a read-only role, say)
+        leaves the read to count a longer tail, still exact."""
+        if self.read_engine is not None:
+            return
+        state = self.tables.rollup_state
+        try:
+            with self._reading() as conn:
+                stale = conn.execute(sa.select(sa.func.count()).select_from(state).where(
+                    state.c.id == 1, state.c.folded_at < self.dialect.now_plus(-self.FOLD_STALE_S))).scalar_one()
+            if stale:
+                self.fold_finished()
+        except sa.exc.DBAPIError as error:
+            log.debug("no fold before the read: %s", str(error).splitlines()[0])
+
+    def _fold(self, conn: sa.Connection, old: datetime | None) -> int:
+        """Count ``old <= finished_at < new`` by queue, batch and status into the rollup and set W = new.
+
+        The new watermark is read first, in a statement of its own (see
+        ``QueueDialect.fold_watermark``): every job that will ever be finished
+        before it is finished by a transaction visible to the count that follows.
+        """
+        c, state = self.table.c, self.tables.rollup_state
+        new = self.dialect.fold_watermark(conn)
+        folded = 0
+        if old is None or new > old:
+            window = self._folded(new) if old is None else sa.and_(
+                c.status.in_(self._rollup_statuses()[1]), c.finished_at >= old, c.finished_at < new)
+            groups = [dict(row) for row in conn.execute(self._rollup_groups(window)).mappings()]
+            self._add_to_rollup(conn, groups)
+            folded = sum(group["jobs"] for group in groups)
+        else:
+            new = old  # the clock or an open transaction held it back: W never moves back
+        conn.execute(state.update().where(state.c.id == 1).values(watermark=new, folded_at=self.dialect.now()))
+        return folded
+
+    def _rollup_groups(self, condition: sa.ColumnElement[bool]) -> sa.Select:
+        """The rollup's figures of the jobs matching ``condition``, per queue, batch and status."""
+        c = self.table.c
+        return (sa.select(c.queue, c.batch_id, c.status, sa.func.count().label("jobs"),
+                          sa.func.min(c.name).label("min_name"), sa.func.max(c.name).label("max_name"),
+                          sa.func.min(c.created_at).label("min_created_at"),
+                          sa.func.max(c.created_at).label("max_created_at"),
+                          sa.func.max(c.finished_at).label("max_finished_at"))
+                .where(condition).group_by(c.queue, c.batch_id, c.status))
+
+    def _rollup_rows(self, conn: sa.Connection, batch_ids: set[str | None]) -> dict[tuple, dict[str, Any]]:
+        """The rollup's rows of these batches (None: the jobs of no batch), by (queue, batch, status)."""
+        r = self.tables.rollup.c
+        named = sorted(batch for batch in batch_ids if batch is not None)
+        conditions = [r.batch_id.in_(named[start:start + IN_LIST_LIMIT]) for start in range(0, len(named),
+                                                                                             IN_LIST_LIMIT)]
+        if None in batch_ids:
+            conditions.append(r.batch_id.is_(None))
+        rows: dict[tuple, dict[str, Any]] = {}
+        for condition in conditions:
+            for row in conn.execute(sa.select(self.tables.rollup).where(condition)).mappings():
+                rows[(row["queue"], row["batch_id"], row["status"])] = dict(row)
+        return rows
+
+    def _add_to_rollup(self, conn: sa.Connection, groups: Sequence[dict[str, Any]]) -> None:
+        """Add folded groups to their rollup rows (made where missing): counts summed, extremes widened."""
+        if not groups:
+            return
+        rollup = self.tables.rollup
+        stored = self._rollup_rows(conn, {group["batch_id"] for group in groups})
+        new, changed = [], []
+        for group in groups:
+            row = stored.get((group["queue"], group["batch_id"], group["status"]))
+            if row is None:
+                new.append({**group, "jobs": int(group["jobs"])})
+                continue
+            changed.append({"row_id": row["id"], "n_jobs": int(row["jobs"]) + int(group["jobs"]),
+                            **{f"n_{name}": _extreme(pick, row[name], group[name]) for name, pick in _ROLLUP_EXTREMES}})
+        if new:
+            conn.execute(rollup.insert(), new)
+        if changed:
+            self._update_rollup_rows(conn, changed)
+        self._add_to_totals(conn, groups, 1)
+
+    def _add_to_totals(self, conn: sa.Connection, groups: Sequence[dict[str, Any]], sign: int) -> None:
+        """Add (``sign`` 1) or take off (-1) the groups' counts per queue and status in ``<table>_rollup_totals``;
+        a total left at zero goes."""
+        totals = self.tables.rollup_totals
+        change: dict[tuple[str, str], int] = {}
+        for group in groups:
+            key = (group["queue"], group["status"])
+            change[key] = change.get(key, 0) + sign * int(group["jobs"])
+        stored = {(row.queue, row.status): int(row.jobs) for row in conn.execute(sa.select(totals))}
+        new = [{"queue": queue, "status": status, "jobs": jobs} for (queue, status), jobs in change.items()
+               if (queue, status) not in stored and jobs > 0]
+        left = [{"t_queue": queue, "t_status": status, "t_jobs": stored[(queue, status)] + jobs}
+                for (queue, status), jobs in change.items() if (queue, status) in stored]
+        same_key = sa.and_(totals.c.queue == sa.bindparam("t_queue"), totals.c.status == sa.bindparam("t_status"))
+        if new:
+            conn.execute(totals.insert(), new)
+        if kept := [row for row in left if row["t_jobs"] > 0]:
+            conn.execute(totals.update().where(same_key).values(jobs=sa.bindparam("t_jobs")), kept)
+        if gone := [{"t_queue": row["t_queue"], "t_status": row["t_status"]} for row in left if row["t_jobs"] <= 0]:
+            conn.execute(totals.delete().where(same_key), gone)
+
+    def _update_rollup_rows(self, conn: sa.Connection, changed: list[dict[str, Any]]) -> None:
+        rollup = self.tables.rollup
+        conn.execute(rollup.update().where(rollup.c.id == sa.bindparam("row_id")).values(
+            jobs=sa.bindparam("n_jobs"), **{name: sa.bindparam(f"n_{name}") for name, _ in _ROLLUP_EXTREMES}),
+            changed)
+
+    def _lock_rollup(self, conn: sa.Connection) -> datetime | None:
+        """Lock the state row (waiting for a fold in progress) and return the watermark (None: never folded)."""
+        state = self.tables.rollup_state
+        return conn.execute(sa.select(state.c.watermark).where(state.c.id == 1).with_for_update()).scalar()
+
+    def _take_from_rollup(self, conn: sa.Connection, condition: sa.ColumnElement[bool]):
+        """Before a statement changes or deletes the finished jobs matching ``condition``: lock the state row
+        and count those among them the rollup holds.  Hand the result to :meth:`_settle_rollup` after it."""
+        watermark = self._lock_rollup(conn)
+        if watermark is None:
+            return None, []
+        counts = [dict(row) for row in conn.execute(
+            sa.select(self.table.c.queue, self.table.c.batch_id, self.table.c.status, sa.func.count().label("jobs"))
+            .where(condition, self._folded(watermark))
+            .group_by(self.table.c.queue, self.table.c.batch_id, self.table.c.status)).mappings()]
+        return watermark, counts
+
+    def _settle_rollup(self, conn: sa.Connection, taken) -> None:
+        """After the change: the counts taken off their rows, and the extremes of each batch touched
+        recomputed from the jobs it still has folded (through the ``<table>_batch`` index); rows left
+        with no job go."""
+        watermark, counts = taken
+        if not counts:
+            return
+        rollup, r = self.tables.rollup, self.tables.rollup.c
+        batches = {group["batch_id"] for group in counts}
+        stored = self._rollup_rows(conn, batches)
+        named = sorted(batch for batch in batches if batch is not None)
+        exact = {}
+        for start in range(0, len(named), IN_LIST_LIMIT):
+            condition = sa.and_(self.table.c.batch_id.in_(named[start:start + IN_LIST_LIMIT]), self._folded(watermark))
+            exact.update({(row["queue"], row["batch_id"], row["status"]): dict(row)
+                          for row in conn.execute(self._rollup_groups(condition)).mappings()})
+        changed, gone = [], []
+        for group in counts:
+            key = (group["queue"], group["batch_id"], group["status"])
+            row = stored.get(key)
+            if row is None:
+                continue
+            jobs = int(row["jobs"]) - int(group["jobs"])
+            if jobs <= 0:
+                gone.append(row["id"])
+                continue
+            extremes = exact.get(key, row) if group["batch_id"] is not None else row
+            changed.append({"row_id": row["id"], "n_jobs": jobs,
+                            **{f"n_{name}": extremes[name] for name, _ in _ROLLUP_EXTREMES}})
+        if changed:
+            self._update_rollup_rows(conn, changed)
+        for start in range(0, len(gone), IN_LIST_LIMIT):
+            conn.execute(rollup.delete().where(r.id.in_(gone[start:start + IN_LIST_LIMIT])))
+        self._add_to_totals(conn, counts, -1)
+
+    def _read_watermark(self, conn: sa.Connection) -> datetime | None:
+        """The watermark as it is now (it only ever grows), for :meth:`_in_tail`."""
+        return conn.execute(sa.select(self._watermark())).scalar()
+
+    def _in_tail(self, floor: datetime | None) -> sa.ColumnElement[bool]:
+        """Finished since the watermark, as the statement's own snapshot has it; ``floor``, a watermark read
+        just before (never later than that one), bounds the ``<table>_finished`` range the planner sees:
+        against the subquery alone PostgreSQL guesses a third of the table and scans all of it."""
+        c = self.table.c
+        exact = c.finished_at >= self._watermark()
+        return exact if floor is None else sa.and_(c.finished_at >= floor, exact)
+
+    def _live_counts(self, floor: datetime | None = None) -> sa.CompoundSelect:
+        """``(queue, status, jobs)`` in one statement (one snapshot): the rollup's totals (a row per queue and
+        status), the jobs finished since the watermark (a range of ``<table>_finished``) and those in
+        flight (``<table>_status``); the same status may come in several rows, to be added up."""
+        c, totals = self.table.c, self.tables.rollup_totals.c
+        active, finished = self._rollup_statuses()
+        return sa.union_all(
+            sa.select(totals.queue, totals.status, totals.jobs),
+            sa.select(c.queue, c.status, sa.func.count()).where(self._in_tail(floor), c.status.in_(finished))
+            .group_by(c.queue, c.status),
+            sa.select(c.queue, c.status, sa.func.count()).where(c.status.in_(active)).group_by(c.status, c.queue))
+
+    def _live_batches(self, floor: datetime | None = None) -> sa.CompoundSelect:
+        """Per batch and status, in one statement: ``jobs``, ``name``/``other_name`` (smallest, largest),
+        ``created_at`` (first), ``last_created_at`` and ``finished_at`` (last), from the rollup, the
+        jobs finished since the watermark and those in flight; several rows may share a (batch, status)."""
+        c, r = self.table.c, self.tables.rollup.c
+        active, finished = self._rollup_statuses()
+
+        def live(condition):
+            return (sa.select(c.batch_id, c.status, sa.func.count().label("jobs"), sa.func.min(c.name).label("name"),
+                              sa.func.max(c.name).label("other_name"), sa.func.min(c.created_at).label("created_at"),
+                              sa.func.max(c.created_at).label("last_created_at"),
+                              sa.func.max(c.finished_at).label("finished_at"))
+                    .where(c.batch_id.is_not(None), condition).group_by(c.batch_id, c.status))
+
+        return sa.union_all(
+            sa.select(r.batch_id, r.status, sa.func.sum(r.jobs).label("jobs"), sa.func.min(r.min_name).label("name"),
+                      sa.func.max(r.max_name).label("other_name"), sa.func.min(r.min_created_at).label("created_at"),
+                      sa.func.max(r.max_created_at).label("last_created_at"),
+                      sa.func.max(r.max_finished_at).label("finished_at"))
+            .where(r.batch_id.is_not(None)).group_by(r.batch_id, r.status),
+            live(sa.and_(self._in_tail(floor), c.status.in_(finished))),
+            live(c.status.in_(active)))
+
+
+#: The rollup's extremes and how two of them combine.
+_ROLLUP_EXTREMES = (("min_name", min), ("max_name", max), ("min_created_at", min), ("max_created_at", max),
+                    ("max_finished_at", max))
+
+
+def _extreme(pick, current, value):
+    return value if current is None else current if value is None else pick(current, value)

@@ -402,6 +402,7 @@ class Worker:
                 if now >= next_recovery:
                     self.stats.recovered += self.driver.recover_stale_jobs(self.options.lease_timeout)
                     forget_gone_workers(self.driver.store)
+                    self.driver.store.fold_finished()  # finished jobs into the counts' rollup, off the hot path
                     next_recovery = now + self.options.lease_timeout / 2
                 error_wait = 0.1
             except self._database_errors as error:

@@ -100,7 +100,8 @@ def drop_table(url: str, table: str) -> None:
     engine = sa.create_engine(url)
     with engine.begin() as conn:
         for name in (f"{table}_deps", f"{table}_waits", f"{table}_queues", f"{table}_workers",
-                     f"{table}_schedules", table):  # our own unique_table()
+                     f"{table}_schedules", f"{table}_rollup", f"{table}_rollup_totals", f"{table}_rollup_state",
+                     table):  # our own unique_table()
             conn.execute(sa.text(f"DROP TABLE IF EXISTS {name}"))
     engine.dispose()
 
@@ -124,6 +125,7 @@ def set_times(driver: DatabaseQueueDriver, job_id: str, **values) -> None:
     """Put known timestamps on a row, as if it had run then."""
     with driver.engine.begin() as conn:
         conn.execute(driver.table.update().where(driver.table.c.id == job_id).values(**values))
+    driver.store.rebuild_rollup()  # a finished job moved back in time by hand: counted afresh
 
 
 def set_schedule_next_run(driver: DatabaseQueueDriver, name: str, when: datetime) -> None:

@@ -171,3 +171,38 @@ def test_sqlite_writes_durably_in_wal_and_takes_writer_turns_per_file(tmp_path):
     assert WriterTurns.for_database(":memory:") is None and WriterTurns.for_database(None) is None
     assert (tmp_path / "jobs.db.kronix-lock").exists()
     store.close()
+
+
+# -- the fold's watermark ------------------------------------------------------------------------
+
+def test_the_postgres_watermark_stays_behind_an_open_transaction_and_falls_back_when_sessions_are_hidden(
+        private_postgresql):
+    """W' is at most the start of any transaction still open (minus the margin); a role that cannot see
+    other roles' sessions keeps W' the fallback margin behind the clock instead of trusting what it sees."""
+    admin = sa.create_engine(private_postgresql.url)
+    dialect = PostgresDialect()
+    with admin.begin() as conn:
+        conn.execute(sa.text("DROP ROLE IF EXISTS kronix_limited"))
+        conn.execute(sa.text("CREATE ROLE kronix_limited LOGIN"))
+    limited = sa.create_engine(sa.make_url(private_postgresql.url).set(username="kronix_limited", password=None))
+    try:
+        with admin.connect() as holder:
+            holder.begin()
+            opened = holder.execute(sa.text("SELECT now()")).scalar_one()  # an open transaction, idle in it
+            with admin.begin() as conn:
+                seen = dialect.fold_watermark(conn)
+            assert seen <= opened - timedelta(seconds=dialect.fold_margin_s)
+            assert seen >= opened - timedelta(seconds=dialect.fold_margin_s + 1)
+            with limited.begin() as conn:
+                now = conn.execute(sa.text("SELECT clock_timestamp()")).scalar_one()
+                hidden = dialect.fold_watermark(conn)
+            assert hidden <= now - timedelta(seconds=dialect.fold_fallback_margin_s)
+            holder.rollback()
+        with admin.begin() as conn:  # nothing open, nothing hidden: two seconds behind the clock
+            now = conn.execute(sa.text("SELECT clock_timestamp()")).scalar_one()
+            assert dialect.fold_watermark(conn) >= now - timedelta(seconds=dialect.fold_margin_s + 1)
+    finally:
+        limited.dispose()
+        with admin.begin() as conn:
+            conn.execute(sa.text("DROP ROLE IF EXISTS kronix_limited"))
+        admin.dispose()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from datetime import datetime, timedelta, timezone
 
 import pytest
 import sqlalchemy as sa
@@ -118,3 +119,54 @@ def test_drop_table_removes_it_and_is_idempotent(driver):
                                          ("etl.Jobs_2", ("etl", "Jobs_2")), ("_x", (None, "_x"))])
 def test_valid_table_names_are_split_into_schema_and_table(name, parts):
     assert parse_table_name(name) == parts
+
+
+def test_a_previous_release_table_gains_the_rollup_seeded_with_its_finished_jobs(db_url, table_name):
+    """A table of the release before the rollup (no <table>_rollup tables) keeps its history, and the
+    counts of its finished jobs move into the rollup once, on create_table."""
+    old = DatabaseQueueDriver(db_url, table=table_name)
+    old.create_table()
+    old.push_many([Job("n", i, batch_id=f"b{i % 2}") for i in range(10)] + [Job("n", "plain")])
+    jobs = sorted(old.pop_many(8), key=lambda job: job.id)
+    old.complete_many(jobs[:5])
+    for job in jobs[5:7]:
+        job.last_error = "ValueError: no"
+        old.fail(job)
+    old.cancel(old.jobs(status="pending", limit=1)["id"][0])
+    c = old.table.c
+    with old.engine.begin() as conn:  # all of it long ago, then back to the previous release's tables
+        conn.execute(old.table.update().where(c.finished_at.is_not(None))
+                     .values(finished_at=datetime.now(timezone.utc) - timedelta(days=1)))
+        for table in (old.store.tables.rollup_state, old.store.tables.rollup_totals, old.store.tables.rollup):
+            table.drop(conn)
+    old.close()
+    expected = {(status, queue): n for status, queue, n in _plain_counts(db_url, table_name)}
+
+    driver = DatabaseQueueDriver(db_url, table=table_name)
+    driver.create_table()
+    inspector = sa.inspect(driver.engine)
+    assert all(inspector.has_table(f"{table_name}_{part}") for part in ("rollup", "rollup_totals", "rollup_state"))
+    rollup = driver.store.tables.rollup
+    with driver.engine.connect() as conn:
+        folded = int(conn.execute(sa.select(sa.func.coalesce(sa.func.sum(rollup.c.jobs), 0))).scalar_one())
+    stats = driver.fetch_stats().set_index("queue").loc["default"]
+    shown = {(status, "default"): int(stats[status]) for status in ("pending", "processing", "completed",
+                                                                    "failed", "cancelled") if stats[status]}
+    assert shown == expected
+    assert expected[("completed", "default")] == 5 and expected[("failed", "default")] == 2
+    assert folded == 8  # 5 completed, 2 failed, 1 cancelled: finished well before the seed's watermark
+    batches = driver.batches().set_index("batch_id")
+    assert int(batches["total"].sum()) == 10 and int(batches["completed"].sum()) == 5
+    driver.create_table()  # idempotent: nothing folded twice
+    assert driver.fetch_stats().set_index("queue").loc["default", "completed"] == 5
+    driver.close()
+
+
+def _plain_counts(url: str, table: str) -> list:
+    engine = sa.create_engine(url)
+    meta = sa.Table(table, sa.MetaData(), autoload_with=engine)
+    with engine.connect() as conn:
+        rows = conn.execute(sa.select(meta.c.status, meta.c.queue, sa.func.count())
+                            .group_by(meta.c.status, meta.c.queue)).all()
+    engine.dispose()
+    return rows

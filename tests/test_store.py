@@ -9,13 +9,19 @@ violation, so a checker that has gone blind fails instead of passing.
 from __future__ import annotations
 
 import ast
+import os
 import re
+import threading
+from datetime import timedelta
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import sqlalchemy as sa
 
-from helpers import kill_session, session_id
+import rollup_jobs  # noqa: F401 - the task run_burst runs here
+from helpers import (REPOSITORY, SERVERS, TESTS, cli_environment, db_now, finish, kill_session, run_burst,
+                     session_id, set_times, start_kronix, unique_table, wait_until)
 from kronix_data import DatabaseQueueDriver, DatabaseUnavailableError, Job, JobStatus, KronixError
 from kronix_data.store import JobStore
 
@@ -234,3 +240,145 @@ def test_a_connection_cut_mid_call_is_database_unavailable_and_the_next_call_rec
         driver.size()
     assert cut and isinstance(raised.value, sa.exc.OperationalError) and raised.value.connection_invalidated
     assert driver.size() == 1 and driver.pop().status is JobStatus.PROCESSING
+
+
+# -- the finished jobs' rollup: counts without a scan of history ---------------------------------
+
+def plain_counts(driver) -> dict[tuple[str, str], int]:
+    """COUNT(*) by queue and status over the whole table: what the rollup must equal."""
+    c = driver.table.c
+    with driver.engine.connect() as conn:
+        return {(queue, status): jobs for queue, status, jobs in conn.execute(
+            sa.select(c.queue, c.status, sa.func.count()).group_by(c.queue, c.status))}
+
+
+def plain_batches(driver) -> dict[str, dict]:
+    """Per batch, by a GROUP BY over the whole table: the counts by status, first created_at, last finished_at."""
+    c = driver.table.c
+    batches: dict[str, dict] = {}
+    with driver.engine.connect() as conn:
+        for batch, status, jobs, created, finished in conn.execute(
+                sa.select(c.batch_id, c.status, sa.func.count(), sa.func.min(c.created_at), sa.func.max(c.finished_at))
+                .where(c.batch_id.is_not(None)).group_by(c.batch_id, c.status)):
+            record = batches.setdefault(batch, {"total": 0, "created_at": created, "finished_at": finished})
+            record[status] = jobs
+            record["total"] += jobs
+            record["created_at"] = min(record["created_at"], created)
+            if finished is not None:
+                record["finished_at"] = finished if record["finished_at"] is None else max(record["finished_at"],
+                                                                                          finished)
+    return batches
+
+
+def assert_counts_exact(driver) -> None:
+    """fetch_stats() and batches() (rollup + tail + in flight) equal a plain COUNT/GROUP BY of the table."""
+    stats = driver.fetch_stats()
+    shown = {(row["queue"], status): int(row[status]) for row in stats.to_dict(orient="records")
+             for status in [s.value for s in JobStatus] if row[status]}
+    assert shown == plain_counts(driver)
+    frame = driver.batches()
+    seen = {row["batch_id"]: {"total": row["total"], "created_at": row["created_at"],
+                              "finished_at": None if pd.isna(row["finished_at"]) else row["finished_at"],
+                              **{s.value: row[s.value] for s in JobStatus if row[s.value]}}
+            for row in frame.to_dict(orient="records")}
+    assert seen == plain_batches(driver)
+
+
+def rollup_jobs(driver) -> int:
+    """How many jobs the rollup table holds (folded, not counted live)."""
+    rollup = driver.store.tables.rollup
+    with driver.engine.connect() as conn:
+        return int(conn.execute(sa.select(sa.func.coalesce(sa.func.sum(rollup.c.jobs), 0))).scalar_one())
+
+
+def start_workers(url: str, table: str, tmp_path, processes: int = 2) -> list:
+    """Burst workers in processes of their own; lease 1 s, so each folds every half second."""
+    return [start_kronix(["worker", "-m", "rollup_jobs", "--db", url, "--table", table, "--burst",
+                          "--lease-timeout", "1", "-c", "2", "-q", "default", "-q", "other"], cwd=tmp_path,
+                         environment=cli_environment(PYTHONPATH=os.pathsep.join([str(TESTS), str(REPOSITORY)])))
+            for _ in range(processes)]
+
+
+def test_the_rollup_counts_exactly_through_completions_dead_letters_cancels_retries_prunes_and_folds(
+        quiet_db_url, tmp_path):
+    table = unique_table()
+    driver = DatabaseQueueDriver(quiet_db_url, table=table)
+    try:
+        driver.create_table()
+        for round_ in range(2):
+            for b in range(3):
+                driver.push_many([Job("rollup.work", {"n": n, "sleep": 0.03}, batch_id=f"r{round_}b{b}",
+                                      queue="other" if b == 2 else "default") for n in range(120)])
+            driver.push_many([Job("rollup.work", {"n": n}) for n in range(40)])  # no batch
+            workers = start_workers(quiet_db_url, table, tmp_path)
+            # While the workers complete jobs and fold: cancels, a batch cancelled, retries of dead letters
+            # (they fail again) and folds from this process too.
+            wait_until(lambda: driver.fetch_stats()["failed"].sum() >= 3, 120, "the first dead letters")
+            assert driver.cancel(driver.jobs(status="pending", limit=1)["id"][0])
+            assert driver.retry_dead_letters() >= 3
+            driver.store.fold_finished()
+            driver.store.cancel_batch(f"r{round_}b1")
+            driver.store.fold_finished()
+            for process in workers:
+                result = finish(process)
+                assert result.returncode == 0, result.stderr
+            assert rollup_jobs(driver) > 0, "the workers' maintenance passes folded finished jobs"
+            assert_counts_exact(driver)
+            wait_until(lambda: driver.store.fold_finished() is not None and rollup_jobs(driver) > 0, 30,
+                       "a fold")
+            assert_counts_exact(driver)
+        # Both rounds are folded now: every change below touches rows the rollup holds.
+        assert driver.retry_dead_letters(batch="r0b2") > 0
+        assert_counts_exact(driver)
+        run_burst(driver, queues=["default", "other"])  # they fail again: dead letters in the tail, the same batch also in the rollup
+        assert_counts_exact(driver)
+        assert driver.clear_dead_letters(queue="other") > 0
+        assert_counts_exact(driver)
+        assert driver.prune(0, chunk_size=50) > 0  # in slices: completed and cancelled jobs go
+        assert_counts_exact(driver)
+        driver.store.fold_finished()
+        assert_counts_exact(driver)
+        assert driver.prune(0, dead_letters=True) > 0
+        assert plain_counts(driver) == {} and rollup_jobs(driver) == 0
+        assert_counts_exact(driver)
+    finally:
+        driver.drop_table()
+        driver.close()
+
+
+@pytest.mark.parametrize("backend", SERVERS)
+def test_a_fold_skips_while_another_holds_the_state_row_and_never_counts_twice(driver, other_driver):
+    driver.push_many([Job("n", i) for i in range(30)])
+    driver.complete_many(driver.pop_many(30))
+    driver.store.dialect.fold_margin_s = other_driver.store.dialect.fold_margin_s = 0.0
+    with driver.store._transaction() as conn:
+        driver.store._lock_rollup(conn)
+        assert other_driver.store.fold_finished() is None  # skipped, not waited for
+    folds = []
+    threads = [threading.Thread(target=lambda store=store: folds.append(store.fold_finished()))
+               for store in (driver.store, other_driver.store) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    driver.store.fold_finished()
+    assert rollup_jobs(driver) <= 30 and sum(n for n in folds if n) <= 30
+    assert_counts_exact(driver)
+
+
+def test_the_views_read_the_rollup_not_the_history(driver):
+    """A folded finished job is counted from the rollup: proof that the view does not count the table."""
+    driver.push_many([Job("n", i, batch_id="b") for i in range(4)])
+    jobs = driver.pop_many(4)
+    driver.complete_many(jobs)
+    for job in jobs:  # finished a day ago: well behind any watermark, so the rebuild folds them
+        set_times(driver, job.id, finished_at=db_now(driver) - timedelta(days=1))
+    assert rollup_jobs(driver) == 4
+    rollup, totals = driver.store.tables.rollup, driver.store.tables.rollup_totals
+    with driver.engine.begin() as conn:  # tamper with the rollup only
+        conn.execute(rollup.update().values(jobs=rollup.c.jobs + 1000))
+        conn.execute(totals.update().values(jobs=totals.c.jobs + 1000))
+    assert int(driver.fetch_stats()["completed"].sum()) == 1004
+    assert driver.batches()["completed"].tolist() == [1004]
+    assert driver.store.rebuild_rollup() == 4
+    assert_counts_exact(driver)
