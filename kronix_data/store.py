@@ -20,6 +20,7 @@ Two rules hold for every statement:
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
 import threading
 from contextlib import contextmanager
@@ -32,7 +33,8 @@ import sqlalchemy as sa
 from .dialects import Listener, dialect_for, make_engine, stored_ids_by_key
 from .errors import DatabaseUnavailableError, InvalidInputError, NotFoundError
 from .job import Job, JobStatus, decode_json, encode_payload, new_job_id, validate_job
-from .schema import PENDING, PROCESSING, WAITING, build_tables, claim_sort_key
+from .limits import Limits, RateWindow
+from .schema import PENDING, PROCESSING, WAITING, build_tables, claim_order, claim_sort_key
 
 #: Stale jobs recovered per transaction.
 RECOVERY_BATCH = 1000
@@ -40,6 +42,8 @@ RECOVERY_BATCH = 1000
 IN_LIST_LIMIT = 1000
 #: ``(id, attempts)`` pairs completed by one statement.
 COMPLETION_SLICE = 500
+#: How soon a claim tries a limited queue again when another claim held its row.
+LOCKED_RETRY_S = 0.005
 
 COMPLETED = JobStatus.COMPLETED.value
 FAILED = JobStatus.FAILED.value
@@ -171,6 +175,7 @@ class JobStore:
                                         f"{self.read_engine.dialect.name} for {self.engine.dialect.name}")
             self._analytics_reader = read_dialect.reader(self.read_engine)
         self._lag = threading.local()
+        self._claim_waits = threading.local()  # what the last claim said about rate limits (claim_wait_s)
 
     def __repr__(self) -> str:
         standby = f", read_db={self.read_engine.url.render_as_string(hide_password=True)!r}" if self.read_engine else ""
@@ -336,6 +341,7 @@ class JobStore:
             raise InvalidInputError("two jobs in one push share a key; keys must be unique")
         try:
             with self._transaction() as conn:
+                self._give_turns(conn, rows)
                 if waits:
                     self._join_wait_groups(conn, rows, waits)
                 plain = [row for row in rows if row["job_key"] is None]
@@ -349,6 +355,19 @@ class JobStore:
         except sa.exc.IntegrityError as error:
             raise InvalidInputError(f"a job id is already in table {self.table_name!r}: {error.orig}") from error
         return [row["id"] for row in rows]
+
+    def _give_turns(self, conn: sa.Connection, rows: list[dict[str, Any]]) -> None:
+        """Each row's fair-share turn: the turn of its queue's next job (one look at the head of the
+        ``<table>_due`` index per queue), plus its chunk number (``fair_offset``, set by ``map``); a job
+        pushed by hand gets the head's turn, so pushes stay first in, first out (see kronix_data.limits)."""
+        c = self.table.c
+        heads: dict[str, int] = {}
+        for row in rows:
+            queue = row["queue"]
+            if queue not in heads:
+                heads[queue] = conn.execute(sa.select(c.fair_rank).where(c.queue == queue, c.status == PENDING)
+                                            .order_by(*claim_order(self.table)).limit(1)).scalar() or 0
+            row["fair_rank"] = heads[queue] + (row.pop("fair_offset", None) or 0)
 
     def _join_wait_groups(self, conn: sa.Connection, rows: list[dict[str, Any]], waits: Sequence[WaitGroup]) -> None:
         """Make each wait group (or find it, on a re-run) and set its members' status and ``wait_id``.
@@ -456,6 +475,7 @@ class JobStore:
 
     def claim(self, worker_id: str, n: int, queue: str) -> list[dict[str, Any]]:
         """Atomically take up to ``n`` due pending jobs of ``queue`` for a worker: highest priority, then oldest."""
+        self._claim_waits.seconds = None
         with self._transaction() as conn:
             return self._claim(conn, worker_id, n, queue)
 
@@ -466,6 +486,7 @@ class JobStore:
         Returns how many completions were held, and the claimed rows.
         """
         rows: list[dict[str, Any]] = []
+        self._claim_waits.seconds = None
         with self._transaction() as conn:
             held = self._complete(conn, worker_id, completions) if completions else 0
             for queue in queues:
@@ -477,18 +498,78 @@ class JobStore:
     def _claim(self, conn: sa.Connection, worker_id: str, n: int, queue: str) -> list[dict[str, Any]]:
         """The claimed rows, in claim order, with what the claim set filled in (not read back).
 
-        A paused queue gives nothing: the check is a clause of the claim itself
-        (an uncorrelated NOT EXISTS the planner evaluates once), not a round trip.
+        A paused or limited queue gives nothing here: the check is a clause of the
+        claim itself (an uncorrelated NOT EXISTS the planner evaluates once), not a
+        round trip, so an unlimited queue's claim stays one statement.  When that
+        finds nothing, a limited queue is claimed from by :meth:`_claim_limited`.
         """
         c, queues = self.table.c, self.tables.queues.c
-        not_paused = ~sa.exists().where(queues.queue == queue, queues.paused == sa.true())
-        conditions = [c.queue == queue, c.status == PENDING, c.available_at <= self.dialect.now(), not_paused]
+        held_back = sa.or_(queues.paused == sa.true(), queues.concurrency.is_not(None), queues.rate.is_not(None))
+        free = ~sa.exists().where(queues.queue == queue, held_back)
+        conditions = [c.queue == queue, c.status == PENDING, c.available_at <= self.dialect.now(), free]
         changes = {"status": JobStatus.PROCESSING.value, "reserved_by": worker_id}
         rows = self.dialect.claim(conn, self.table, conditions, n, changes)
+        if not rows:
+            rows = self._claim_limited(conn, changes, n, queue)
         rows.sort(key=claim_sort_key)
         for row in rows:
             row.update(status=JobStatus.PROCESSING.value, reserved_by=worker_id, finished_at=None, result=None)
         return rows
+
+    def _claim_limited(self, conn: sa.Connection, changes: dict[str, Any], n: int, queue: str) -> list[dict[str, Any]]:
+        """Claim from a queue with limits (see :mod:`kronix_data.limits`): lock its settings row, count
+        its jobs processing and its starts in the rate window, claim what both leave room for, and
+        record the starts; [] for a queue without limits, a paused one, or one another claim holds.
+
+        The row is locked skipping a lock another claimer holds (it is claiming this queue now; this
+        worker tries again shortly), so claims never wait on each other, whatever the queues' order.
+        """
+        q = self.tables.queues.c
+        limited = conn.execute(sa.select(q.queue).where(
+            q.queue == queue, q.paused == sa.false(), sa.or_(q.concurrency.is_not(None), q.rate.is_not(None)))).first()
+        if limited is None:
+            return []
+        settings = conn.execute(sa.select(q.paused, q.concurrency, q.rate, q.rate_per_s, q.rate_window)
+                                .where(q.queue == queue)
+                                .with_for_update(skip_locked=self.dialect.skips_locked(conn))).mappings().first()
+        if settings is None:  # another worker is claiming from it right now
+            self._note_claim_wait(LOCKED_RETRY_S)
+            return []
+        if settings["paused"]:
+            return []
+        room, window, now = n, None, None
+        if settings["concurrency"] is not None:
+            c = self.table.c
+            running = conn.execute(sa.select(sa.func.count()).select_from(self.table)
+                                   .where(c.queue == queue, c.status == PROCESSING)).scalar_one()
+            room = min(room, settings["concurrency"] - running)
+        if settings["rate"] is not None and room > 0:
+            now = conn.execute(sa.select(self.dialect.clock())).scalar_one()
+            window = RateWindow(settings["rate"], settings["rate_per_s"], settings["rate_window"])
+            room = min(room, window.room(now.timestamp()))
+        c = self.table.c
+        due = [c.queue == queue, c.status == PENDING, c.available_at <= self.dialect.now()]
+        if room <= 0:  # held back, if a job is due: say how long (a rate's next start) or that it is unknown
+            if conn.execute(sa.select(sa.exists().where(*due))).scalar_one():
+                self._note_claim_wait(window.next_free_in(now.timestamp()) if window is not None else math.inf)
+            return []
+        rows = self.dialect.claim(conn, self.table, due, room, changes, claimed_at=now)
+        if window is not None and rows:
+            window.add(now.timestamp(), len(rows))
+            conn.execute(self.tables.queues.update().where(q.queue == queue).values(rate_window=window.stored()))
+            self._note_claim_wait(window.next_free_in(now.timestamp()))
+        return rows
+
+    def _note_claim_wait(self, seconds: float | None) -> None:
+        if seconds is not None:
+            known = getattr(self._claim_waits, "seconds", None)
+            self._claim_waits.seconds = seconds if known is None else min(known, seconds)
+
+    def claim_wait_s(self) -> float | None:
+        """After this thread's last claim: None if no limit held a due job back; else seconds until a
+        job may start (a full rate window's next start: the worker sleeps that long rather than poll),
+        ``math.inf`` when that is unknown (a full concurrency limit frees a slot when a job ends)."""
+        return getattr(self._claim_waits, "seconds", None)
 
     # -- finishing held jobs ------------------------------------------------------------
     #
@@ -800,6 +881,27 @@ class JobStore:
             self.dialect.upsert(conn, queues, values, {"paused": paused, "changed_at": self.dialect.now()})
             if not paused:
                 self.dialect.notify(conn, self.channel)
+
+    def set_limits(self, queue: str, limits: Limits) -> None:
+        """INSERT or UPDATE a queue's row with its limits (None: that limit cleared); a changed rate starts
+        an empty window.  NOTIFYs listeners, so workers claim under the new limits at once."""
+        queues = self.tables.queues
+        changes = {"concurrency": limits.concurrency, "rate": limits.rate, "rate_per_s": limits.per_s,
+                   "changed_at": self.dialect.now()}
+        with self._transaction() as conn:
+            stored = conn.execute(sa.select(queues.c.rate, queues.c.rate_per_s).where(queues.c.queue == queue)
+                                  .with_for_update()).first()
+            if stored is None or tuple(stored) != (limits.rate, limits.per_s):
+                changes["rate_window"] = None
+            self.dialect.upsert(conn, queues, {"queue": queue, "paused": False, **changes}, changes)
+            self.dialect.notify(conn, self.channel)
+
+    def queue_is_known(self, queue: str) -> bool:
+        """Whether a queue has a settings row or any job (what "a queue" means to set_limits and the CLI)."""
+        c, queues = self.table.c, self.tables.queues.c
+        with self._reading() as conn:
+            return conn.execute(sa.select(sa.or_(sa.exists().where(queues.queue == queue),
+                                                 sa.exists().where(c.queue == queue)))).scalar_one()
 
     def count_jobs_by_queue_and_status(self) -> list[tuple[str, str, int]]:
         """COUNT every job by queue and status (an index-only scan of ``<table>_status``)."""

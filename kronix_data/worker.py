@@ -15,6 +15,7 @@ concurrency limit holds; its late result is discarded.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import random
 import signal
@@ -193,6 +194,7 @@ class Worker:
         self._thread: threading.Thread | None = None
         self._signals = 0
         self._registered = False  # whether this run's first heartbeat (which registers the worker) went out
+        self._limit_wait: float | None = None  # seconds until a full rate-limited queue may start a job again
 
     def __repr__(self) -> str:
         return f"Worker({self.driver.worker_id!r}, queues={self.options.queues}, concurrency={self.options.concurrency})"
@@ -352,14 +354,18 @@ class Worker:
             busy = self._busy()
             if stopping and not busy:
                 return
-            if self.options.burst and not claimed and not busy and now >= self._retries_due_at:
+            if (self.options.burst and not claimed and not busy and now >= self._retries_due_at
+                    and self._limit_wait is None):  # a job held back by a limit is still to be run
                 return
             if claimed:
                 idle_wait = 0.01
                 continue
-            self._wait(min(idle_wait, next_heartbeat - now, next_recovery - now, next_cancel_check - now,
-                           next_progress - now))
-            idle_wait = min(idle_wait * 2, self.options.poll_interval)
+            # A rate-limited queue said when its next job may start: sleep until then, not a poll sooner.
+            timed = self._limit_wait is not None and math.isfinite(self._limit_wait)
+            self._wait(min(min(self._limit_wait, self.options.poll_interval) if timed else idle_wait,
+                           next_heartbeat - now, next_recovery - now, next_cancel_check - now, next_progress - now))
+            if not timed:
+                idle_wait = min(idle_wait * 2, self.options.poll_interval)
 
     def _busy(self) -> bool:
         # Timed-out threads count too: their slots are taken until they really end.
@@ -406,10 +412,12 @@ class Worker:
         """
         room = 0 if stopping else self._claim_room()
         batch = self._to_complete[:self.options.completion_batch] if (room or self._completions_due(stopping)) else []
+        self._limit_wait = None
         if not batch and not room:
             return 0
         written, jobs = self.driver.complete_and_pop([job for job, _ in batch], room, self.options.queues,
                                                      results=[result for _, result in batch])
+        self._limit_wait = self.driver.store.claim_wait_s() if room and not jobs else None
         self._completed(batch, written)
         for job in jobs:
             self._start(executor, job)
