@@ -128,3 +128,23 @@ class RateWindow:
 
     def stored(self) -> str:
         return json.dumps(self.starts)
+
+
+def limits_text(queue: dict[str, Any]) -> str:
+    """A ``driver.queues()`` row's limits and their use, for people: ``"2/3 running · 14/20 per 1s"``."""
+    parts = []
+    if _given(queue.get("concurrency")):
+        parts.append(f"{queue.get('processing', 0)}/{queue['concurrency']} running")
+    if _given(queue.get("rate")):
+        parts.append(f"{queue.get('started_in_window') or 0}/{queue['rate']} per {queue['per_s']:g}s")
+    return " · ".join(parts)
+
+
+def _given(value: Any) -> bool:
+    """Not None, NaN or pandas' NA (a frame's missing limit; NA cannot even say it equals itself)."""
+    if value is None:
+        return False
+    try:
+        return bool(value == value)
+    except TypeError:
+        return False

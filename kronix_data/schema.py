@@ -121,9 +121,11 @@ class Tables:
     waits: sa.Table
     queues: sa.Table
     workers: sa.Table
+    #: One row per task with limits (``@task(concurrency=..., rate=...)``), written by the workers that run it.
+    task_limits: sa.Table
 
     def all(self) -> tuple[sa.Table, ...]:
-        return (self.jobs, self.deps, self.waits, self.queues, self.workers)
+        return (self.jobs, self.deps, self.waits, self.queues, self.workers, self.task_limits)
 
 
 def build_tables(name: str, *, partial_indexes: bool, now_default: str) -> Tables:
@@ -247,7 +249,18 @@ def build_tables(name: str, *, partial_indexes: bool, now_default: str) -> Table
         **options,
     )
     workers = build_workers_table(metadata, table_name, options)
-    return Tables(table, deps, waits, queues, workers)
+    task_limits = sa.Table(
+        f"{table_name}_task_limits", metadata,
+        sa.Column("name", _key_text(MAX_NAME_LENGTH), primary_key=True),
+        # As in <table>_queues (kronix_data.limits); NULL: no such limit.
+        sa.Column("concurrency", sa.Integer),
+        sa.Column("rate", sa.Integer),
+        sa.Column("rate_per_s", sa.Double()),
+        sa.Column("rate_window", _long_text()),
+        sa.Column("changed_at", UTCDateTime()),
+        **options,
+    )
+    return Tables(table, deps, waits, queues, workers, task_limits)
 
 
 def build_workers_table(metadata: sa.MetaData, table_name: str, options: dict) -> sa.Table:

@@ -498,15 +498,18 @@ class JobStore:
     def _claim(self, conn: sa.Connection, worker_id: str, n: int, queue: str) -> list[dict[str, Any]]:
         """The claimed rows, in claim order, with what the claim set filled in (not read back).
 
-        A paused or limited queue gives nothing here: the check is a clause of the
-        claim itself (an uncorrelated NOT EXISTS the planner evaluates once), not a
-        round trip, so an unlimited queue's claim stays one statement.  When that
-        finds nothing, a limited queue is claimed from by :meth:`_claim_limited`.
+        A paused or limited queue gives nothing here, nor any queue while a task has
+        limits: the checks are clauses of the claim itself (uncorrelated NOT EXISTS the
+        planner evaluates once), not round trips, so an unlimited queue's claim stays
+        one statement.  When that finds nothing, :meth:`_claim_limited` claims within
+        the limits.
         """
         c, queues = self.table.c, self.tables.queues.c
         held_back = sa.or_(queues.paused == sa.true(), queues.concurrency.is_not(None), queues.rate.is_not(None))
         free = ~sa.exists().where(queues.queue == queue, held_back)
-        conditions = [c.queue == queue, c.status == PENDING, c.available_at <= self.dialect.now(), free]
+        no_task_limits = ~sa.exists().select_from(self.tables.task_limits)
+        conditions = [c.queue == queue, c.status == PENDING, c.available_at <= self.dialect.now(), free,
+                      no_task_limits]
         changes = {"status": JobStatus.PROCESSING.value, "reserved_by": worker_id}
         rows = self.dialect.claim(conn, self.table, conditions, n, changes)
         if not rows:
@@ -517,48 +520,97 @@ class JobStore:
         return rows
 
     def _claim_limited(self, conn: sa.Connection, changes: dict[str, Any], n: int, queue: str) -> list[dict[str, Any]]:
-        """Claim from a queue with limits (see :mod:`kronix_data.limits`): lock its settings row, count
-        its jobs processing and its starts in the rate window, claim what both leave room for, and
-        record the starts; [] for a queue without limits, a paused one, or one another claim holds.
+        """Claim from a queue with limits, or whose jobs' tasks have some (see :mod:`kronix_data.limits`);
+        [] for a paused queue, or one without limits when no task has any.
 
-        The row is locked skipping a lock another claimer holds (it is claiming this queue now; this
-        worker tries again shortly), so claims never wait on each other, whatever the queues' order.
+        The queue's settings row is locked (skipping a lock another claimer holds: it is claiming this
+        queue now, and this worker tries again shortly), then its room is counted: its jobs processing,
+        its starts in the rate window by the database's clock read after the lock.  Jobs of tasks
+        without limits are claimed first; then, for each task with limits (its row locked the same
+        way), its own jobs within its room.  Never waiting for a lock, claims never deadlock.
         """
-        q = self.tables.queues.c
-        limited = conn.execute(sa.select(q.queue).where(
-            q.queue == queue, q.paused == sa.false(), sa.or_(q.concurrency.is_not(None), q.rate.is_not(None)))).first()
-        if limited is None:
+        q, c = self.tables.queues.c, self.table.c
+        settings = conn.execute(sa.select(q.paused, q.concurrency, q.rate).where(q.queue == queue)).first()
+        limited_tasks = list(conn.execute(sa.select(self.tables.task_limits.c.name)
+                                          .order_by(self.tables.task_limits.c.name)).scalars())
+        if settings is not None and settings.paused:
             return []
-        settings = conn.execute(sa.select(q.paused, q.concurrency, q.rate, q.rate_per_s, q.rate_window)
-                                .where(q.queue == queue)
-                                .with_for_update(skip_locked=self.dialect.skips_locked(conn))).mappings().first()
-        if settings is None:  # another worker is claiming from it right now
-            self._note_claim_wait(LOCKED_RETRY_S)
+        queue_limited = settings is not None and (settings.concurrency is not None or settings.rate is not None)
+        if not queue_limited and not limited_tasks:
             return []
-        if settings["paused"]:
-            return []
-        room, window, now = n, None, None
-        if settings["concurrency"] is not None:
-            c = self.table.c
-            running = conn.execute(sa.select(sa.func.count()).select_from(self.table)
-                                   .where(c.queue == queue, c.status == PROCESSING)).scalar_one()
-            room = min(room, settings["concurrency"] - running)
-        if settings["rate"] is not None and room > 0:
-            now = conn.execute(sa.select(self.dialect.clock())).scalar_one()
-            window = RateWindow(settings["rate"], settings["rate_per_s"], settings["rate_window"])
-            room = min(room, window.room(now.timestamp()))
-        c = self.table.c
         due = [c.queue == queue, c.status == PENDING, c.available_at <= self.dialect.now()]
-        if room <= 0:  # held back, if a job is due: say how long (a rate's next start) or that it is unknown
-            if conn.execute(sa.select(sa.exists().where(*due))).scalar_one():
-                self._note_claim_wait(window.next_free_in(now.timestamp()) if window is not None else math.inf)
-            return []
-        rows = self.dialect.claim(conn, self.table, due, room, changes, claimed_at=now)
-        if window is not None and rows:
-            window.add(now.timestamp(), len(rows))
-            conn.execute(self.tables.queues.update().where(q.queue == queue).values(rate_window=window.stored()))
-            self._note_claim_wait(window.next_free_in(now.timestamp()))
+        room, queue_window, now, locked = n, None, None, None
+        if queue_limited:
+            locked = self._lock_limits(conn, self.tables.queues, q.queue == queue)
+            if locked is None:
+                return []
+            room, queue_window, now = self._room(conn, locked, [c.queue == queue, c.status == PROCESSING], room)
+            if room <= 0:
+                self._note_held_back(conn, due, queue_window, now)
+                return []
+        rows = self.dialect.claim(conn, self.table, due + [c.name.not_in(limited_tasks)] if limited_tasks else due,
+                                  room, changes, claimed_at=now)
+        starts = [(now, len(rows))]
+        task_table = self.tables.task_limits
+        for name in limited_tasks:
+            if len(rows) >= room:
+                break
+            of_task = due + [c.name == name]
+            task = self._lock_limits(conn, task_table, task_table.c.name == name)
+            if task is None:
+                continue
+            task_room, task_window, task_now = self._room(conn, task, [c.name == name, c.status == PROCESSING],
+                                                          room - len(rows))
+            claimed_at = task_now or now
+            if task_room <= 0:
+                self._note_held_back(conn, of_task, task_window, task_now)
+                continue
+            got = self.dialect.claim(conn, self.table, of_task, task_room, changes, claimed_at=claimed_at)
+            rows += got
+            starts.append((claimed_at, len(got)))
+            self._record_starts(conn, task_table, task_table.c.name == name, task_window, [(task_now, len(got))])
+        self._record_starts(conn, self.tables.queues, q.queue == queue, queue_window, starts)
         return rows
+
+    def _lock_limits(self, conn: sa.Connection, table: sa.Table, which: sa.ColumnElement[bool]):
+        """Lock one limits row (a queue's or a task's), skipping it if another claim holds it (None then:
+        the worker is told to try again in :data:`LOCKED_RETRY_S`)."""
+        row = conn.execute(sa.select(table.c.concurrency, table.c.rate, table.c.rate_per_s, table.c.rate_window)
+                           .where(which).with_for_update(skip_locked=self.dialect.skips_locked(conn))).first()
+        if row is None:
+            self._note_claim_wait(LOCKED_RETRY_S)
+        return row
+
+    def _room(self, conn: sa.Connection, limits, processing: list[sa.ColumnElement[bool]], room: int):
+        """``(room, rate window or None, clock or None)``: how many of ``room`` jobs one limits row lets
+        start now, counting the jobs ``processing`` matches and the starts in its window."""
+        window = now = None
+        if limits.concurrency is not None:
+            running = conn.execute(sa.select(sa.func.count()).select_from(self.table).where(*processing)).scalar_one()
+            room = min(room, limits.concurrency - running)
+        if limits.rate is not None and room > 0:
+            now = conn.execute(sa.select(self.dialect.clock())).scalar_one()
+            window = RateWindow(limits.rate, limits.rate_per_s, limits.rate_window)
+            room = min(room, window.room(now.timestamp()))
+        return room, window, now
+
+    def _note_held_back(self, conn: sa.Connection, due: list[sa.ColumnElement[bool]], window: RateWindow | None,
+                        now: datetime | None) -> None:
+        """A limit left no room: if a job is due, tell the worker when to try again (unknown: ``inf``)."""
+        if conn.execute(sa.select(sa.exists().where(*due))).scalar_one():
+            self._note_claim_wait(window.next_free_in(now.timestamp()) if window is not None else math.inf)
+
+    def _record_starts(self, conn: sa.Connection, table: sa.Table, which: sa.ColumnElement[bool],
+                       window: RateWindow | None, starts: list[tuple[datetime | None, int]]) -> None:
+        """Add a claim's starts to a rate window and store it; note when the window frees, if full."""
+        if window is None:
+            return
+        for when, jobs in starts:
+            window.add(when.timestamp(), jobs)
+        if any(jobs for _, jobs in starts):
+            conn.execute(table.update().where(which).values(rate_window=window.stored()))
+        last = max(when for when, _ in starts)
+        self._note_claim_wait(window.next_free_in(last.timestamp()))
 
     def _note_claim_wait(self, seconds: float | None) -> None:
         if seconds is not None:
@@ -895,6 +947,32 @@ class JobStore:
                 changes["rate_window"] = None
             self.dialect.upsert(conn, queues, {"queue": queue, "paused": False, **changes}, changes)
             self.dialect.notify(conn, self.channel)
+
+    def write_task_limits(self, limits: dict[str, Limits | None]) -> None:
+        """Store tasks' limits in ``<table>_task_limits`` in one transaction: UPSERT those with limits
+        (a changed rate starts an empty window), DELETE the rows of those without."""
+        table = self.tables.task_limits
+        with self._transaction() as conn:
+            stored = {row.name: (row.concurrency, row.rate, row.rate_per_s) for row in conn.execute(
+                sa.select(table.c.name, table.c.concurrency, table.c.rate, table.c.rate_per_s)
+                .where(table.c.name.in_(sorted(limits))).order_by(table.c.name).with_for_update())}
+            for name in sorted(limits):
+                wanted = limits[name]
+                if wanted is None:
+                    if name in stored:
+                        conn.execute(table.delete().where(table.c.name == name))
+                    continue
+                if stored.get(name) == (wanted.concurrency, wanted.rate, wanted.per_s):
+                    continue  # unchanged: keep its window
+                changes = {"concurrency": wanted.concurrency, "rate": wanted.rate, "rate_per_s": wanted.per_s,
+                           "rate_window": None, "changed_at": self.dialect.now()}
+                self.dialect.upsert(conn, table, {"name": name, **changes}, changes)
+
+    def read_task_limits(self) -> list[dict[str, Any]]:
+        """SELECT every task's limits row."""
+        table = self.tables.task_limits
+        with self._reading_analytics() as conn:
+            return [dict(row) for row in conn.execute(sa.select(table).order_by(table.c.name)).mappings()]
 
     def queue_is_known(self, queue: str) -> bool:
         """Whether a queue has a settings row or any job (what "a queue" means to set_limits and the CLI)."""

@@ -13,6 +13,7 @@ from typing import Any
 
 from .errors import InvalidInputError
 from .job import Job, RetryPolicy, validate_priority
+from .limits import Limits
 
 Hook = Callable[[Job, BaseException], None]
 
@@ -32,9 +33,27 @@ class Task:
     on_failure: Hook | None = None
     on_permanent_failure: Hook | None = None
     priority: int = 0
+    #: Jobs of this task ``processing`` at once across every worker (None: no limit).
+    concurrency: int | None = None
+    #: Jobs of this task started per period across every worker, as ``"100/min"`` (None: no limit).
+    rate: str | None = None
 
     def __post_init__(self):
         validate_priority(self.priority, f"priority of task {self.name!r}")
+        self.limits  # checked now: a bad limit fails at the decorator, not in a worker
+
+    @property
+    def limits(self) -> Limits | None:
+        """The task's limits as its workers write them to ``<table>_task_limits``, or None."""
+        if self.concurrency is None and self.rate is None:
+            return None
+        if self.rate is not None and not isinstance(self.rate, str):
+            raise InvalidInputError(f"rate of task {self.name!r} must be a string such as '100/min', "
+                                    f"got {self.rate!r}")
+        try:
+            return Limits.checked(self.concurrency, self.rate)
+        except InvalidInputError as error:
+            raise InvalidInputError(f"task {self.name!r}: {error}") from None
 
     def __call__(self, payload: Any = None) -> Any:
         """Run the function here and now, without the queue (handy in a notebook)."""
@@ -76,8 +95,12 @@ class TaskJob(Job):
 def task(name: str | None = None, *, queue: str = "default", max_retries: int = 3,
          timeout: float | None = None, retry: RetryPolicy | None = None,
          on_failure: Hook | None = None, on_permanent_failure: Hook | None = None,
-         priority: int = 0) -> Callable[[Callable], Task]:
+         priority: int = 0, concurrency: int | None = None, rate: str | None = None) -> Callable[[Callable], Task]:
     """Register a function as a task: ``@task(name="etl.clean", max_retries=3)``, or plain ``@task``.
+
+    ``concurrency`` and ``rate`` (``"100/min"``) limit the task's jobs across every worker
+    everywhere, in whatever queue (see :mod:`kronix_data.limits`); a worker that imports the task
+    writes them to the table when it starts.
 
     The name defaults to ``module.function``.  Registering a different
     function under a name already taken is an error (two modules would
@@ -87,7 +110,7 @@ def task(name: str | None = None, *, queue: str = "default", max_retries: int = 
     def register(function: Callable[[Any], Any]) -> Task:
         registered = Task(name or f"{function.__module__}.{function.__qualname__}", function, queue,
                           max_retries, timeout, retry or RetryPolicy(), on_failure, on_permanent_failure,
-                          priority)
+                          priority, concurrency, rate)
         existing = _registry.get(registered.name)
         if existing is not None and not _same_function(existing.function, function):
             raise InvalidInputError(f"task name {registered.name!r} is already registered to "
@@ -106,6 +129,11 @@ def task(name: str | None = None, *, queue: str = "default", max_retries: int = 
 def _same_function(a: Callable, b: Callable) -> bool:
     """Same module and name: a module imported twice (or a re-run notebook cell) re-registers."""
     return (a.__module__, a.__qualname__) == (b.__module__, b.__qualname__)
+
+
+def registered_tasks() -> list[Task]:
+    """Every task registered in this process (a worker writes their limits when it starts)."""
+    return list(_registry.values())
 
 
 def find_task(name: str) -> Task | None:

@@ -33,6 +33,7 @@ from .driver import DatabaseQueueDriver
 from .errors import InvalidInputError
 from .job import Job, encode_result
 from .store import ProgressWrite
+from .tasks import registered_tasks
 from .worker_options import WorkerOptions
 from .workers import forget_gone_workers, worker_beat
 
@@ -195,6 +196,7 @@ class Worker:
         self._signals = 0
         self._registered = False  # whether this run's first heartbeat (which registers the worker) went out
         self._limit_wait: float | None = None  # seconds until a full rate-limited queue may start a job again
+        self._limits_written = False  # whether this run wrote its tasks' limits (before its first claim)
 
     def __repr__(self) -> str:
         return f"Worker({self.driver.worker_id!r}, queues={self.options.queues}, concurrency={self.options.concurrency})"
@@ -325,6 +327,8 @@ class Worker:
                 self._try(self._flush_cancelled)
                 return
             try:
+                if not self._limits_written:
+                    self._write_task_limits()
                 self._collect_finished()
                 self._expire_timeouts(now)
                 self._flush_failures()
@@ -384,6 +388,12 @@ class Worker:
             log.error("could not write back before stopping (%s); the jobs' leases will expire", error)
 
     # -- claiming and running --------------------------------------------------
+
+    def _write_task_limits(self) -> None:
+        """Write the limits of the tasks this process registered (``@task(concurrency=, rate=)``), and
+        clear those of its tasks that have none now: the code a worker runs says what its tasks' limits are."""
+        self.driver.store.write_task_limits({task.name: task.limits for task in registered_tasks()})
+        self._limits_written = True
 
     def _prefetch(self) -> int:
         """How many jobs to hold beyond the free slots: about 50 ms of work.

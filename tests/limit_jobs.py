@@ -27,3 +27,15 @@ def hold(payload):
     if current_job().job.attempts == 1 and payload.get("hold_first", True):
         time.sleep(600)
     return {"attempt": current_job().job.attempts, "started": time.time()}
+
+
+@task(name="limits.pair", concurrency=2)
+def pair(payload):
+    """Like ``span``, but no more than two of its jobs run at once anywhere."""
+    return span.function(payload)
+
+
+@task(name="limits.paced", rate="3/min")
+def paced(payload):
+    """At most three of its jobs start in any minute."""
+    return None

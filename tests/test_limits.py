@@ -122,6 +122,36 @@ def test_a_slot_held_by_a_killed_worker_comes_back_when_its_lease_is_recovered(d
     assert driver.get_job(waiting).attempts == 1
 
 
+def test_a_task_limited_to_two_runs_two_at_a_time_beside_unlimited_jobs_of_its_queue(driver):
+    with start_local_workers(driver, 2, modules=["limit_jobs"], concurrency=4) as workers:
+        wait_until(lambda: live_workers(driver) == 2, 120, "the two workers to start")
+        driver.push_many([Job("limits.pair", {"sleep": 0.3}) for _ in range(10)]
+                         + [Job("limits.span", {"sleep": 0.3}) for _ in range(10)])
+        wait_until(lambda: status_counts(driver)["completed"] == 20, 120, "every job to complete")
+        workers.stop()
+
+    rows = driver.store.read_history(["name", "result"], statuses=["completed"], limit=None)
+    spans = {name: [(record["started"], record["ended"]) for row in rows if row["name"] == name
+                    for record in [json.loads(row["result"])]] for name in ("limits.pair", "limits.span")}
+    assert most_at_once(spans["limits.pair"]) == 2
+    assert most_at_once(spans["limits.pair"] + spans["limits.span"]) > 2  # the others were not held back
+    written = {row["name"]: row for row in driver.store.read_task_limits()}  # by the workers that import them
+    assert written["limits.pair"]["concurrency"] == 2 and written["limits.paced"]["rate"] == 3
+
+
+def test_a_task_rate_holds_its_jobs_back_and_lets_other_jobs_pass(driver):
+    from limit_jobs import paced
+
+    driver.store.write_task_limits({paced.name: paced.limits})  # what a worker importing it does first
+    driver.push_many([paced.job(n) for n in range(5)] + [Job("other", n) for n in range(2)])
+    claimed = driver.pop_many(10)
+    assert sorted(job.name for job in claimed) == ["limits.paced"] * 3 + ["other"] * 2
+    assert driver.pop_many(10) == []
+    assert 55 < driver.store.claim_wait_s() <= 60  # a minute after the three started
+    driver.store.write_task_limits({paced.name: None})  # a worker whose code has no limit for it
+    assert len(driver.pop_many(10)) == 2
+
+
 # -- rate -----------------------------------------------------------------------------------------------
 
 
@@ -261,6 +291,18 @@ def test_an_unknown_queue_is_refused_unless_created(driver):
     assert driver.queues().set_index("queue").loc["later", "rate"] == 5
     with pytest.raises(InvalidInputError, match="queue name"):
         driver.set_limits("", concurrency=2)
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"concurrency": 0}, "task 'bad': concurrency must be a whole number >= 1"),
+    ({"rate": "fast"}, "task 'bad': invalid rate 'fast'"),
+    ({"rate": 10}, "rate of task 'bad' must be a string such as '100/min'"),
+])
+def test_a_task_with_a_bad_limit_is_refused_at_the_decorator(options, message):
+    from kronix_data import task
+
+    with pytest.raises(InvalidInputError, match=message):
+        task(name="bad", **options)(lambda payload: None)
 
 
 def test_rates_are_read_in_the_units_people_write():

@@ -251,3 +251,18 @@ def test_a_queue_toggle_pauses_the_queue_for_every_worker_and_shows_a_pause_made
         assert other_driver.pop("etl").payload == 1
     finally:
         monitor.close()
+
+
+def test_the_queue_toggles_show_each_queue_limits_and_their_use(driver):
+    from kronix_data import Job
+
+    driver.push_many([Job("n", i, queue="api") for i in range(5)] + [Job("n", 0, queue="plain")])
+    driver.set_limits("api", concurrency=3, rate=10)
+    driver.pop_many(5, "api")
+    monitor = QueueMonitor(driver, refresh=60, start=False)
+    try:
+        assert monitor.queue_limits == {"api": "3/3 running · 3/10 per 1s", "plain": ""}
+        assert monitor.queue_buttons["api"].description == "api · 3/3 running · 3/10 per 1s"
+        assert monitor.queue_buttons["plain"].description == "plain"
+    finally:
+        monitor.close()
