@@ -530,26 +530,30 @@ class JobStore:
         way), its own jobs within its room.  Never waiting for a lock, claims never deadlock.
         """
         q, c = self.tables.queues.c, self.table.c
-        settings = conn.execute(sa.select(q.paused, q.concurrency, q.rate).where(q.queue == queue)).first()
         limited_tasks = list(conn.execute(sa.select(self.tables.task_limits.c.name)
                                           .order_by(self.tables.task_limits.c.name)).scalars())
+        settings = conn.execute(sa.select(q.paused, q.concurrency, q.rate, q.rate_per_s, q.rate_window)
+                                .where(q.queue == queue)
+                                .with_for_update(skip_locked=self.dialect.skips_locked(conn))).first()
+        if settings is None and conn.execute(sa.select(sa.exists().where(q.queue == queue))).scalar_one():
+            self._note_claim_wait(LOCKED_RETRY_S)  # another worker is claiming from it right now
+            return []
         if settings is not None and settings.paused:
             return []
         queue_limited = settings is not None and (settings.concurrency is not None or settings.rate is not None)
         if not queue_limited and not limited_tasks:
             return []
         due = [c.queue == queue, c.status == PENDING, c.available_at <= self.dialect.now()]
-        room, queue_window, now, locked = n, None, None, None
+        room, queue_window, now = n, None, None
         if queue_limited:
-            locked = self._lock_limits(conn, self.tables.queues, q.queue == queue)
-            if locked is None:
-                return []
-            room, queue_window, now = self._room(conn, locked, [c.queue == queue, c.status == PROCESSING], room)
+            room, queue_window, now = self._room(conn, settings, [c.queue == queue, c.status == PROCESSING], room)
             if room <= 0:
                 self._note_held_back(conn, due, queue_window, now)
                 return []
         rows = self.dialect.claim(conn, self.table, due + [c.name.not_in(limited_tasks)] if limited_tasks else due,
                                   room, changes, claimed_at=now)
+        if queue_limited and len(rows) == room < n:
+            self._note_claim_wait(math.inf)  # the limit is reached: no use claiming again before a job ends
         starts = [(now, len(rows))]
         task_table = self.tables.task_limits
         for name in limited_tasks:
@@ -566,6 +570,8 @@ class JobStore:
                 self._note_held_back(conn, of_task, task_window, task_now)
                 continue
             got = self.dialect.claim(conn, self.table, of_task, task_room, changes, claimed_at=claimed_at)
+            if len(got) == task_room:
+                self._note_claim_wait(math.inf)  # this task's limit (or the queue's) is reached
             rows += got
             starts.append((claimed_at, len(got)))
             self._record_starts(conn, task_table, task_table.c.name == name, task_window, [(task_now, len(got))])

@@ -363,7 +363,8 @@ class Worker:
                 return
             if claimed:
                 idle_wait = 0.01
-                continue
+                if self._limit_wait is None:
+                    continue  # else a limit is reached: wait for a job to end (or the rate's next start)
             # A rate-limited queue said when its next job may start: sleep until then, not a poll sooner.
             timed = self._limit_wait is not None and math.isfinite(self._limit_wait)
             self._wait(min(min(self._limit_wait, self.options.poll_interval) if timed else idle_wait,
@@ -427,7 +428,7 @@ class Worker:
             return 0
         written, jobs = self.driver.complete_and_pop([job for job, _ in batch], room, self.options.queues,
                                                      results=[result for _, result in batch])
-        self._limit_wait = self.driver.store.claim_wait_s() if room and not jobs else None
+        self._limit_wait = self.driver.store.claim_wait_s() if room else None
         self._completed(batch, written)
         for job in jobs:
             self._start(executor, job)
