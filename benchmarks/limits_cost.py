@@ -26,8 +26,9 @@ import statistics
 import time
 import uuid
 
-import kronix_data
-from kronix_data import DatabaseQueueDriver, Job, start_local_workers
+from kronix_data import DatabaseQueueDriver, start_local_workers
+
+from .limits_jobs import sleep
 
 DEFAULT_URL = os.environ.get("KRONIX_BENCH_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
 QUEUE = "bench"
@@ -38,14 +39,19 @@ CASES = {"local-4": (None, 1, {"concurrency": 4, "prefetch_seconds": 0.0}),
          "unlimited x4": (None, 4, {"concurrency": 8})}
 
 
-@kronix_data.task(name="bench.limits_sleep", max_retries=0)
-def sleep(payload):
-    time.sleep(payload)
-
-
 def completed(driver: DatabaseQueueDriver) -> int:
     return sum(jobs for queue, status, jobs in driver.store.count_jobs_by_queue_and_status()
                if queue == QUEUE and status == "completed")
+
+
+def wait_for(condition, workers, interval: float, timeout: float = 300.0) -> None:
+    """Poll ``condition``; a worker process that died, or ``timeout`` seconds, is an error."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if len(workers.alive()) < len(workers.processes) or time.monotonic() > deadline:
+            raise RuntimeError(f"the workers stopped or stalled: exit codes "
+                               f"{[process.exitcode for process in workers.processes]}")
+        time.sleep(interval)
 
 
 def run_case(url: str, case: str, jobs: int, seconds: float) -> float:
@@ -56,14 +62,12 @@ def run_case(url: str, case: str, jobs: int, seconds: float) -> float:
     try:
         if limit is not None:
             driver.set_limits(QUEUE, concurrency=limit, create=True)
-        with start_local_workers(driver, processes, modules=["benchmarks.limits_cost"], queues=[QUEUE],
+        with start_local_workers(driver, processes, modules=["benchmarks.limits_jobs"], queues=[QUEUE],
                                  **options) as workers:
-            while int((driver.workers()["state"] == "live").sum()) < processes:
-                time.sleep(0.05)
+            wait_for(lambda: int((driver.workers()["state"] == "live").sum()) >= processes, workers, 0.05)
             start = time.perf_counter()
             driver.push_many([sleep.job(seconds, queue=QUEUE) for _ in range(jobs)])
-            while completed(driver) < jobs:
-                time.sleep(0.01)
+            wait_for(lambda: completed(driver) >= jobs, workers, 0.01)
             elapsed = time.perf_counter() - start
             workers.stop()
         return jobs / elapsed
