@@ -57,6 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="jobs in flight per worker process (kronix 100, procrastinate 10)")
     tuning.add_argument("--batch-size", type=positive(int, allow_zero=False),
                         help="jobs per claim (pgqueuer 10, raw loops 100)")
+    tuning.add_argument("--limit-concurrency", type=positive(int, allow_zero=False), metavar="N",
+                        help="kronix: limit the queue to N jobs processing at once across all workers (none)")
     tuning.add_argument("--method", choices=["copy", "executemany"], help="raw-postgresql batch enqueue (copy)")
     tuning.add_argument("--driver", choices=["asyncpg", "psycopg"], help="pgqueuer's driver (asyncpg)")
     tuning.add_argument("--history-via", choices=["sql", "api"], default="sql",
@@ -117,7 +119,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.scenario == "stats":
         settings.jobs = settings.history
     options = Options(concurrency=args.concurrency, batch_size=args.batch_size, method=args.method,
-                      driver=args.driver, history_via=args.history_via, claim_probes=args.claim_probes)
+                      driver=args.driver, history_via=args.history_via, claim_probes=args.claim_probes,
+                      limit_concurrency=args.limit_concurrency)
     try:
         line = run_once(system_class, args, settings, options)
     except BenchmarkError as error:
@@ -166,6 +169,8 @@ def run_once(system_class, args, settings: scenarios.Settings, options: Options)
         if args.system.startswith("kronix"):
             line["history_via"] = options.history_via
     line.update(system.settings())
+    if options.limit_concurrency is not None:
+        line["limit_concurrency"] = options.limit_concurrency
     line.update(figures)
     if args.keep:
         line["kept"] = {"db": shown(url), "name": namespace}

@@ -28,6 +28,7 @@ from .chunking import checked_batch_id, chunks, default_batch_id, frame_batch_id
 from .errors import InvalidInputError, NotFoundError
 from .history import time_bound
 from .job import Job, JobStatus, decode_json, new_job_id
+from .limits import RateWindow
 from .progress import BatchView, batch_eta, batch_view, chunk_number, format_duration, stragglers_frame
 from .store import JobStore, WaitGroup
 from .tasks import Task
@@ -52,7 +53,8 @@ BATCH_COLUMNS = {
 }
 
 #: The columns of ``driver.queues()``.
-QUEUE_COLUMNS = {"queue": "object", "paused": "bool", **{status: "int64" for status in _STATUSES}}
+QUEUE_COLUMNS = {"queue": "object", "paused": "bool", "concurrency": "Int64", "rate": "Int64", "per_s": "float64",
+                 "started_in_window": "Int64", **{status: "int64" for status in _STATUSES}}
 
 #: Statuses a chunk leaves only by finishing.
 _UNFINISHED = ("pending", "waiting", "processing")
@@ -407,9 +409,11 @@ def enqueue_chunks(driver: QueueHandle, name: str | Task, data: Any, chunk_size:
 
 
 def _with_rows(row: dict[str, Any], payload: Mapping[str, Any]) -> dict[str, Any]:
-    """A DataFrame chunk's row with its rows as its progress total, so the batch counts rows from the start."""
+    """A chunk's row with its fair-share turn, and a DataFrame chunk's with its rows as its progress total
+    (so the batch counts rows from the start)."""
     if "frame" in payload:
         row["progress_total"] = payload["stop"] - payload["start"]
+    row["fair_offset"] = payload["chunk"]  # its turn in the fair share between batches (kronix_data.limits)
     return row
 
 
@@ -499,9 +503,23 @@ def queues_frame(store: JobStore) -> pd.DataFrame:
     settings = store.read_queue_settings()
     counts = store.count_jobs_by_queue_and_status()
     names = sorted(set(settings) | {queue for queue, _, _ in counts})
+    now = store.database_now().timestamp() if any(row.get("rate") for row in settings.values()) else 0.0
     records = {queue: {"queue": queue, "paused": bool(settings.get(queue, {}).get("paused", False)),
-                       **dict.fromkeys(_STATUSES, 0)} for queue in names}
+                       **_limits_shown(settings.get(queue, {}), now), **dict.fromkeys(_STATUSES, 0)}
+               for queue in names}
     for queue, status, jobs in counts:
         if status in _STATUSES:
             records[queue][status] += jobs
     return with_lag(typed_frame([records[queue] for queue in names], QUEUE_COLUMNS), store)
+
+
+def _limits_shown(settings: Mapping[str, Any], now: float) -> dict[str, Any]:
+    """A queue's limits as ``queues()`` shows them (None: no such limit), with the jobs started in its rate
+    window now (the rate in use; the concurrency in use is its ``processing`` count)."""
+    rate = settings.get("rate")
+    started = None
+    if rate is not None:
+        window = RateWindow(rate, settings["rate_per_s"], settings.get("rate_window"))
+        started = rate - window.room(now)
+    return {"concurrency": settings.get("concurrency"), "rate": rate, "per_s": settings.get("rate_per_s"),
+            "started_in_window": started}

@@ -353,6 +353,33 @@ def command_pause(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def command_limits(args: argparse.Namespace) -> int:
+    """Set, clear or show one queue's limits: options given replace its limits, --clear removes them."""
+    from .errors import InvalidInputError
+
+    if args.clear and (args.concurrency is not None or args.rate is not None):
+        args.usage_error("--clear removes every limit: give it alone, or give the limits to set")
+    if args.per is not None and args.rate is None:
+        args.usage_error("--per goes with --rate")
+    rate = args.rate
+    if rate is not None and rate.isdigit():
+        rate = int(rate)
+    with open_driver(args) as driver:
+        try:
+            if args.clear or args.concurrency is not None or rate is not None:
+                driver.set_limits(args.queue, concurrency=args.concurrency, rate=rate, per=args.per,
+                                  create=args.create)
+            elif not driver.store.queue_is_known(args.queue):
+                raise NotFoundError(f"queue {args.queue!r} has no jobs and no settings in table {args.table!r}")
+        except (InvalidInputError, NotFoundError) as error:
+            raise CommandError(str(error), EXIT_FAILURE) from error
+        frame = driver.queues()
+    shown = frame[frame["queue"] == args.queue][["queue", "paused", "concurrency", "rate", "per_s",
+                                                 "started_in_window", "processing", "pending"]]
+    emit(args, shown.to_string(index=False), json_records(shown)[0] if len(shown) else {"queue": args.queue})
+    return EXIT_OK
+
+
 def command_queues(args: argparse.Namespace) -> int:
     with open_driver(args) as driver:
         frame = driver.queues()
@@ -537,7 +564,17 @@ def build_parser() -> argparse.ArgumentParser:
     pause.add_argument("queue", metavar="QUEUE")
     resume = add("resume", command_pause, "let workers claim jobs of a paused queue again")
     resume.add_argument("queue", metavar="QUEUE")
-    add("queues", command_queues, "each queue: paused or not, and its jobs by status")
+    add("queues", command_queues, "each queue: paused or not, its limits and their use, and its jobs by status")
+    limits = add("limits", command_limits, "limit a queue for every worker: jobs processing at once, jobs started "
+                                           "per period (given limits replace the queue's; none: show them)")
+    limits.add_argument("queue", metavar="QUEUE")
+    limits.add_argument("--concurrency", type=bounded(int, 1), metavar="N", help="at most N jobs processing at once")
+    limits.add_argument("--rate", metavar="N|N/PERIOD", help="at most N jobs started per --per seconds (default 1), "
+                                                              "or e.g. 100/min")
+    limits.add_argument("--per", type=bounded(float, 0, inclusive=False), metavar="SECONDS",
+                        help="the period of a numeric --rate (default: 1)")
+    limits.add_argument("--clear", action="store_true", help="remove every limit of the queue")
+    limits.add_argument("--create", action="store_true", help="allow a queue with no jobs or settings yet")
     add("workers", command_workers, "workers of this table: live ones, and those stopped or gone in the last hour")
     top = add("top", command_top, "a live view of the queues, newest batches, throughput, live workers and the "
                                    "latest failures (q quits); printed once when stdout is not a terminal")

@@ -13,7 +13,7 @@ import re
 import threading
 import time
 from collections.abc import Sequence
-from datetime import timedelta
+from datetime import datetime, timedelta
 from functools import partial
 from typing import Any, NamedTuple
 
@@ -280,15 +280,24 @@ class QueueDialect:
         return conn.execute(select.with_for_update(skip_locked=self.skips_locked(conn))).scalars().all()
 
     def claim(self, conn: sa.Connection, table: sa.Table, conditions: list[sa.ColumnElement[bool]], limit: int,
-              changes: dict[str, Any]) -> list[dict[str, Any]]:
+              changes: dict[str, Any], claimed_at: datetime | None = None) -> list[dict[str, Any]]:
         """Atomically take up to ``limit`` jobs matching ``conditions`` (due pending jobs of one
         queue), in claim order (:func:`kronix_data.schema.claim_order`).
 
         ``changes`` are the column values a claim sets (besides ``attempts + 1``
         and the reservation times); the claimed rows come back as dicts of
-        :data:`CLAIMED_COLUMNS`.
+        :data:`CLAIMED_COLUMNS`.  ``claimed_at`` is the reservation time to
+        record (a rate-limited claim's clock reading); None: the database's now.
         """
         raise NotImplementedError
+
+    def clock(self) -> sa.ColumnElement:
+        """The database's time when the statement runs (not when its transaction began): a rate-limited
+        claim reads it after locking its queue's row, so claims are timed in the order they commit."""
+        return self.now()
+
+    def _claimed_at(self, claimed_at: datetime | None) -> sa.ColumnElement:
+        return self.now() if claimed_at is None else sa.literal(claimed_at, UTCDateTime())
 
     def upsert(self, conn: sa.Connection, table: sa.Table, values: dict[str, Any], changes: dict[str, Any]) -> None:
         """INSERT ``values``, or where the primary key is already there, UPDATE that row with ``changes``
@@ -497,14 +506,17 @@ class PostgresDialect(OnConflictDialect):
 
         return insert(table)
 
-    def claim(self, conn, table, conditions, limit, changes):
+    def clock(self):
+        return sa.type_coerce(sa.func.clock_timestamp(), UTCDateTime())  # now() is the transaction's start
+
+    def claim(self, conn, table, conditions, limit, changes, claimed_at=None):
         # Lock the candidates, skipping rows another worker holds, then update
         # exactly those: one round trip, no waiting on other claimers.
         candidates = _candidates(table, conditions, limit).with_for_update(skip_locked=True).cte("candidates")
         statement = (
             table.update()
             .where(table.c.id == candidates.c.id)
-            .values(_claim_values(table, changes, self.now()))
+            .values(_claim_values(table, changes, self._claimed_at(claimed_at)))
             .returning(*_claimed(table))
         )
         return [dict(zip(CLAIMED_COLUMNS, row)) for row in conn.execute(statement)]
@@ -665,9 +677,9 @@ class MySQLDialect(QueueDialect):
             UTCDateTime(),
         )
 
-    def claim(self, conn, table, conditions, limit, changes):
+    def claim(self, conn, table, conditions, limit, changes, claimed_at=None):
         # Lock and read the rows (with the server's clock), then mark them.
-        now = self.now().label("kronix_now")
+        now = self._claimed_at(claimed_at).label("kronix_now")
         select = (
             sa.select(*_claimed(table), now)
             .where(*conditions)
@@ -760,8 +772,8 @@ class SQLiteDialect(OnConflictDialect):
 
         return insert(table)
 
-    def claim(self, conn, table, conditions, limit, changes):
-        now = self.now()
+    def claim(self, conn, table, conditions, limit, changes, claimed_at=None):
+        now = self._claimed_at(claimed_at)
         statement = (
             table.update()
             .where(table.c.id.in_(_candidates(table, conditions, limit).scalar_subquery()))

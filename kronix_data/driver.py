@@ -19,8 +19,9 @@ import pandas as pd
 
 from . import analytics, history, timeline
 from .batches import Batch, batches_frame, enqueue_chunks, find_batch, push_jobs, queues_frame
-from .errors import InvalidInputError
+from .errors import InvalidInputError, NotFoundError
 from .job import Job, encode_result, possible_job_id, validate_queue
+from .limits import Limits
 from .store import JobStore, ProgressWrite, WorkerBeat
 from .workers import unrunnable_jobs, workers_frame
 from .schedules import register_task_schedules, schedule_values, schedules_frame
@@ -318,8 +319,39 @@ class DatabaseQueueDriver:
         validate_queue(queue)
         self.store.set_paused(queue, False)
 
+    def set_limits(self, queue: str, concurrency: int | None = None, rate: int | str | None = None,
+                   per: timedelta | float | None = None, *, create: bool = False) -> None:
+        """Limit ``queue`` for every worker everywhere (see :mod:`kronix_data.limits`).
+
+        Parameters
+        ----------
+        concurrency
+            At most this many of its jobs ``processing`` at once.
+        rate, per
+            At most ``rate`` jobs started in any window of ``per`` (default one second; a timedelta or
+            seconds), or ``rate="100/min"``.
+        create
+            Allow a queue that has no jobs and no settings yet (without it that is a NotFoundError,
+            so a mistyped name is caught).
+
+        The limits given replace the queue's limits (a limit not given is cleared);
+        ``set_limits(queue)`` with none clears them all.
+        """
+        validate_queue(queue)
+        limits = Limits.checked(concurrency, rate, per)
+        if not create and not self.store.queue_is_known(queue):
+            raise NotFoundError(f"queue {queue!r} has no jobs and no settings in table {self.table_name!r}: "
+                                "check the name, or pass create=True to limit it before its first job")
+        self.store.set_limits(queue, limits)
+
+    def clear_limits(self, queue: str) -> None:
+        """Remove every limit of ``queue`` (its jobs are claimed as fast as workers take them)."""
+        self.set_limits(queue)
+
     def queues(self) -> pd.DataFrame:
-        """One row per queue (with jobs or settings): ``queue``, ``paused`` and its jobs' counts by status."""
+        """One row per queue (with jobs or settings): ``queue``, ``paused``, its limits (``concurrency``,
+        ``rate``, ``per_s``; NaN: none), its jobs running (``processing``: the slots in use) and its
+        jobs' counts by status."""
         return queues_frame(self.store)
 
     def retry_dead_letter(self, job_id: str) -> bool:

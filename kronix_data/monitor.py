@@ -25,6 +25,7 @@ import pandas as pd
 from .analytics import split_error
 from .batches import Batch
 from .errors import InvalidInputError
+from .limits import limits_text
 from .progress import STRAGGLER_COLUMNS, batch_eta, batch_view, format_duration, stragglers_frame
 from .workers import WORKER_COLUMNS
 
@@ -105,6 +106,8 @@ class QueueMonitor:
         self.batch_progress: dict[str, dict[str, int]] = {}
         #: queue -> whether it is paused (for every worker), as of the last refresh
         self.queue_paused: dict[str, bool] = {}
+        #: queue -> its limits and their use (``"2/3 running · 14/20 per 1s"``; "" without limits)
+        self.queue_limits: dict[str, str] = {}
         #: Jobs completed per second over ``window`` (the stats' throughput, summed over queues).
         self.throughput_window = float("nan")
         #: Jobs completed per second between the last two refreshes.
@@ -233,7 +236,7 @@ class QueueMonitor:
         with self._lock:
             try:
                 stats = self.driver.fetch_stats(window=self.window)
-                settings = self.driver.store.read_queue_settings()
+                settings = {row["queue"]: row for row in self.driver.queues().to_dict(orient="records")}
                 batches = self._read_batches()
                 # The newest few only: dead_letter_jobs() would read (and decode) every one each refresh.
                 failures = self.driver.jobs(status="failed", limit=self.failure_limit) if self.failure_limit \
@@ -306,6 +309,7 @@ class QueueMonitor:
         """One pause toggle per queue; pressed means paused for every worker everywhere."""
         names = sorted(set(queues) | set(settings))
         self.queue_paused = {queue: bool(settings.get(queue, {}).get("paused", False)) for queue in names}
+        self.queue_limits = {queue: limits_text(settings.get(queue, {})) for queue in names}
         for queue in names:
             button = self.queue_buttons.get(queue)
             if button is None:
@@ -322,6 +326,9 @@ class QueueMonitor:
     def _label_queue_button(self, queue: str) -> None:
         button = self.queue_buttons[queue]
         button.description, button.icon = (f"{queue}: paused", "play") if button.value else (f"{queue}", "pause")
+        limits = self.queue_limits.get(queue)
+        if limits:
+            button.description += f" · {limits}"
 
     def pause_queue(self, queue: str) -> None:
         """What a queue's toggle does when pressed: ``driver.pause(queue)``, then a refresh."""

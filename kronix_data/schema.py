@@ -30,18 +30,19 @@ WAITING = sa.literal_column("'waiting'")
 #: more (every extra timestamp costs a parse per row on the hot path).
 CLAIMED_COLUMNS = ("id", "name", "queue", "attempts", "max_retries", "payload", "last_error",
                    "created_at", "available_at", "reserved_at", "job_key", "batch_id", "priority",
-                   "requires")
+                   "requires", "fair_rank")
 
 
 def claim_order(table: sa.Table) -> tuple[sa.ColumnElement, ...]:
-    """The order jobs are claimed in: highest priority, then due longest, then oldest id (the ``_due`` index)."""
+    """The order jobs are claimed in: highest priority, then lowest fair-share turn, then due longest, then
+    oldest id (the ``_due`` index; the turn is :mod:`kronix_data.limits`' round robin between batches)."""
     c = table.c
-    return (c.priority.desc(), c.available_at, c.id)
+    return (c.priority.desc(), c.fair_rank, c.available_at, c.id)
 
 
 def claim_sort_key(row) -> tuple:
     """The same order for claimed rows in Python."""
-    return (-row["priority"], row["available_at"], row["id"])
+    return (-row["priority"], row["fair_rank"], row["available_at"], row["id"])
 
 
 def parse_table_name(name: str) -> tuple[str | None, str]:
@@ -123,14 +124,16 @@ class Tables:
     waits: sa.Table
     queues: sa.Table
     workers: sa.Table
+    #: One row per task with limits (``@task(concurrency=..., rate=...)``), written by the workers that run it.
+    task_limits: sa.Table
     schedules: sa.Table
     rollup: sa.Table
     rollup_totals: sa.Table
     rollup_state: sa.Table
 
     def all(self) -> tuple[sa.Table, ...]:
-        return (self.jobs, self.deps, self.waits, self.queues, self.workers, self.schedules, self.rollup,
-                self.rollup_totals, self.rollup_state)
+        return (self.jobs, self.deps, self.waits, self.queues, self.workers, self.task_limits, self.schedules,
+                self.rollup, self.rollup_totals, self.rollup_state)
 
 
 def build_tables(name: str, *, partial_indexes: bool, now_default: str) -> Tables:
@@ -186,13 +189,15 @@ def build_tables(name: str, *, partial_indexes: bool, now_default: str) -> Table
         # Resources the job needs (kronix_data.resources): canonical JSON like {"gpu":1.0}; NULL for none,
         # which every worker may claim.
         sa.Column("requires", sa.Text),
+        # Fair share: the job's turn among the batches of its queue (kronix_data.limits).
+        sa.Column("fair_rank", sa.BigInteger, nullable=False, server_default="0"),
         **options,
     )
     c = table.c
     sa.Index(f"{table_name}_key", c.job_key, unique=True)
     if partial_indexes:
         # Claim: due pending jobs of a queue, highest priority then oldest first; only pending rows are in it.
-        sa.Index(f"{table_name}_due", c.queue, c.priority.desc(), c.available_at, c.id,
+        sa.Index(f"{table_name}_due", c.queue, c.priority.desc(), c.fair_rank, c.available_at, c.id,
                  postgresql_where=sa.text("status = 'pending'"),
                  sqlite_where=sa.text("status = 'pending'"))
         # Stale recovery: held jobs by the age of their lease.
@@ -216,7 +221,9 @@ def build_tables(name: str, *, partial_indexes: bool, now_default: str) -> Table
                  postgresql_where=sa.text("requires IS NOT NULL"),
                  sqlite_where=sa.text("requires IS NOT NULL"))
     else:
-        sa.Index(f"{table_name}_due", c.queue, c.status, c.priority.desc(), c.available_at, c.id)
+        # InnoDB appends the primary key (id) to every secondary index by itself: naming it too would
+        # pass MySQL's 3072-byte key limit on a table of the seed's (VARCHAR(255) id, queue, status).
+        sa.Index(f"{table_name}_due", c.queue, c.status, c.priority.desc(), c.fair_rank, c.available_at)
         sa.Index(f"{table_name}_lease", c.status, c.heartbeat_at)
         sa.Index(f"{table_name}_finished", c.finished_at)
         sa.Index(f"{table_name}_batch", c.batch_id, c.status)
@@ -249,12 +256,29 @@ def build_tables(name: str, *, partial_indexes: bool, now_default: str) -> Table
         sa.Column("queue", _key_text(MAX_QUEUE_LENGTH), primary_key=True),
         sa.Column("paused", sa.Boolean, nullable=False, server_default=sa.false()),
         sa.Column("changed_at", UTCDateTime()),
+        # Limits (kronix_data.limits): jobs processing at once, and starts per rate_per_s seconds, with
+        # the starts of the last window as JSON [[epoch seconds, jobs], ...]; NULL: no limit.
+        sa.Column("concurrency", sa.Integer),
+        sa.Column("rate", sa.Integer),
+        sa.Column("rate_per_s", sa.Double()),
+        sa.Column("rate_window", _long_text()),
         **options,
     )
     workers = build_workers_table(metadata, table_name, options)
+    task_limits = sa.Table(
+        f"{table_name}_task_limits", metadata,
+        sa.Column("name", _key_text(MAX_NAME_LENGTH), primary_key=True),
+        # As in <table>_queues (kronix_data.limits); NULL: no such limit.
+        sa.Column("concurrency", sa.Integer),
+        sa.Column("rate", sa.Integer),
+        sa.Column("rate_per_s", sa.Double()),
+        sa.Column("rate_window", _long_text()),
+        sa.Column("changed_at", UTCDateTime()),
+        **options,
+    )
     schedules = build_schedules_table(metadata, table_name, options)
     rollup, rollup_totals, rollup_state = build_rollup_tables(metadata, table_name, options)
-    return Tables(table, deps, waits, queues, workers, schedules, rollup, rollup_totals, rollup_state)
+    return Tables(table, deps, waits, queues, workers, task_limits, schedules, rollup, rollup_totals, rollup_state)
 
 
 def build_workers_table(metadata: sa.MetaData, table_name: str, options: dict) -> sa.Table:
@@ -352,6 +376,8 @@ def build_rollup_tables(metadata: sa.MetaData, table_name: str, options: dict) -
 
 #: Indexes an earlier release made that a newer one replaced: dropped on upgrade.
 _REPLACED_INDEXES = ("{table}_claim",)  # by {table}_due, which orders by priority too
+#: Indexes whose columns a newer release changed, and a column the new one has: rebuilt on upgrade.
+_REBUILT_INDEXES = {"{table}_due": "fair_rank"}  # the claim order gained the fair-share turn
 
 
 def create_or_upgrade(conn: sa.Connection, tables: Tables, now: sa.ColumnElement) -> None:
@@ -390,7 +416,20 @@ def _upgrade(conn: sa.Connection, inspector: sa.Inspector, table: sa.Table) -> N
     for index in table.indexes:
         if index.name not in indexes:
             index.create(conn)
+    for index in table.indexes:
+        needs = _REBUILT_INDEXES.get(index.name.replace(table.name, "{table}", 1))
+        if needs and index.name in indexes and needs not in _index_columns(inspector, table, index.name):
+            conn.execute(sa.schema.DropIndex(index))
+            index.create(conn)
     for replaced in (name.format(table=table.name) for name in _REPLACED_INDEXES):
         if replaced in indexes:  # on a stand-in table, so the real one never gains the old index
             stand_in = sa.Table(table.name, sa.MetaData(), sa.Column("id"), schema=table.schema)
             conn.execute(sa.schema.DropIndex(sa.Index(replaced, stand_in.c.id)))
+
+
+def _index_columns(inspector: sa.Inspector, table: sa.Table, name: str) -> set[str]:
+    """The columns of one of the table's indexes as the database has it."""
+    for index in inspector.get_indexes(table.name, schema=table.schema):
+        if index["name"] == name:
+            return {column for column in index["column_names"] if column}
+    return set()

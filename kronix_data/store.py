@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 import threading
 from contextlib import contextmanager
@@ -34,10 +35,9 @@ from .cron import next_slot, plan_firing, schedule_key, seconds_until
 from .dialects import Listener, dialect_for, make_engine, stored_ids_by_key
 from .errors import DatabaseUnavailableError, InvalidInputError, NotFoundError
 from .job import Job, JobStatus, decode_json, encode_payload, new_job_id, validate_job
+from .limits import Limits, RateWindow
 from .resources import checked_resources, encode_requirements
-from .schema import PENDING, PROCESSING, WAITING, UTCDateTime, build_tables, claim_sort_key
-
-log = logging.getLogger(__name__)
+from .schema import PENDING, PROCESSING, WAITING, UTCDateTime, build_tables, claim_order, claim_sort_key
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +47,8 @@ RECOVERY_BATCH = 1000
 IN_LIST_LIMIT = 1000
 #: ``(id, attempts)`` pairs completed by one statement.
 COMPLETION_SLICE = 500
+#: How soon a claim tries a limited queue again when another claim held its row.
+LOCKED_RETRY_S = 0.005
 
 COMPLETED = JobStatus.COMPLETED.value
 FAILED = JobStatus.FAILED.value
@@ -190,6 +192,7 @@ class JobStore:
                                         f"{self.read_engine.dialect.name} for {self.engine.dialect.name}")
             self._analytics_reader = read_dialect.reader(self.read_engine)
         self._lag = threading.local()
+        self._claim_waits = threading.local()  # what the last claim said about rate limits (claim_wait_s)
 
     def __repr__(self) -> str:
         standby = f", read_db={self.read_engine.url.render_as_string(hide_password=True)!r}" if self.read_engine else ""
@@ -361,6 +364,7 @@ class JobStore:
             raise InvalidInputError("two jobs in one push share a key; keys must be unique")
         try:
             with self._transaction() as conn:
+                self._give_turns(conn, rows)
                 if waits:
                     self._join_wait_groups(conn, rows, waits)
                 plain = [row for row in rows if row["job_key"] is None]
@@ -374,6 +378,19 @@ class JobStore:
         except sa.exc.IntegrityError as error:
             raise InvalidInputError(f"a job id is already in table {self.table_name!r}: {error.orig}") from error
         return [row["id"] for row in rows]
+
+    def _give_turns(self, conn: sa.Connection, rows: list[dict[str, Any]]) -> None:
+        """Each row's fair-share turn: the turn of its queue's next job (one look at the head of the
+        ``<table>_due`` index per queue), plus its chunk number (``fair_offset``, set by ``map``); a job
+        pushed by hand gets the head's turn, so pushes stay first in, first out (see kronix_data.limits)."""
+        c = self.table.c
+        heads: dict[str, int] = {}
+        for row in rows:
+            queue = row["queue"]
+            if queue not in heads:
+                heads[queue] = conn.execute(sa.select(c.fair_rank).where(c.queue == queue, c.status == PENDING)
+                                            .order_by(*claim_order(self.table)).limit(1)).scalar() or 0
+            row["fair_rank"] = heads[queue] + (row.pop("fair_offset", None) or 0)
 
     def _join_wait_groups(self, conn: sa.Connection, rows: list[dict[str, Any]], waits: Sequence[WaitGroup]) -> None:
         """Make each wait group (or find it, on a re-run) and set its members' status and ``wait_id``.
@@ -482,6 +499,7 @@ class JobStore:
     def claim(self, worker_id: str, n: int, queue: str, resources: Mapping[str, float] | None = None
               ) -> list[dict[str, Any]]:
         """Atomically take up to ``n`` due pending jobs of ``queue`` for a worker: highest priority, then oldest."""
+        self._claim_waits.seconds = None
         with self._transaction() as conn:
             return self._claim(conn, worker_id, n, queue, resources)
 
@@ -494,6 +512,7 @@ class JobStore:
         has free (see :meth:`_requirements_met`).
         """
         rows: list[dict[str, Any]] = []
+        self._claim_waits.seconds = None
         with self._transaction() as conn:
             held = self._complete(conn, worker_id, completions) if completions else 0
             for queue in queues:
@@ -506,15 +525,22 @@ class JobStore:
                resources: Mapping[str, float] | None = None) -> list[dict[str, Any]]:
         """The claimed rows, in claim order, with what the claim set filled in (not read back).
 
-        A paused queue gives nothing: the check is a clause of the claim itself
-        (an uncorrelated NOT EXISTS the planner evaluates once), not a round trip.
+        A paused or limited queue gives nothing here, nor any queue while a task has
+        limits: the checks are clauses of the claim itself (uncorrelated NOT EXISTS the
+        planner evaluates once), not round trips, so an unlimited queue's claim stays
+        one statement.  When that finds nothing, :meth:`_claim_limited` claims within
+        the limits.
         """
         c, queues = self.table.c, self.tables.queues.c
-        not_paused = ~sa.exists().where(queues.queue == queue, queues.paused == sa.true())
-        conditions = [c.queue == queue, c.status == PENDING, c.available_at <= self.dialect.now(), not_paused]
-        conditions.append(self._requirements_met(resources))
+        held_back = sa.or_(queues.paused == sa.true(), queues.concurrency.is_not(None), queues.rate.is_not(None))
+        free = ~sa.exists().where(queues.queue == queue, held_back)
+        no_task_limits = ~sa.exists().select_from(self.tables.task_limits)
+        conditions = [c.queue == queue, c.status == PENDING, c.available_at <= self.dialect.now(), free,
+                      no_task_limits, self._requirements_met(resources)]
         changes = {"status": JobStatus.PROCESSING.value, "reserved_by": worker_id}
         rows = self.dialect.claim(conn, self.table, conditions, n, changes)
+        if not rows:
+            rows = self._claim_limited(conn, changes, n, queue, resources)
         rows.sort(key=claim_sort_key)
         for row in rows:
             row.update(status=JobStatus.PROCESSING.value, reserved_by=worker_id, finished_at=None, result=None)
@@ -546,6 +572,118 @@ class JobStore:
                 sa.select(c.queue, c.requires, sa.func.count())
                 .where(c.status.in_([PENDING, WAITING]), c.requires.is_not(None))
                 .group_by(c.queue, c.requires))]
+
+    def _claim_limited(self, conn: sa.Connection, changes: dict[str, Any], n: int, queue: str,
+                       resources: Mapping[str, float] | None = None) -> list[dict[str, Any]]:
+        """Claim from a queue with limits, or whose jobs' tasks have some (see :mod:`kronix_data.limits`);
+        [] for a paused queue, or one without limits when no task has any.
+
+        The queue's settings row is locked (skipping a lock another claimer holds: it is claiming this
+        queue now, and this worker tries again shortly), then its room is counted: its jobs processing,
+        its starts in the rate window by the database's clock read after the lock.  Jobs of tasks
+        without limits are claimed first; then, for each task with limits (its row locked the same
+        way), its own jobs within its room.  Never waiting for a lock, claims never deadlock.
+        """
+        q, c = self.tables.queues.c, self.table.c
+        limited_tasks = list(conn.execute(sa.select(self.tables.task_limits.c.name)
+                                          .order_by(self.tables.task_limits.c.name)).scalars())
+        settings = conn.execute(sa.select(q.paused, q.concurrency, q.rate, q.rate_per_s, q.rate_window)
+                                .where(q.queue == queue)
+                                .with_for_update(skip_locked=self.dialect.skips_locked(conn))).first()
+        if settings is None and conn.execute(sa.select(sa.exists().where(q.queue == queue))).scalar_one():
+            self._note_claim_wait(LOCKED_RETRY_S)  # another worker is claiming from it right now
+            return []
+        if settings is not None and settings.paused:
+            return []
+        queue_limited = settings is not None and (settings.concurrency is not None or settings.rate is not None)
+        if not queue_limited and not limited_tasks:
+            return []
+        due = [c.queue == queue, c.status == PENDING, c.available_at <= self.dialect.now(),
+               self._requirements_met(resources)]
+        room, queue_window, now = n, None, None
+        if queue_limited:
+            room, queue_window, now = self._room(conn, settings, [c.queue == queue, c.status == PROCESSING], room)
+            if room <= 0:
+                self._note_held_back(conn, due, queue_window, now)
+                return []
+        rows = self.dialect.claim(conn, self.table, due + [c.name.not_in(limited_tasks)] if limited_tasks else due,
+                                  room, changes, claimed_at=now)
+        if queue_limited and len(rows) == room < n:
+            self._note_claim_wait(math.inf)  # the limit is reached: no use claiming again before a job ends
+        starts = [(now, len(rows))]
+        task_table = self.tables.task_limits
+        for name in limited_tasks:
+            if len(rows) >= room:
+                break
+            of_task = due + [c.name == name]
+            task = self._lock_limits(conn, task_table, task_table.c.name == name)
+            if task is None:
+                continue
+            task_room, task_window, task_now = self._room(conn, task, [c.name == name, c.status == PROCESSING],
+                                                          room - len(rows))
+            claimed_at = task_now or now
+            if task_room <= 0:
+                self._note_held_back(conn, of_task, task_window, task_now)
+                continue
+            got = self.dialect.claim(conn, self.table, of_task, task_room, changes, claimed_at=claimed_at)
+            if len(got) == task_room:
+                self._note_claim_wait(math.inf)  # this task's limit (or the queue's) is reached
+            rows += got
+            starts.append((claimed_at, len(got)))
+            self._record_starts(conn, task_table, task_table.c.name == name, task_window, [(task_now, len(got))])
+        self._record_starts(conn, self.tables.queues, q.queue == queue, queue_window, starts)
+        return rows
+
+    def _lock_limits(self, conn: sa.Connection, table: sa.Table, which: sa.ColumnElement[bool]):
+        """Lock one limits row (a queue's or a task's), skipping it if another claim holds it (None then:
+        the worker is told to try again in :data:`LOCKED_RETRY_S`)."""
+        row = conn.execute(sa.select(table.c.concurrency, table.c.rate, table.c.rate_per_s, table.c.rate_window)
+                           .where(which).with_for_update(skip_locked=self.dialect.skips_locked(conn))).first()
+        if row is None:
+            self._note_claim_wait(LOCKED_RETRY_S)
+        return row
+
+    def _room(self, conn: sa.Connection, limits, processing: list[sa.ColumnElement[bool]], room: int):
+        """``(room, rate window or None, clock or None)``: how many of ``room`` jobs one limits row lets
+        start now, counting the jobs ``processing`` matches and the starts in its window."""
+        window = now = None
+        if limits.concurrency is not None:
+            running = conn.execute(sa.select(sa.func.count()).select_from(self.table).where(*processing)).scalar_one()
+            room = min(room, limits.concurrency - running)
+        if limits.rate is not None and room > 0:
+            now = conn.execute(sa.select(self.dialect.clock())).scalar_one()
+            window = RateWindow(limits.rate, limits.rate_per_s, limits.rate_window)
+            room = min(room, window.room(now.timestamp()))
+        return room, window, now
+
+    def _note_held_back(self, conn: sa.Connection, due: list[sa.ColumnElement[bool]], window: RateWindow | None,
+                        now: datetime | None) -> None:
+        """A limit left no room: if a job is due, tell the worker when to try again (unknown: ``inf``)."""
+        if conn.execute(sa.select(sa.exists().where(*due))).scalar_one():
+            self._note_claim_wait(window.next_free_in(now.timestamp()) if window is not None else math.inf)
+
+    def _record_starts(self, conn: sa.Connection, table: sa.Table, which: sa.ColumnElement[bool],
+                       window: RateWindow | None, starts: list[tuple[datetime | None, int]]) -> None:
+        """Add a claim's starts to a rate window and store it; note when the window frees, if full."""
+        if window is None:
+            return
+        for when, jobs in starts:
+            window.add(when.timestamp(), jobs)
+        if any(jobs for _, jobs in starts):
+            conn.execute(table.update().where(which).values(rate_window=window.stored()))
+        last = max(when for when, _ in starts)
+        self._note_claim_wait(window.next_free_in(last.timestamp()))
+
+    def _note_claim_wait(self, seconds: float | None) -> None:
+        if seconds is not None:
+            known = getattr(self._claim_waits, "seconds", None)
+            self._claim_waits.seconds = seconds if known is None else min(known, seconds)
+
+    def claim_wait_s(self) -> float | None:
+        """After this thread's last claim: None if no limit held a due job back; else seconds until a
+        job may start (a full rate window's next start: the worker sleeps that long rather than poll),
+        ``math.inf`` when that is unknown (a full concurrency limit frees a slot when a job ends)."""
+        return getattr(self._claim_waits, "seconds", None)
 
     # -- finishing held jobs ------------------------------------------------------------
     #
@@ -857,6 +995,53 @@ class JobStore:
             self.dialect.upsert(conn, queues, values, {"paused": paused, "changed_at": self.dialect.now()})
             if not paused:
                 self.dialect.notify(conn, self.channel)
+
+    def set_limits(self, queue: str, limits: Limits) -> None:
+        """INSERT or UPDATE a queue's row with its limits (None: that limit cleared); a changed rate starts
+        an empty window.  NOTIFYs listeners, so workers claim under the new limits at once."""
+        queues = self.tables.queues
+        changes = {"concurrency": limits.concurrency, "rate": limits.rate, "rate_per_s": limits.per_s,
+                   "changed_at": self.dialect.now()}
+        with self._transaction() as conn:
+            stored = conn.execute(sa.select(queues.c.rate, queues.c.rate_per_s).where(queues.c.queue == queue)
+                                  .with_for_update()).first()
+            if stored is None or tuple(stored) != (limits.rate, limits.per_s):
+                changes["rate_window"] = None
+            self.dialect.upsert(conn, queues, {"queue": queue, "paused": False, **changes}, changes)
+            self.dialect.notify(conn, self.channel)
+
+    def write_task_limits(self, limits: dict[str, Limits | None]) -> None:
+        """Store tasks' limits in ``<table>_task_limits`` in one transaction: UPSERT those with limits
+        (a changed rate starts an empty window), DELETE the rows of those without."""
+        table = self.tables.task_limits
+        with self._transaction() as conn:
+            stored = {row.name: (row.concurrency, row.rate, row.rate_per_s) for row in conn.execute(
+                sa.select(table.c.name, table.c.concurrency, table.c.rate, table.c.rate_per_s)
+                .where(table.c.name.in_(sorted(limits))).order_by(table.c.name).with_for_update())}
+            for name in sorted(limits):
+                wanted = limits[name]
+                if wanted is None:
+                    if name in stored:
+                        conn.execute(table.delete().where(table.c.name == name))
+                    continue
+                if stored.get(name) == (wanted.concurrency, wanted.rate, wanted.per_s):
+                    continue  # unchanged: keep its window
+                changes = {"concurrency": wanted.concurrency, "rate": wanted.rate, "rate_per_s": wanted.per_s,
+                           "rate_window": None, "changed_at": self.dialect.now()}
+                self.dialect.upsert(conn, table, {"name": name, **changes}, changes)
+
+    def read_task_limits(self) -> list[dict[str, Any]]:
+        """SELECT every task's limits row."""
+        table = self.tables.task_limits
+        with self._reading_analytics() as conn:
+            return [dict(row) for row in conn.execute(sa.select(table).order_by(table.c.name)).mappings()]
+
+    def queue_is_known(self, queue: str) -> bool:
+        """Whether a queue has a settings row or any job (what "a queue" means to set_limits and the CLI)."""
+        c, queues = self.table.c, self.tables.queues.c
+        with self._reading() as conn:
+            return conn.execute(sa.select(sa.or_(sa.exists().where(queues.queue == queue),
+                                                 sa.exists().where(c.queue == queue)))).scalar_one()
 
     def count_jobs_by_queue_and_status(self) -> list[tuple[str, str, int]]:
         """Every job's count by queue and status, from the rollup and live counts (see :meth:`_live_counts`);

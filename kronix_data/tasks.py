@@ -16,6 +16,7 @@ from .errors import InvalidInputError
 from .cron import DEFAULT_TIMEZONE, validate_cron, zone_for
 from .job import Job, RetryPolicy, validate_priority
 from .resources import checked_resources, parse_size
+from .limits import Limits
 
 Hook = Callable[[Job, BaseException], None]
 
@@ -45,6 +46,10 @@ class Task:
     memory_limit: float | None = None
     #: Resources a worker must have to run its jobs (``{"gpu": 1}``); see kronix_data.resources.
     requires: dict[str, float] | None = None
+    #: Jobs of this task ``processing`` at once across every worker (None: no limit).
+    concurrency: int | None = None
+    #: Jobs of this task started per period across every worker, as ``"100/min"`` (None: no limit).
+    rate: str | None = None
 
     def __post_init__(self):
         validate_priority(self.priority, f"priority of task {self.name!r}")
@@ -61,11 +66,25 @@ class Task:
             if self.isolation == "thread":
                 raise InvalidInputError(f"task {self.name!r}: a memory_limit needs isolation='process' "
                                         "(a thread cannot be killed)")
+        self.limits  # checked now: a bad limit fails at the decorator, not in a worker
 
     @property
     def is_async(self) -> bool:
         """Whether the function is ``async def`` (its jobs run on the worker's event loop)."""
         return inspect.iscoroutinefunction(self.function)
+
+    @property
+    def limits(self) -> Limits | None:
+        """The task's limits as its workers write them to ``<table>_task_limits``, or None."""
+        if self.concurrency is None and self.rate is None:
+            return None
+        if self.rate is not None and not isinstance(self.rate, str):
+            raise InvalidInputError(f"rate of task {self.name!r} must be a string such as '100/min', "
+                                    f"got {self.rate!r}")
+        try:
+            return Limits.checked(self.concurrency, self.rate)
+        except InvalidInputError as error:
+            raise InvalidInputError(f"task {self.name!r}: {error}") from None
 
     def __call__(self, payload: Any = None) -> Any:
         """Run the function here and now, without the queue (handy in a notebook)."""
@@ -110,7 +129,8 @@ def task(name: str | None = None, *, queue: str = "default", max_retries: int = 
          on_failure: Hook | None = None, on_permanent_failure: Hook | None = None,
          priority: int = 0, cron: str | None = None, timezone: str = DEFAULT_TIMEZONE,
          isolation: str | None = None, memory_limit: float | str | None = None,
-         requires: dict[str, float | str] | None = None) -> Callable[[Callable], Task]:
+         requires: dict[str, float | str] | None = None, concurrency: int | None = None,
+         rate: str | None = None) -> Callable[[Callable], Task]:
     """Register a function as a task: ``@task(name="etl.clean", max_retries=3)``, or plain ``@task``.
 
     The function may be ``async def`` (run on the worker's event loop).
@@ -121,6 +141,9 @@ def task(name: str | None = None, *, queue: str = "default", max_retries: int = 
     ``cron`` (with ``timezone``, UTC by default) schedules it: every worker that
     imports the module registers the schedule, named after the task, and any of
     them fires each slot once.
+    ``concurrency`` and ``rate`` (``"100/min"``) limit the task's jobs across every worker
+    everywhere, in whatever queue (see :mod:`kronix_data.limits`); a worker that imports the task
+    writes them to the table when it starts.
 
     The name defaults to ``module.function``.  Registering a different
     function under a name already taken is an error (two modules would
@@ -131,7 +154,7 @@ def task(name: str | None = None, *, queue: str = "default", max_retries: int = 
         registered = Task(name or f"{function.__module__}.{function.__qualname__}", function, queue,
                           max_retries, timeout, retry or RetryPolicy(), on_failure, on_permanent_failure,
                           priority, cron=cron, timezone=timezone, isolation=isolation,
-                          memory_limit=memory_limit, requires=requires)
+                          memory_limit=memory_limit, requires=requires, concurrency=concurrency, rate=rate)
         existing = _registry.get(registered.name)
         if existing is not None and not _same_function(existing.function, function):
             raise InvalidInputError(f"task name {registered.name!r} is already registered to "
@@ -150,6 +173,11 @@ def task(name: str | None = None, *, queue: str = "default", max_retries: int = 
 def _same_function(a: Callable, b: Callable) -> bool:
     """Same module and name: a module imported twice (or a re-run notebook cell) re-registers."""
     return (a.__module__, a.__qualname__) == (b.__module__, b.__qualname__)
+
+
+def registered_tasks() -> list[Task]:
+    """Every task registered in this process (a worker writes their limits when it starts)."""
+    return list(_registry.values())
 
 
 def find_task(name: str) -> Task | None:

@@ -20,6 +20,7 @@ import bisect
 import inspect
 import json
 import logging
+import math
 import os
 import random
 import signal
@@ -41,7 +42,7 @@ from .job import Job, encode_result
 from .resources import covers, in_use
 from .snooze import Snooze
 from .store import ProgressWrite
-from .tasks import missing_task_message
+from .tasks import missing_task_message, registered_tasks
 from .worker_options import WorkerOptions
 from .workers import forget_gone_workers, worker_beat
 
@@ -247,6 +248,8 @@ class Worker:
         self._registered = False  # whether this run's first heartbeat (which registers the worker) went out
         self._event_loop = EventLoopThread(f"kronix-asyncio-{driver.worker_id}")  # async def jobs (event_loop.py)
         self._process_slots = ProcessSlots(self.options.kill_grace)  # a child process per pool thread (isolation.py)
+        self._limit_wait: float | None = None  # seconds until a full rate-limited queue may start a job again
+        self._limits_written = False  # whether this run wrote its tasks' limits (before its first claim)
 
     def __repr__(self) -> str:
         return f"Worker({self.driver.worker_id!r}, queues={self.options.queues}, concurrency={self.options.concurrency})"
@@ -382,6 +385,8 @@ class Worker:
                 self._try(self._flush_snoozed)
                 return
             try:
+                if not self._limits_written:
+                    self._write_task_limits()
                 self._collect_finished()
                 self._expire_timeouts(now)
                 self._flush_failures()
@@ -415,14 +420,21 @@ class Worker:
             busy = self._busy()
             if stopping and not busy:
                 return
-            if self.options.burst and not claimed and not busy and now >= self._retries_due_at:
+            if (self.options.burst and not claimed and not busy and now >= self._retries_due_at
+                    and self._limit_wait is None):  # a job held back by a limit is still to be run
                 return
             if claimed:
                 idle_wait = 0.01
-                continue
-            self._wait(min(idle_wait, next_heartbeat - now, next_recovery - now, next_cancel_check - now,
-                           next_progress - now, (next_schedule_check - now) if self.options.scheduler else idle_wait))
-            idle_wait = min(idle_wait * 2, self.options.poll_interval)
+                if self._limit_wait is None:
+                    continue  # else a limit is reached: wait for a job to end (or the rate's next start)
+            # A rate-limited queue said when its next job may start: sleep until then, not a poll sooner.
+            timed = self._limit_wait is not None and math.isfinite(self._limit_wait)
+            schedule_wait = (next_schedule_check - now) if self.options.scheduler else idle_wait
+            self._wait(min(min(self._limit_wait, self.options.poll_interval) if timed else idle_wait,
+                           next_heartbeat - now, next_recovery - now, next_cancel_check - now, next_progress - now,
+                           schedule_wait))
+            if not timed:
+                idle_wait = min(idle_wait * 2, self.options.poll_interval)
 
     def _busy(self) -> bool:
         # Timed-out threads count too: their slots are taken until they really end.
@@ -442,6 +454,12 @@ class Worker:
             log.error("could not write back before stopping (%s); the jobs' leases will expire", error)
 
     # -- claiming and running --------------------------------------------------
+
+    def _write_task_limits(self) -> None:
+        """Write the limits of the tasks this process registered (``@task(concurrency=, rate=)``), and
+        clear those of its tasks that have none now: the code a worker runs says what its tasks' limits are."""
+        self.driver.store.write_task_limits({task.name: task.limits for task in registered_tasks()})
+        self._limits_written = True
 
     def _prefetch(self) -> int:
         """How many jobs to hold beyond the free slots: about 50 ms of work.
@@ -470,11 +488,13 @@ class Worker:
         """
         room = 0 if stopping else self._claim_room()
         batch = self._to_complete[:self.options.completion_batch] if (room or self._completions_due(stopping)) else []
+        self._limit_wait = None
         if not batch and not room:
             return 0
         free = self._free_resources()
         written, jobs = self.driver.complete_and_pop([job for job, _ in batch], room, self.options.queues,
                                                      results=[result for _, result in batch], resources=free)
+        self._limit_wait = self.driver.store.claim_wait_s() if room else None
         self._completed(batch, written)
         jobs = self._within_resources(jobs, free)
         for job in jobs:

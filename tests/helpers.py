@@ -99,7 +99,7 @@ def drop_table(url: str, table: str) -> None:
     """Drop a test's jobs table and the companions the store makes beside it."""
     engine = sa.create_engine(url)
     with engine.begin() as conn:
-        for name in (f"{table}_deps", f"{table}_waits", f"{table}_queues", f"{table}_workers",
+        for name in (f"{table}_deps", f"{table}_waits", f"{table}_queues", f"{table}_workers", f"{table}_task_limits",
                      f"{table}_schedules", f"{table}_rollup", f"{table}_rollup_totals", f"{table}_rollup_state",
                      table):  # our own unique_table()
             conn.execute(sa.text(f"DROP TABLE IF EXISTS {name}"))

@@ -374,3 +374,34 @@ def test_stats_plot_writes_the_throughput_chart_as_a_png(tmp_path, sqlite_url, s
     assert (bad_freq.returncode, bad_since.returncode, unwritable.returncode) == (2, 2, 1)
     assert "freq" in bad_freq.stderr and "--since" in bad_since.stderr and "cannot write the plot" in unwritable.stderr
     assert not (tmp_path / "x.png").exists()
+
+
+def test_limits_sets_shows_and_clears_a_queue_limits_and_queues_lists_them(tmp_path, sqlite_url, sqlite_driver):
+    sqlite_driver.push_many([Job("n", i, queue="api") for i in range(4)])
+    environment = cli_environment(KRONIX_DATABASE_URL=sqlite_url)
+
+    set_, rated, shown, listed = (kronix(*arguments, cwd=tmp_path, environment=environment) for arguments in (
+        ["limits", "api", "--concurrency", "4"], ["--json", "limits", "api", "--concurrency", "2", "--rate", "100/min"],
+        ["--json", "limits", "api"], ["--json", "queues"]))
+    assert set_.returncode == 0 and "api" in set_.stdout and "4" in set_.stdout
+    assert rated.returncode == 0, rated.stderr
+    assert json.loads(rated.stdout) == json.loads(shown.stdout)
+    assert {key: json.loads(shown.stdout)[key] for key in ("concurrency", "rate", "per_s")} == \
+        {"concurrency": 2, "rate": 100, "per_s": 60.0}
+    assert json.loads(listed.stdout)[0]["concurrency"] == 2
+    assert len(sqlite_driver.pop_many(4, "api")) == 2
+
+    numeric = kronix("--json", "limits", "api", "--rate", "5", "--per", "2", cwd=tmp_path, environment=environment)
+    assert json.loads(numeric.stdout)["rate"] == 5 and json.loads(numeric.stdout)["concurrency"] is None
+    cleared = kronix("--json", "limits", "api", "--clear", cwd=tmp_path, environment=environment)
+    assert json.loads(cleared.stdout)["rate"] is None and len(sqlite_driver.pop_many(4, "api")) == 2
+
+    unknown, created, zero, bad_rate, both = kronix_in_parallel(
+        ["limits", "apx", "--concurrency", "2"], ["limits", "new", "--concurrency", "2", "--create"],
+        ["limits", "api", "--concurrency", "0"], ["limits", "api", "--rate", "lots"],
+        ["limits", "api", "--clear", "--rate", "5"], cwd=tmp_path, environment=environment)
+    assert unknown.returncode == 1 and "queue 'apx' has no jobs and no settings" in unknown.stderr
+    assert created.returncode == 0
+    assert zero.returncode == 2 and "must be >= 1" in zero.stderr
+    assert bad_rate.returncode == 1 and "invalid rate 'lots'" in bad_rate.stderr
+    assert both.returncode == 2 and "--clear removes every limit" in both.stderr

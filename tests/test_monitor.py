@@ -273,3 +273,18 @@ def test_the_throughput_chart_draws_the_timeline_and_is_redrawn_only_every_chart
     assert monitor.timeline["started"].sum() == 10
     drawn = png_pixels(monitor.chart.value)
     assert color_fraction(drawn, "#1f77b4") > 0.0002  # the newest interval's completions (test_charts: the rest)
+
+
+def test_the_queue_toggles_show_each_queue_limits_and_their_use(driver):
+    from kronix_data import Job
+
+    driver.push_many([Job("n", i, queue="api") for i in range(5)] + [Job("n", 0, queue="plain")])
+    driver.set_limits("api", concurrency=3, rate=10)
+    driver.pop_many(5, "api")
+    monitor = QueueMonitor(driver, refresh=60, start=False)
+    try:
+        assert monitor.queue_limits == {"api": "3/3 running · 3/10 per 1s", "plain": ""}
+        assert monitor.queue_buttons["api"].description == "api · 3/3 running · 3/10 per 1s"
+        assert monitor.queue_buttons["plain"].description == "plain"
+    finally:
+        monitor.close()

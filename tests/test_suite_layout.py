@@ -15,7 +15,7 @@ SOURCES = {path.name: path.read_text() for path in sorted(TESTS.glob("*.py"))}
 TREES = {name: ast.parse(text, filename=name) for name, text in SOURCES.items()}
 #: Modules a test may import from this directory: the helpers, and the job modules workers import.
 LOCAL_MODULES = {"helpers", "chaos_jobs", "worker_jobs", "pipeline_jobs", "progress_jobs", "metrics_jobs",
-                 "schedule_jobs", "isolation_jobs", "rollup_jobs"}
+                 "schedule_jobs", "isolation_jobs", "rollup_jobs", "limit_jobs"}
 #: Written once, in helpers.py.
 SHARED = {"wait_until", "run_burst", "database_url", "unique_table", "drop_table", "status_counts",
           "attempts_histogram", "kill_session", "kill_sessions_tagged", "session_id", "kronix_in_parallel",

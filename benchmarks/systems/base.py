@@ -31,6 +31,7 @@ class Options:
     driver: str | None = None        # pgqueuer's database driver: "asyncpg" or "psycopg"
     history_via: str = "sql"         # kronix: finish history jobs by one UPDATE ("sql") or the API ("api")
     claim_probes: int = 50           # kronix drain: single claims timed before the drain (0: none)
+    limit_concurrency: int | None = None  # kronix: driver.set_limits(queue, concurrency=N) first (None: unlimited)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)

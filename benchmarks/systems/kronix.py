@@ -55,6 +55,8 @@ class KronixSystem(System):
 
     def create(self):
         self.driver.create_table()
+        if self.options.limit_concurrency is not None:
+            self.driver.set_limits(QUEUE, concurrency=self.options.limit_concurrency, create=True)
 
     def drop(self):
         self.driver.drop_table()
