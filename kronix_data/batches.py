@@ -28,9 +28,11 @@ from .chunking import checked_batch_id, chunks, default_batch_id, frame_batch_id
 from .errors import InvalidInputError, NotFoundError
 from .history import time_bound
 from .job import Job, JobStatus, decode_json, new_job_id
-from .progress import BatchView, batch_eta, batch_view, chunk_number, format_duration, stragglers_frame
+from .progress import (BatchView, batch_eta, batch_view, chunk_number, format_duration, running_count,
+                       stragglers_frame)
 from .store import JobStore, WaitGroup
 from .tasks import Task
+from .workers import live_slots
 
 
 class QueueHandle(Protocol):
@@ -281,35 +283,60 @@ _BAR_FORMAT = "{l_bar}{bar}| {n_fmt}/{total_fmt} {unit} [{elapsed}{postfix}]"
 
 
 def _progress_bar(batch: Batch, total: float, unit: str, position: float, postfix: dict[str, Any]):
-    """A tqdm bar made once its total is known (a Jupyter bar's length is fixed when it is made)."""
+    """A tqdm bar made once its total is known (a Jupyter bar's length is fixed when it is made).
+
+    ``dynamic_ncols``: the whole width of a terminal, and of a notebook's output (tqdm.notebook's
+    default is a narrow bar of a fixed size).
+    """
     try:
         from tqdm.auto import tqdm
     except ImportError as error:
         raise ImportError("Batch.wait(progress=True) needs tqdm: pip install 'kronix-data[notebook]' "
                           "(or pass progress=False)") from error
     return tqdm(total=total, initial=position, desc=batch.name or batch.id, unit=unit, bar_format=_BAR_FORMAT,
-                postfix=postfix)
+                postfix=postfix, dynamic_ncols=True)
+
+
+def _paint(bar, failed: bool) -> None:
+    """Red while chunks of the batch are dead-lettered: tqdm.notebook's "danger" style (which its own
+    close() keeps, instead of the green of success), a terminal bar's colour."""
+    widget = getattr(bar, "container", None)  # tqdm.notebook: an HBox of text, the progress widget, text
+    if widget is not None:
+        progress = widget.children[-2]
+        if failed:
+            progress.bar_style = "danger"
+        elif progress.bar_style == "danger":
+            progress.bar_style = ""
+    else:
+        bar.colour = "red" if failed else None
 
 
 def _show(bar, batch: Batch, view: BatchView):
     """Make or move the bar: in units when every chunk has a total, else in chunks (with the running
-    chunks' reported fractions); its ETA and counts in the postfix.  Returns the bar."""
+    chunks' reported fractions); its ETA and counts in the postfix.  Returns the bar (None for a batch
+    with no chunk: a bar of length 0 would be drawn as one of unknown length)."""
     counts, units_total = view.counts, view.units_total
     if units_total:
         total, unit, position = units_total, batch.unit + "s", view.units_finished
     else:
         total, unit, position = counts["total"], "chunks", view.chunks_finished
+    if not total:
+        return bar
     position = min(round(position, 1), total)
     position = int(position) if float(position).is_integer() else position
-    eta = timedelta(0) if view.done else batch_eta(batch.store, view)
-    postfix = {"eta": format_duration(eta), "failed": counts["failed"], "running": counts["processing"]}
+    slots = None if view.done or view.queue is None else live_slots(batch.store, view.queue)
+    eta = timedelta(0) if view.done else batch_eta(batch.store, view, slots=slots)
+    postfix = {"eta": format_duration(eta), "failed": counts["failed"],
+               "running": running_count(counts["processing"], slots)}
     if bar is None:
-        return _progress_bar(batch, total, unit, position, postfix)
-    if bar.total != total or bar.unit != unit:  # a task reported another total: a new length
-        bar.unit = unit
-        bar.reset(total=total)
-    bar.n = position
-    bar.set_postfix(postfix, refresh=False)
+        bar = _progress_bar(batch, total, unit, position, postfix)
+    else:
+        if bar.total != total or bar.unit != unit:  # a task reported another total: a new length
+            bar.unit = unit
+            bar.reset(total=total)
+        bar.n = position
+        bar.set_postfix(postfix, refresh=False)
+    _paint(bar, counts["failed"] > 0)
     bar.refresh()
     return bar
 

@@ -266,13 +266,30 @@ def batch_view(store: JobStore, batch_id: str, *, on_primary: bool = False) -> B
     return BatchView(store.read_batch_progress(batch_id, on_primary=on_primary))
 
 
-def batch_eta(store: JobStore, view: BatchView) -> timedelta | None:
-    """``estimate_eta`` with the live workers' slots on the batch's queue, as a timedelta."""
+_UNREAD = object()
+
+
+def batch_eta(store: JobStore, view: BatchView, *, slots: int | None | object = _UNREAD) -> timedelta | None:
+    """``estimate_eta`` with the live workers' slots on the batch's queue (read, unless given), as a timedelta."""
     if view.done:
         return timedelta(0)
     queue = view.queue
-    seconds = estimate_eta(view, live_slots(store, queue) if queue is not None else None)
+    if slots is _UNREAD:
+        slots = live_slots(store, queue) if queue is not None else None
+    seconds = estimate_eta(view, slots)
     return None if seconds is None else timedelta(seconds=seconds)
+
+
+def running_count(claimed: int, slots: int | None) -> int:
+    """How many claimed jobs can be running: at most the live workers' threads (``slots``; None: unknown).
+
+    A worker holds more jobs than it runs: it claims short jobs ahead of its free
+    threads, and a finished job stays ``processing`` until its completion is
+    written with the next claim.  So ``processing`` counts the jobs *claimed*;
+    the jobs *running* are no more than the claimed ones and no more than the
+    threads of the live workers serving the queue (``driver.workers()``).
+    """
+    return claimed if slots is None else min(claimed, slots)
 
 
 def p95_run_time(store: JobStore, batch_id: str) -> float | None:

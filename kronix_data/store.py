@@ -171,6 +171,7 @@ class JobStore:
                                         f"{self.read_engine.dialect.name} for {self.engine.dialect.name}")
             self._analytics_reader = read_dialect.reader(self.read_engine)
         self._lag = threading.local()
+        self._snapshot = threading.local()  # the connection of a consistent_reads() block, per thread
 
     def __repr__(self) -> str:
         standby = f", read_db={self.read_engine.url.render_as_string(hide_password=True)!r}" if self.read_engine else ""
@@ -207,9 +208,30 @@ class JobStore:
             yield conn
 
     @contextmanager
+    def consistent_reads(self) -> Iterator[None]:
+        """Every analytics read of this thread inside the block in one read transaction, one snapshot: the
+        figures of a monitor's refresh (counts per queue, per batch, failures, workers) agree with each other."""
+        pinned = getattr(self._snapshot, "conn", None)
+        if pinned is not None:  # nested: the outer block's snapshot
+            yield
+            return
+        reader = self.dialect.snapshot_reader(self._analytics_reader)
+        with self._connected(reader) as conn:
+            self._lag.seconds = self.dialect.replay_lag_s(conn) if self.read_engine is not None else 0.0
+            self._snapshot.conn = conn
+            try:
+                yield
+            finally:
+                self._snapshot.conn = None
+
+    @contextmanager
     def _reading_analytics(self) -> Iterator[sa.Connection]:
         """A connection for the analytics views: the standby's when there is one (its replay lag read first,
-        for :meth:`read_lag_s`), else the same as :meth:`_reading`."""
+        for :meth:`read_lag_s`), else the same as :meth:`_reading`; inside :meth:`consistent_reads`, its."""
+        pinned = getattr(self._snapshot, "conn", None)
+        if pinned is not None:
+            yield pinned
+            return
         if self.read_engine is None:
             self._lag.seconds = 0.0
             with self._reading() as conn:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import threading
@@ -29,6 +30,11 @@ def sum_chunk(payload):
     return sum(range(payload["start"], payload["stop"]))
 
 
+def cells(page: str) -> list[str]:
+    """The text of every table cell of an HTML page (the tables carry inline styles)."""
+    return re.findall(r"<td[^>]*>(.*?)</td>", page)
+
+
 @pytest.fixture(autouse=True)
 def no_monitor_thread_left_behind():
     yield
@@ -53,13 +59,18 @@ def test_refresh_shows_counts_bars_failures_and_throughput(driver):
     row = monitor.stats.iloc[0]
     assert (row["queue"], row["pending"], row["processing"], row["completed"], row["failed"]) == (
         "default", 0, 0, 8, 2)
-    assert "<td>default</td>" in monitor.counts.value
-    assert "<td>8</td>" in monitor.counts.value and "<td>2</td>" in monitor.counts.value
+    headings = re.findall(r"<th[ >][^>]*>(.*?)</th>", monitor.counts.value)
+    assert headings[:9] == ["queue", "pending", "waiting", "running", "claimed", "completed", "failed",
+                            "cancelled", "oldest pending (s)"]
+    assert cells(monitor.counts.value)[:8] == ["default", "0", "0", "0", "0", "8", "2", "0"]
+    assert "padding: 3px 10px" in monitor.counts.value and "text-align: right" in monitor.counts.value
     assert monitor.batch_progress == {batch.id: {"total": 10, "pending": 0, "processing": 0,
                                                  "completed": 8, "failed": 2, "waiting": 0, "cancelled": 0}}
     bar = monitor.progress_bars[batch.id]
     assert (bar.value, bar.max, bar.bar_style) == (10, 10, "danger")
-    assert "10/10 done" in monitor.batch_box.children[0].children[1].value
+    heading, (_, label) = monitor.batch_box.children[0].children[0], monitor.batch_box.children[0].children[1].children
+    assert "test.monitor.chunk" in heading.value and batch.id in heading.value  # the full name and id
+    assert label.value.startswith("10/10 done · 8 completed · 2 failed · 0 running")
     assert sorted(monitor.failures["error_type"]) == ["KeyError", "ValueError"]
     assert set(monitor.failures["name"]) == {"test.monitor.chunk"}
     assert {"bad rows in chunk 3", "'bad rows in chunk 7'"} == set(monitor.failures["error_message"])
@@ -198,7 +209,7 @@ def test_a_cell_ending_in_a_monitor_shows_the_widget_and_an_html_snapshot(driver
         bundle = monitor._repr_mimebundle_()
     assert bundle["application/vnd.jupyter.widget-view+json"]["model_id"] == monitor.widget.model_id
     assert batch.id in bundle["text/html"] and "0/3 done" in bundle["text/html"]
-    assert "<td>3</td>" in bundle["text/html"]  # three pending chunks
+    assert cells(bundle["text/html"])[:2] == ["default", "3"]  # three pending chunks
     assert bundle["text/plain"].startswith(f"QueueMonitor({driver.table_name!r}, running")
     assert not monitor.running  # the with block stopped it
 
