@@ -14,7 +14,6 @@ as much as the one ``enqueue_chunks`` returned.
 
 from __future__ import annotations
 
-import html
 import math
 import time
 from collections.abc import Mapping, Sequence
@@ -243,14 +242,19 @@ class Batch:
     # -- display ------------------------------------------------------------
 
     def _repr_html_(self) -> str:
+        """The batch as static HTML (its name and id, a bar of its finished chunks, its counts), with inline
+        styles only, so it reads the same in JupyterLab, VS Code notebooks and nbconvert's HTML."""
+        from . import monitor_html
+
         counts = self.progress()
         finished = counts["completed"] + counts["failed"] + counts["cancelled"]
-        cells = "".join(f"<td>{counts[key]:,}</td>" for key in ("total", *_STATUSES))
-        heads = "".join(f"<th>{key}</th>" for key in ("total", *_STATUSES))
-        return (f"<div><b>Batch</b> <code>{html.escape(self.id)}</code> ({html.escape(str(self.name))}) "
-                f"<progress value='{finished}' max='{max(counts['total'], 1)}'></progress> "
-                f"{finished:,}/{counts['total']:,} finished"
-                f"<table><tr>{heads}</tr><tr>{cells}</tr></table></div>")
+        detail = monitor_html.batch_summary(counts).replace(" done", " finished", 1)
+        if counts["units_total"]:
+            detail += f" · {counts['units_done']:,g}/{counts['units_total']:,g} {self.unit}s"
+        shown = pd.DataFrame([{key: counts[key] for key in ("total", *_STATUSES)}])
+        return (f"<div>{monitor_html.batch_block(self.name, self.id, counts, detail)}"
+                f"{monitor_html.table(shown)}</div>") if finished or counts["total"] else (
+            f"<div>{monitor_html.batch_heading(self.name, self.id)} <i>no chunks</i></div>")
 
 
 def _concatenate(records: list[dict[str, Any]]) -> pd.DataFrame | None:

@@ -224,6 +224,7 @@ class QueueMonitor:
         live view was shown, so a notebook run top to bottom still shows the last figures."""
         self.stop()
         self.closed = True
+        self._render_status()
         if self._display_id is not None:
             from IPython.display import update_display
 

@@ -15,8 +15,10 @@ import pandas as pd
 
 _FONT = "font-family: var(--jp-ui-font-family, system-ui, sans-serif); font-size: 13px"
 _TABLE = "border-collapse: collapse; margin: 4px 0 8px 0; " + _FONT
-_CELL = "padding: 3px 10px; border-bottom: 1px solid rgba(128, 128, 128, 0.25); white-space: nowrap"
-_HEAD = _CELL + "; font-weight: 600; border-bottom: 1px solid rgba(128, 128, 128, 0.6)"
+_CELL = "padding: 3px 8px; border-bottom: 1px solid rgba(128, 128, 128, 0.25); white-space: nowrap"
+#: Headings may wrap ("oldest pending (s)" on two lines), so a wide table still fits a notebook's output.
+_HEAD = ("padding: 3px 8px; border-bottom: 1px solid rgba(128, 128, 128, 0.6); font-weight: 600; "
+         "vertical-align: bottom; white-space: normal")
 #: Bar colours by style, as ipywidgets names them (info: running, success: done, danger: failures).
 COLOURS = {"info": "#2196f3", "success": "#4caf50", "danger": "#e53935", "": "#2196f3"}
 

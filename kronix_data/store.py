@@ -215,8 +215,8 @@ class JobStore:
         if pinned is not None:  # nested: the outer block's snapshot
             yield
             return
-        reader = self.dialect.snapshot_reader(self._analytics_reader)
-        with self._connected(reader) as conn:
+        with self._connected(self._analytics_reader) as conn:
+            self.dialect.read_one_snapshot(conn)
             self._lag.seconds = self.dialect.replay_lag_s(conn) if self.read_engine is not None else 0.0
             self._snapshot.conn = conn
             try:

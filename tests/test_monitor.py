@@ -63,7 +63,7 @@ def test_refresh_shows_counts_bars_failures_and_throughput(driver):
     assert headings[:9] == ["queue", "pending", "waiting", "running", "claimed", "completed", "failed",
                             "cancelled", "oldest pending (s)"]
     assert cells(monitor.counts.value)[:8] == ["default", "0", "0", "0", "0", "8", "2", "0"]
-    assert "padding: 3px 10px" in monitor.counts.value and "text-align: right" in monitor.counts.value
+    assert "padding: 3px 8px" in monitor.counts.value and "text-align: right" in monitor.counts.value
     assert monitor.batch_progress == {batch.id: {"total": 10, "pending": 0, "processing": 0,
                                                  "completed": 8, "failed": 2, "waiting": 0, "cancelled": 0}}
     bar = monitor.progress_bars[batch.id]
@@ -262,3 +262,50 @@ def test_a_queue_toggle_pauses_the_queue_for_every_worker_and_shows_a_pause_made
         assert other_driver.pop("etl").payload == 1
     finally:
         monitor.close()
+
+
+def test_close_leaves_a_static_snapshot_where_the_live_view_was_shown(driver, monkeypatch):
+    import IPython.display
+
+    sent = []
+    monkeypatch.setattr(IPython.display, "display", lambda bundle, **options: sent.append(("display", bundle, options)))
+    monkeypatch.setattr(IPython.display, "update_display",
+                        lambda bundle, **options: sent.append(("update", bundle, options)))
+    batch = driver.map(sum_chunk, range(40), chunk_size=10)  # chunk 3 fails
+    run_burst(driver)
+    monitor = QueueMonitor(driver, refresh=0.05, batches=[batch])
+    monitor._ipython_display_()  # what a cell ending in `monitor` does
+    [(kind, shown, options)] = sent
+    assert kind == "display" and options["raw"] and options["display_id"].startswith("kronix-monitor-")
+    assert "application/vnd.jupyter.widget-view+json" in shown and "text/html" in shown
+
+    monitor.close()
+    kind, snapshot, update = sent[-1]
+    assert kind == "update" and update["display_id"] == options["display_id"]  # the same output, replaced
+    assert set(snapshot) == {"text/html", "text/plain"}  # no widget: it is closed
+    page = snapshot["text/html"]
+    assert "closed: the figures of its last refresh" in page and "test.monitor.chunk" in page and batch.id in page
+    assert "4/4 done · 3 completed · 1 failed" in page and "kronix-bar" in page and "#e53935" in page  # red: a failure
+    assert snapshot["text/plain"].startswith(f"QueueMonitor({driver.table_name!r}, closed")
+    assert not monitor.running and monitor.widget.comm is None
+    assert "application/vnd.jupyter.widget-view+json" not in monitor._repr_mimebundle_()
+
+
+def test_running_is_at_most_the_live_workers_threads_and_claimed_is_every_held_job(driver):
+    from kronix_data.worker_options import WorkerOptions
+    from kronix_data.workers import worker_beat
+
+    batch = driver.map(sum_chunk, range(100), chunk_size=10)
+    held = driver.pop_many(5)  # claimed ahead, as a worker does for short jobs
+    monitor = QueueMonitor(driver, batches=[batch], start=False)
+    assert monitor.queue_running == {"default": 5}  # no worker in the registry: nothing bounds it
+    one_thread = WorkerOptions(queues=("default",), concurrency=2)
+    driver.store.heartbeat(driver.worker_id, held, [], worker_beat(driver.worker_id, one_thread, 2, starting=True))
+    monitor.refresh_now()
+    assert monitor.queue_running == {"default": 2} and monitor.stats.iloc[0]["processing"] == 5
+    assert cells(monitor.counts.value)[:5] == ["default", "5", "0", "2", "5"]  # pending, waiting, running, claimed
+    assert "2 running · 5 claimed" in monitor._batch_label(batch.id).value
+    elsewhere = WorkerOptions(queues=("other",), concurrency=8)
+    driver.store.heartbeat(driver.worker_id, [], [], worker_beat(driver.worker_id, elsewhere, 0))
+    monitor.refresh_now()
+    assert monitor.queue_running == {"default": 0}  # its one live worker serves another queue now

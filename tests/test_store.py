@@ -234,3 +234,19 @@ def test_a_connection_cut_mid_call_is_database_unavailable_and_the_next_call_rec
         driver.size()
     assert cut and isinstance(raised.value, sa.exc.OperationalError) and raised.value.connection_invalidated
     assert driver.size() == 1 and driver.pop().status is JobStatus.PROCESSING
+
+
+def test_reads_inside_consistent_reads_see_one_snapshot_and_writes_meanwhile_after_it(store, other_driver):
+    """A monitor's refresh reads counts per queue, per batch and the history apart: inside one
+    consistent_reads() block they agree, though another connection commits jobs between them."""
+    store.insert_jobs([store.row_for_push(Job("n", i, batch_id="b")) for i in range(3)])
+    with store.consistent_reads():
+        before = sorted(store.count_jobs_by_queue_and_status())
+        other_driver.push_many([Job("n", 9, batch_id="b"), Job("n", 10, queue="other")])  # committed meanwhile
+        with store.consistent_reads():  # nested: the same snapshot
+            assert store.count_batch_by_status("b") == {"pending": 3}
+        assert sorted(store.count_jobs_by_queue_and_status()) == before == [("default", "pending", 3)]
+        assert len(store.read_history(["id"], batch="b")) == 3
+        assert store.count_batch_by_status("b", on_primary=True) == {"pending": 4}  # a decision's read: fresh
+    assert store.count_batch_by_status("b") == {"pending": 4}
+    assert sorted(store.count_jobs_by_queue_and_status()) == [("default", "pending", 4), ("other", "pending", 1)]
