@@ -27,11 +27,10 @@ from .chunking import checked_batch_id, chunks, default_batch_id, frame_batch_id
 from .errors import InvalidInputError, NotFoundError
 from .history import time_bound
 from .job import Job, JobStatus, decode_json, new_job_id
-from .progress import (BatchView, batch_eta, batch_view, chunk_number, format_duration, running_count,
-                       stragglers_frame)
+from .progress import BatchView, batch_eta, batch_view, chunk_number, format_duration, stragglers_frame
 from .store import JobStore, WaitGroup
 from .tasks import Task
-from .workers import live_slots
+from .workers import running_count, slots_of, worker_records
 
 
 class QueueHandle(Protocol):
@@ -145,7 +144,9 @@ class Batch:
         The bar counts units when every chunk has a total (rows, for a DataFrame
         batch), else chunks, and advances within running chunks as their tasks
         report progress; it shows :meth:`eta`.  Dead-lettered and cancelled chunks
-        count as finished (the bar shows how many failed); look at :meth:`failures`.
+        count as finished (the bar shows how many failed, and is red while any has);
+        look at :meth:`failures`.  ``running`` in the bar is the claimed chunks, at
+        most each live worker's threads (:func:`~kronix_data.workers.running_count`).
         Returns the batch, so ``batch.wait().results()`` reads well.
 
         Raises
@@ -328,10 +329,10 @@ def _show(bar, batch: Batch, view: BatchView):
         return bar
     position = min(round(position, 1), total)
     position = int(position) if float(position).is_integer() else position
-    slots = None if view.done or view.queue is None else live_slots(batch.store, view.queue)
+    records = [] if view.done else worker_records(batch.store)
+    slots = None if view.done or view.queue is None else slots_of(records, view.queue)
     eta = timedelta(0) if view.done else batch_eta(batch.store, view, slots=slots)
-    postfix = {"eta": format_duration(eta), "failed": counts["failed"],
-               "running": running_count(counts["processing"], slots)}
+    postfix = {"eta": format_duration(eta), "failed": counts["failed"], "running": running_count(view.held, records)}
     if bar is None:
         bar = _progress_bar(batch, total, unit, position, postfix)
     else:

@@ -26,8 +26,8 @@ from . import monitor_html
 from .analytics import split_error
 from .batches import Batch
 from .errors import InvalidInputError
-from .progress import STRAGGLER_COLUMNS, batch_eta, batch_view, format_duration, running_count, stragglers_frame
-from .workers import LIVE, WORKER_COLUMNS
+from .progress import STRAGGLER_COLUMNS, batch_eta, batch_view, format_duration, stragglers_frame
+from .workers import WORKER_COLUMNS, running_count
 
 log = logging.getLogger(__name__)
 
@@ -35,8 +35,8 @@ INSTALL_HINT = "QueueMonitor needs ipywidgets; install it with: pip install 'kro
 
 #: The counts table's columns (as fetch_stats names them, and ``running``: see below) and their headings.
 #: ``processing`` is every job a worker holds, so it is shown as "claimed"; "running" is at most the
-#: claimed jobs and at most the threads of the live workers serving the queue (``progress.running_count``):
-#: a worker claims short jobs ahead of its free threads, and a finished job stays ``processing`` until its
+#: claimed jobs, counting for each live worker at most its threads (``workers.running_count``): a worker
+#: claims short jobs ahead of its free threads, and a finished job stays ``processing`` until its
 #: completion is written with the next claim, so "claimed" can be above what runs.
 COUNT_COLUMNS = {"queue": "queue", "pending": "pending", "waiting": "waiting", "running": "running",
                  "processing": "claimed", "completed": "completed", "failed": "failed", "cancelled": "cancelled",
@@ -135,8 +135,8 @@ class QueueMonitor:
         self.stragglers = pd.DataFrame(columns=["batch_id", *STRAGGLER_COLUMNS])
         #: driver.workers(): live workers, and those stopped or gone in the last hour.
         self.workers = pd.DataFrame(columns=list(WORKER_COLUMNS))
-        #: batch id -> its queue, as of the last refresh that read its chunks
-        self.batch_queues: dict[str, str | None] = {}
+        #: unfinished batch id -> its chunks that can be running (see COUNT_COLUMNS), as of the last refresh
+        self.batch_running: dict[str, int] = {}
         #: A running chunk is a straggler past this many times its batch's p95 chunk run time.
         self.straggler_factor = 3.0
 
@@ -265,12 +265,13 @@ class QueueMonitor:
                     failures = self.driver.jobs(status="failed", limit=self.failure_limit) \
                         if self.failure_limit else None
                     progress = self._read_progress(batches)
+                    held = self.driver.store.count_held_by_queue_and_worker()
             except Exception as error:  # noqa: BLE001 - any database trouble is shown, never raised
                 self.error_count += 1
                 self.last_error = f"{type(error).__name__}: {_first_line(error)}"
                 self._render_status()
                 return False
-            self._show_stats(stats, progress[3])
+            self._show_stats(stats, held, progress[3])
             self._show_queues(list(stats["queue"]), settings)
             self._show_batches(batches)
             self._show_progress(*progress)
@@ -288,10 +289,13 @@ class QueueMonitor:
                 names = self.driver.store.names_in_batch(batch_id)
                 self.batch_names[batch_id] = names[0] if len(names) == 1 else None
 
-    def _show_stats(self, stats: pd.DataFrame, workers: pd.DataFrame) -> None:
+    def _show_stats(self, stats: pd.DataFrame, held: list[tuple[str, str | None, int]],
+                    workers: pd.DataFrame) -> None:
         self.stats = stats
-        self.queue_running = {queue: running_count(int(claimed), _slots(workers, queue))
-                        for queue, claimed in zip(stats["queue"], stats["processing"])}
+        records, by_queue = workers.to_dict("records"), {}
+        for queue, holder, count in held:
+            by_queue.setdefault(queue, {})[holder] = int(count)
+        self.queue_running = {queue: running_count(by_queue.get(queue, {}), records) for queue in stats["queue"]}
         self.replica_lag_s = stats.attrs.get("replica_lag_s", 0.0)
         completed = int(stats["completed"].sum())
         now = time.monotonic()
@@ -391,20 +395,19 @@ class QueueMonitor:
         return self._batch_rows[batch_id].children[1].children[1]
 
     def _batch_running(self, batch_id: str, counts: dict[str, int]) -> int:
-        """A batch's claimed chunks that can be running: at most its queue's running jobs."""
-        queue = self.batch_queues.get(batch_id)
-        return min(counts["processing"], self.queue_running.get(queue, counts["processing"]))
+        """A batch's claimed chunks that can be running (``workers.running_count`` of their holders)."""
+        return min(counts["processing"], self.batch_running.get(batch_id, 0))
 
     # -- progress within running batches, stragglers and workers ---------------------
 
     def _read_progress(self, batches: dict[str, dict[str, int]]) -> tuple[dict, dict, pd.DataFrame, pd.DataFrame]:
         """For each unfinished batch shown: its units, ETA and stragglers; and the worker registry."""
-        store, units, etas, stragglers = self.driver.store, {}, {}, []
+        store, units, etas, stragglers, held = self.driver.store, {}, {}, [], {}
         for batch_id, counts in batches.items():
             if not any(counts[status] for status in ("pending", "waiting", "processing")):
                 continue
             view = batch_view(store, batch_id)
-            self.batch_queues[batch_id] = view.queue
+            held[batch_id] = view.held
             units[batch_id] = {"units_done": view.units_done, "units_total": view.units_total,
                                "units_running": view.units_running}
             etas[batch_id] = batch_eta(store, view)
@@ -413,7 +416,10 @@ class QueueMonitor:
                 stragglers.append(found.assign(batch_id=batch_id)[["batch_id", *STRAGGLER_COLUMNS]])
         frame = pd.concat(stragglers, ignore_index=True) if stragglers else pd.DataFrame(
             columns=["batch_id", *STRAGGLER_COLUMNS])
-        return units, etas, frame, self.driver.workers()
+        workers = self.driver.workers()
+        records = workers.to_dict("records")
+        self.batch_running = {batch_id: running_count(holders, records) for batch_id, holders in held.items()}
+        return units, etas, frame, workers
 
     def _show_progress(self, units: dict, etas: dict, stragglers: pd.DataFrame, workers: pd.DataFrame) -> None:
         self.batch_units, self.batch_eta, self.stragglers, self.workers = units, etas, stragglers, workers
@@ -553,14 +559,6 @@ def _batch_id(batch: Any) -> str:
     if not isinstance(batch_id, str):
         raise InvalidInputError(f"batches takes Batch handles or batch ids, got {type(batch).__name__}")
     return batch_id
-
-
-def _slots(workers: pd.DataFrame, queue: str) -> int | None:
-    """The threads of the live workers serving ``queue`` (None: the registry knows no worker at all)."""
-    if not len(workers):
-        return None
-    live = workers[(workers["state"] == LIVE) & workers["queues"].map(lambda queues: queue in queues)]
-    return int(live["concurrency"].sum())
 
 
 def _first_line(error: BaseException) -> str:

@@ -167,6 +167,14 @@ class BatchView:
         return not any(counts[status] for status in _UNFINISHED)
 
     @property
+    def held(self) -> dict[str | None, int]:
+        """The running chunks by the worker that holds them (``reserved_by`` -> chunks)."""
+        held: dict[str | None, int] = {}
+        for row in self.rows.running:
+            held[row["reserved_by"]] = held.get(row["reserved_by"], 0) + 1
+        return held
+
+    @property
     def queue(self) -> str | None:
         queues = [row["queue"] for row in self.rows.by_status.values() if row["queue"] is not None]
         return min(queues) if queues else None
@@ -278,18 +286,6 @@ def batch_eta(store: JobStore, view: BatchView, *, slots: int | None | object = 
         slots = live_slots(store, queue) if queue is not None else None
     seconds = estimate_eta(view, slots)
     return None if seconds is None else timedelta(seconds=seconds)
-
-
-def running_count(claimed: int, slots: int | None) -> int:
-    """How many claimed jobs can be running: at most the live workers' threads (``slots``; None: unknown).
-
-    A worker holds more jobs than it runs: it claims short jobs ahead of its free
-    threads, and a finished job stays ``processing`` until its completion is
-    written with the next claim.  So ``processing`` counts the jobs *claimed*;
-    the jobs *running* are no more than the claimed ones and no more than the
-    threads of the live workers serving the queue (``driver.workers()``).
-    """
-    return claimed if slots is None else min(claimed, slots)
 
 
 def p95_run_time(store: JobStore, batch_id: str) -> float | None:

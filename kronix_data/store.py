@@ -830,6 +830,15 @@ class JobStore:
             return [tuple(row) for row in conn.execute(
                 sa.select(c.queue, c.status, sa.func.count()).group_by(c.status, c.queue))]
 
+    def count_held_by_queue_and_worker(self) -> list[tuple[str, str | None, int]]:
+        """COUNT the held (``processing``) jobs by queue and the worker holding them (``<table>_status``
+        finds them; they are few)."""
+        c = self.table.c
+        with self._reading_analytics() as conn:
+            return [tuple(row) for row in conn.execute(
+                sa.select(c.queue, c.reserved_by, sa.func.count()).where(c.status == PROCESSING)
+                .group_by(c.queue, c.reserved_by))]
+
     def read_queue_settings(self) -> dict[str, dict[str, Any]]:
         """SELECT every queue's settings row (a queue without one has the defaults)."""
         queues = self.tables.queues

@@ -298,14 +298,19 @@ def test_running_is_at_most_the_live_workers_threads_and_claimed_is_every_held_j
     batch = driver.map(sum_chunk, range(100), chunk_size=10)
     held = driver.pop_many(5)  # claimed ahead, as a worker does for short jobs
     monitor = QueueMonitor(driver, batches=[batch], start=False)
-    assert monitor.queue_running == {"default": 5}  # no worker in the registry: nothing bounds it
-    one_thread = WorkerOptions(queues=("default",), concurrency=2)
-    driver.store.heartbeat(driver.worker_id, held, [], worker_beat(driver.worker_id, one_thread, 2, starting=True))
+    assert monitor.queue_running == {"default": 5}  # a holder the registry does not know: all may run
+    assert "5 running" in monitor._batch_label(batch.id).value
+    two_threads = WorkerOptions(queues=("default",), concurrency=2)
+    driver.store.heartbeat(driver.worker_id, held, [], worker_beat(driver.worker_id, two_threads, 2, starting=True))
     monitor.refresh_now()
     assert monitor.queue_running == {"default": 2} and monitor.stats.iloc[0]["processing"] == 5
     assert cells(monitor.counts.value)[:5] == ["default", "5", "0", "2", "5"]  # pending, waiting, running, claimed
     assert "2 running · 5 claimed" in monitor._batch_label(batch.id).value
-    elsewhere = WorkerOptions(queues=("other",), concurrency=8)
-    driver.store.heartbeat(driver.worker_id, [], [], worker_beat(driver.worker_id, elsewhere, 0))
+    silent = WorkerOptions(queues=("default",), concurrency=2, lease_timeout=0.01)
+    driver.store.heartbeat(driver.worker_id, [], [], worker_beat(driver.worker_id, silent, 2))
+    wait_until(lambda: monitor.refresh_now() and monitor.queue_running == {"default": 0}, 10,
+               "the worker to count as gone")  # a gone worker runs nothing: its jobs wait for their lease
+    assert "0 running · 5 claimed" in monitor._batch_label(batch.id).value
+    driver.store.mark_worker_stopped(driver.worker_id)
     monitor.refresh_now()
-    assert monitor.queue_running == {"default": 0}  # its one live worker serves another queue now
+    assert monitor.queue_running == {"default": 5}  # held since it stopped: taken by hand, all may run
