@@ -14,7 +14,6 @@ as much as the one ``enqueue_chunks`` returned.
 
 from __future__ import annotations
 
-import html
 import math
 import time
 from collections.abc import Mapping, Sequence
@@ -32,6 +31,7 @@ from .limits import RateWindow
 from .progress import BatchView, batch_eta, batch_view, chunk_number, format_duration, stragglers_frame
 from .store import JobStore, WaitGroup
 from .tasks import Task
+from .workers import running_count, slots_of, worker_records
 
 
 class QueueHandle(Protocol):
@@ -146,7 +146,9 @@ class Batch:
         The bar counts units when every chunk has a total (rows, for a DataFrame
         batch), else chunks, and advances within running chunks as their tasks
         report progress; it shows :meth:`eta`.  Dead-lettered and cancelled chunks
-        count as finished (the bar shows how many failed); look at :meth:`failures`.
+        count as finished (the bar shows how many failed, and is red while any has);
+        look at :meth:`failures`.  ``running`` in the bar is the claimed chunks, at
+        most each live worker's threads (:func:`~kronix_data.workers.running_count`).
         Returns the batch, so ``batch.wait().results()`` reads well.
 
         Raises
@@ -243,14 +245,19 @@ class Batch:
     # -- display ------------------------------------------------------------
 
     def _repr_html_(self) -> str:
+        """The batch as static HTML (its name and id, a bar of its finished chunks, its counts), with inline
+        styles only, so it reads the same in JupyterLab, VS Code notebooks and nbconvert's HTML."""
+        from . import monitor_html
+
         counts = self.progress()
         finished = counts["completed"] + counts["failed"] + counts["cancelled"]
-        cells = "".join(f"<td>{counts[key]:,}</td>" for key in ("total", *_STATUSES))
-        heads = "".join(f"<th>{key}</th>" for key in ("total", *_STATUSES))
-        return (f"<div><b>Batch</b> <code>{html.escape(self.id)}</code> ({html.escape(str(self.name))}) "
-                f"<progress value='{finished}' max='{max(counts['total'], 1)}'></progress> "
-                f"{finished:,}/{counts['total']:,} finished"
-                f"<table><tr>{heads}</tr><tr>{cells}</tr></table></div>")
+        detail = monitor_html.batch_summary(counts).replace(" done", " finished", 1)
+        if counts["units_total"]:
+            detail += f" · {counts['units_done']:,g}/{counts['units_total']:,g} {self.unit}s"
+        shown = pd.DataFrame([{key: counts[key] for key in ("total", *_STATUSES)}])
+        return (f"<div>{monitor_html.batch_block(self.name, self.id, counts, detail)}"
+                f"{monitor_html.table(shown)}</div>") if finished or counts["total"] else (
+            f"<div>{monitor_html.batch_heading(self.name, self.id)} <i>no chunks</i></div>")
 
 
 def _concatenate(records: list[dict[str, Any]]) -> pd.DataFrame | None:
@@ -283,35 +290,60 @@ _BAR_FORMAT = "{l_bar}{bar}| {n_fmt}/{total_fmt} {unit} [{elapsed}{postfix}]"
 
 
 def _progress_bar(batch: Batch, total: float, unit: str, position: float, postfix: dict[str, Any]):
-    """A tqdm bar made once its total is known (a Jupyter bar's length is fixed when it is made)."""
+    """A tqdm bar made once its total is known (a Jupyter bar's length is fixed when it is made).
+
+    ``dynamic_ncols``: the whole width of a terminal, and of a notebook's output (tqdm.notebook's
+    default is a narrow bar of a fixed size).
+    """
     try:
         from tqdm.auto import tqdm
     except ImportError as error:
         raise ImportError("Batch.wait(progress=True) needs tqdm: pip install 'kronix-data[notebook]' "
                           "(or pass progress=False)") from error
     return tqdm(total=total, initial=position, desc=batch.name or batch.id, unit=unit, bar_format=_BAR_FORMAT,
-                postfix=postfix)
+                postfix=postfix, dynamic_ncols=True)
+
+
+def _paint(bar, failed: bool) -> None:
+    """Red while chunks of the batch are dead-lettered: tqdm.notebook's "danger" style (which its own
+    close() keeps, instead of the green of success), a terminal bar's colour."""
+    widget = getattr(bar, "container", None)  # tqdm.notebook: an HBox of text, the progress widget, text
+    if widget is not None:
+        progress = widget.children[-2]
+        if failed:
+            progress.bar_style = "danger"
+        elif progress.bar_style == "danger":
+            progress.bar_style = ""
+    else:
+        bar.colour = "red" if failed else None
 
 
 def _show(bar, batch: Batch, view: BatchView):
     """Make or move the bar: in units when every chunk has a total, else in chunks (with the running
-    chunks' reported fractions); its ETA and counts in the postfix.  Returns the bar."""
+    chunks' reported fractions); its ETA and counts in the postfix.  Returns the bar (None for a batch
+    with no chunk: a bar of length 0 would be drawn as one of unknown length)."""
     counts, units_total = view.counts, view.units_total
     if units_total:
         total, unit, position = units_total, batch.unit + "s", view.units_finished
     else:
         total, unit, position = counts["total"], "chunks", view.chunks_finished
+    if not total:
+        return bar
     position = min(round(position, 1), total)
     position = int(position) if float(position).is_integer() else position
-    eta = timedelta(0) if view.done else batch_eta(batch.store, view)
-    postfix = {"eta": format_duration(eta), "failed": counts["failed"], "running": counts["processing"]}
+    records = [] if view.done else worker_records(batch.store)
+    slots = None if view.done or view.queue is None else slots_of(records, view.queue)
+    eta = timedelta(0) if view.done else batch_eta(batch.store, view, slots=slots)
+    postfix = {"eta": format_duration(eta), "failed": counts["failed"], "running": running_count(view.held, records)}
     if bar is None:
-        return _progress_bar(batch, total, unit, position, postfix)
-    if bar.total != total or bar.unit != unit:  # a task reported another total: a new length
-        bar.unit = unit
-        bar.reset(total=total)
-    bar.n = position
-    bar.set_postfix(postfix, refresh=False)
+        bar = _progress_bar(batch, total, unit, position, postfix)
+    else:
+        if bar.total != total or bar.unit != unit:  # a task reported another total: a new length
+            bar.unit = unit
+            bar.reset(total=total)
+        bar.n = position
+        bar.set_postfix(postfix, refresh=False)
+    _paint(bar, counts["failed"] > 0)
     bar.refresh()
     return bar
 

@@ -153,6 +153,12 @@ class QueueDialect:
         """The engine to run read-only queries on."""
         return engine
 
+    def read_one_snapshot(self, conn: sa.Connection) -> None:
+        """Make a fresh connection's transaction read one snapshot: every statement of a REPEATABLE READ
+        transaction sees the database as of its first (PostgreSQL, InnoDB; set on the connection, as an
+        engine's own READ COMMITTED would win over an engine option)."""
+        conn.execution_options(isolation_level="REPEATABLE READ")
+
     def missing_database(self, engine: sa.Engine) -> str | None:
         """Why the database itself is not there, found without creating it (None: it may be)."""
         return None
@@ -736,6 +742,9 @@ class SQLiteDialect(OnConflictDialect):
 
     def reader(self, engine):
         return self._reader
+
+    def read_one_snapshot(self, conn):
+        pass  # a deferred transaction under WAL already reads one snapshot, from its first read
 
     def missing_database(self, engine):
         # Connecting would create the file: an inspection of a mistyped path must not.

@@ -22,20 +22,25 @@ from typing import Any
 
 import pandas as pd
 
+from . import monitor_html
 from .analytics import split_error
 from .batches import Batch
 from .errors import InvalidInputError
 from .limits import limits_text
 from .progress import STRAGGLER_COLUMNS, batch_eta, batch_view, format_duration, stragglers_frame
-from .workers import WORKER_COLUMNS
+from .workers import WORKER_COLUMNS, running_count
 
 log = logging.getLogger(__name__)
 
 INSTALL_HINT = "QueueMonitor needs ipywidgets; install it with: pip install 'kronix-data[notebook]'"
 
-#: The counts table's columns (as fetch_stats names them) and their headings.
-COUNT_COLUMNS = {"queue": "queue", "pending": "pending", "waiting": "waiting", "processing": "running",
-                 "completed": "completed", "failed": "failed", "cancelled": "cancelled",
+#: The counts table's columns (as fetch_stats names them, and ``running``: see below) and their headings.
+#: ``processing`` is every job a worker holds, so it is shown as "claimed"; "running" is at most the
+#: claimed jobs, counting for each live worker at most its threads (``workers.running_count``): a worker
+#: claims short jobs ahead of its free threads, and a finished job stays ``processing`` until its
+#: completion is written with the next claim, so "claimed" can be above what runs.
+COUNT_COLUMNS = {"queue": "queue", "pending": "pending", "waiting": "waiting", "running": "running",
+                 "processing": "claimed", "completed": "completed", "failed": "failed", "cancelled": "cancelled",
                  "oldest_pending_age_s": "oldest pending (s)", "wait_s_p50": "wait p50 (s)",
                  "run_s_p50": "run p50 (s)", "throughput_per_s": "jobs/s"}
 _BATCH_COUNTS = ("total", "pending", "processing", "completed", "failed", "waiting", "cancelled")
@@ -100,7 +105,12 @@ class QueueMonitor:
         self.batches_since = batches_since
         self.batch_ids = None if batches is None else [_batch_id(batch) for batch in batches]
 
-        self.stats = pd.DataFrame(columns=list(COUNT_COLUMNS))
+        self.stats = pd.DataFrame(columns=[column for column in COUNT_COLUMNS if column != "running"])
+        #: queue -> the jobs that can be running now: the claimed ones, at most the live workers' threads
+        self.queue_running: dict[str, int] = {}
+        #: batch id -> its job name (None: unknown), for the headings of the bars
+        self.batch_names: dict[str, str | None] = {
+            _batch_id(batch): batch.name for batch in (batches or ()) if isinstance(batch, Batch)}
         self.failures = pd.DataFrame(columns=FAILURE_COLUMNS)
         #: batch id -> {"total", "pending", "processing", "completed", "failed", "waiting", "cancelled"}
         self.batch_progress: dict[str, dict[str, int]] = {}
@@ -128,6 +138,8 @@ class QueueMonitor:
         self.stragglers = pd.DataFrame(columns=["batch_id", *STRAGGLER_COLUMNS])
         #: driver.workers(): live workers, and those stopped or gone in the last hour.
         self.workers = pd.DataFrame(columns=list(WORKER_COLUMNS))
+        #: unfinished batch id -> its chunks that can be running (see COUNT_COLUMNS), as of the last refresh
+        self.batch_running: dict[str, int] = {}
         #: A running chunk is a straggler past this many times its batch's p95 chunk run time.
         self.straggler_factor = 3.0
 
@@ -145,9 +157,11 @@ class QueueMonitor:
         self.failure_table = widgets.HTML()
         self.straggler_table = widgets.HTML()
         self.workers_table = widgets.HTML()
-        self.retry_button = widgets.Button(description="Retry dead letters", icon="redo",
+        fit = widgets.Layout(width="auto", min_width="max-content")  # a button as wide as its label
+        self.retry_button = widgets.Button(description="Retry dead letters", icon="redo", layout=fit,
                                            tooltip="driver.retry_dead_letters(): every dead letter back to pending")
         self.pause_button = widgets.ToggleButton(value=False, description="Pause", icon="pause",
+                                                 layout=widgets.Layout(width="auto", min_width="max-content"),
                                                  tooltip="pause or resume the background refresh")
         self.status = widgets.HTML()
         self.retry_button.on_click(self._on_retry)
@@ -165,12 +179,15 @@ class QueueMonitor:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._notice = ""
+        self._display_id: str | None = None  # set once shown by _ipython_display_: close() replaces that output
+        self.closed = False
         self.refresh_now()
         if start:
             self.start()
 
     def __repr__(self) -> str:
-        state = "paused" if self.paused else "running" if self.running else "stopped"
+        state = ("closed" if self.closed else "paused" if self.paused else "running" if self.running
+                 else "stopped")
         return (f"QueueMonitor({self.driver.table_name!r}, {state}, every {self.refresh:g}s, "
                 f"{self.refresh_count} refreshes)")
 
@@ -207,8 +224,16 @@ class QueueMonitor:
         self._render_status()
 
     def close(self) -> None:
-        """Stop refreshing and close the widgets (the view disappears from the notebook)."""
+        """Stop refreshing and close the widgets, leaving a static snapshot (:meth:`_repr_html_`) where the
+        live view was shown, so a notebook run top to bottom still shows the last figures."""
         self.stop()
+        self.closed = True
+        self._render_status()
+        if self._display_id is not None:
+            from IPython.display import update_display
+
+            update_display({"text/html": self._repr_html_(), "text/plain": repr(self)}, raw=True,
+                           display_id=self._display_id)
         for widget in [self.widget, self._no_batches, *self._batch_rows.values()]:  # some may be out of view
             _close_tree(widget)
 
@@ -235,20 +260,23 @@ class QueueMonitor:
         """Read the queue once and update every widget; False (and the status line) on an error."""
         with self._lock:
             try:
-                stats = self.driver.fetch_stats(window=self.window)
-                settings = {row["queue"]: row for row in self.driver.queues().to_dict(orient="records")}
-                batches = self._read_batches()
-                # The newest few only: dead_letter_jobs() would read (and decode) every one each refresh.
-                failures = self.driver.jobs(status="failed", limit=self.failure_limit) if self.failure_limit \
-                    else None
-                progress = self._read_progress(batches)
-                timeline = self._read_timeline()
+                self._read_names()
+                with self.driver.store.consistent_reads():  # one snapshot: every figure of a refresh agrees
+                    stats = self.driver.fetch_stats(window=self.window)
+                    settings = {row["queue"]: row for row in self.driver.queues().to_dict(orient="records")}
+                    batches = self._read_batches()
+                    # The newest few only: dead_letter_jobs() would read (and decode) every one each refresh.
+                    failures = self.driver.jobs(status="failed", limit=self.failure_limit) \
+                        if self.failure_limit else None
+                    progress = self._read_progress(batches)
+                    held = self.driver.store.count_held_by_queue_and_worker()
+                    timeline = self._read_timeline()
             except Exception as error:  # noqa: BLE001 - any database trouble is shown, never raised
                 self.error_count += 1
                 self.last_error = f"{type(error).__name__}: {_first_line(error)}"
                 self._render_status()
                 return False
-            self._show_stats(stats)
+            self._show_stats(stats, held, progress[3])
             self._show_queues(list(stats["queue"]), settings)
             self._show_batches(batches)
             self._show_progress(*progress)
@@ -260,8 +288,20 @@ class QueueMonitor:
             self._render_status()
             return True
 
-    def _show_stats(self, stats: pd.DataFrame) -> None:
+    def _read_names(self) -> None:
+        """The job names of the batches asked for by id (read once each: a batch's name does not change)."""
+        for batch_id in self.batch_ids or ():
+            if batch_id not in self.batch_names:
+                names = self.driver.store.names_in_batch(batch_id)
+                self.batch_names[batch_id] = names[0] if len(names) == 1 else None
+
+    def _show_stats(self, stats: pd.DataFrame, held: list[tuple[str, str | None, int]],
+                    workers: pd.DataFrame) -> None:
         self.stats = stats
+        records, by_queue = workers.to_dict("records"), {}
+        for queue, holder, count in held:
+            by_queue.setdefault(queue, {})[holder] = int(count)
+        self.queue_running = {queue: running_count(by_queue.get(queue, {}), records) for queue in stats["queue"]}
         self.replica_lag_s = stats.attrs.get("replica_lag_s", 0.0)
         completed = int(stats["completed"].sum())
         now = time.monotonic()
@@ -270,8 +310,9 @@ class QueueMonitor:
             self.throughput_recent = max(completed - before, 0) / (now - before_at)  # prune() may lower it
         self._completed_before = (now, completed)
         self.throughput_window = float(stats["throughput_per_s"].sum()) if len(stats) else 0.0
-        shown = stats[list(COUNT_COLUMNS)].rename(columns=COUNT_COLUMNS)
-        self.counts.value = (_html_table(shown, float_format=_number) if len(stats)
+        shown = stats.assign(running=[self.queue_running[queue] for queue in stats["queue"]])
+        shown = shown[list(COUNT_COLUMNS)].rename(columns=COUNT_COLUMNS)
+        self.counts.value = (monitor_html.table(shown, float_format=_number) if len(stats)
                              else "<i>no jobs in this table yet</i>")
         self.throughput.value = (
             f"<b>Throughput</b>: {_number(self.throughput_window)} jobs/s over the last "
@@ -358,6 +399,7 @@ class QueueMonitor:
             return {batch_id: {key: count for key, count in Batch(batch_id, self.driver).progress().items()
                                if key in _BATCH_COUNTS} for batch_id in self.batch_ids}
         recent = self.driver.batches(since=self.batches_since).head(self.max_batches)  # newest first
+        self.batch_names.update(zip(recent["batch_id"], recent["name"].where(recent["name"].notna(), None)))
         return {record["batch_id"]: {key: int(record[key]) for key in _BATCH_COUNTS}
                 for record in recent.to_dict(orient="records")}
 
@@ -370,34 +412,40 @@ class QueueMonitor:
             self.batch_box.children = rows
 
     def _batch_row(self, batch_id: str, counts: dict[str, int]) -> None:
-        """Create or update one batch's bar: finished (completed + failed) out of total."""
+        """Create or update one batch's row: its full name and id above a bar of the finished chunks
+        (completed, failed or cancelled) out of the total, and the counts beside the bar."""
         widgets = self._widgets
         if batch_id not in self.progress_bars:
-            self.progress_bars[batch_id] = widgets.IntProgress(min=0, description=batch_id[:16],
-                                                               layout=widgets.Layout(width="60%"))
-            label = widgets.HTML()
-            self._batch_rows[batch_id] = widgets.HBox([self.progress_bars[batch_id], label])
+            self.progress_bars[batch_id] = widgets.IntProgress(min=0, layout=widgets.Layout(width="50%",
+                                                                                            min_width="200px"))
+            heading = widgets.HTML(monitor_html.batch_heading(self.batch_names.get(batch_id), batch_id))
+            self._batch_rows[batch_id] = widgets.VBox([heading, widgets.HBox([self.progress_bars[batch_id],
+                                                                              widgets.HTML()])])
         bar = self.progress_bars[batch_id]
         finished = counts["completed"] + counts["failed"] + counts["cancelled"]
         bar.max = max(counts["total"], 1)
         bar.value = min(finished, bar.max)
-        bar.bar_style = ("danger" if counts["failed"] else
-                         "success" if counts["total"] and finished == counts["total"] else "info")
-        self._batch_rows[batch_id].children[1].value = (
-            f"{finished:,}/{counts['total']:,} done · {counts['completed']:,} completed · "
-            f"{counts['failed']:,} failed · {counts['processing']:,} running"
-            + (f" · {counts['waiting']:,} waiting" if counts["waiting"] else "")
-            + (f" · {counts['cancelled']:,} cancelled" if counts["cancelled"] else ""))
+        bar.bar_style = monitor_html.bar_style(counts)
+        self._batch_label(batch_id).value = monitor_html.batch_summary(counts, self._batch_running(batch_id,
+                                                                                                   counts))
+
+    def _batch_label(self, batch_id: str):
+        return self._batch_rows[batch_id].children[1].children[1]
+
+    def _batch_running(self, batch_id: str, counts: dict[str, int]) -> int:
+        """A batch's claimed chunks that can be running (``workers.running_count`` of their holders)."""
+        return min(counts["processing"], self.batch_running.get(batch_id, 0))
 
     # -- progress within running batches, stragglers and workers ---------------------
 
     def _read_progress(self, batches: dict[str, dict[str, int]]) -> tuple[dict, dict, pd.DataFrame, pd.DataFrame]:
         """For each unfinished batch shown: its units, ETA and stragglers; and the worker registry."""
-        store, units, etas, stragglers = self.driver.store, {}, {}, []
+        store, units, etas, stragglers, held = self.driver.store, {}, {}, [], {}
         for batch_id, counts in batches.items():
             if not any(counts[status] for status in ("pending", "waiting", "processing")):
                 continue
             view = batch_view(store, batch_id)
+            held[batch_id] = view.held
             units[batch_id] = {"units_done": view.units_done, "units_total": view.units_total,
                                "units_running": view.units_running}
             etas[batch_id] = batch_eta(store, view)
@@ -406,12 +454,15 @@ class QueueMonitor:
                 stragglers.append(found.assign(batch_id=batch_id)[["batch_id", *STRAGGLER_COLUMNS]])
         frame = pd.concat(stragglers, ignore_index=True) if stragglers else pd.DataFrame(
             columns=["batch_id", *STRAGGLER_COLUMNS])
-        return units, etas, frame, self.driver.workers()
+        workers = self.driver.workers()
+        records = workers.to_dict("records")
+        self.batch_running = {batch_id: running_count(holders, records) for batch_id, holders in held.items()}
+        return units, etas, frame, workers
 
     def _show_progress(self, units: dict, etas: dict, stragglers: pd.DataFrame, workers: pd.DataFrame) -> None:
         self.batch_units, self.batch_eta, self.stragglers, self.workers = units, etas, stragglers, workers
         for batch_id, eta in etas.items():
-            label = self._batch_rows[batch_id].children[1]
+            label = self._batch_label(batch_id)
             done, total = units[batch_id]["units_done"], units[batch_id]["units_total"]
             slow = int((stragglers["batch_id"] == batch_id).sum()) if len(stragglers) else 0
             label.value += ((f" · {done:,g}/{total:,g} units" if total else "") + f" · eta {format_duration(eta)}"
@@ -421,14 +472,15 @@ class QueueMonitor:
                 batch_id=stragglers["batch_id"].str[:16], elapsed_s=stragglers["elapsed_s"].round(1),
                 progress=[f"{done:,g}/{total:,g}" if total == total and done == done else "–"
                           for done, total in zip(stragglers["progress_done"], stragglers["progress_total"])])
-            self.straggler_table.value = _html_table(shown[["batch_id", "chunk", "reserved_by", "elapsed_s",
+            self.straggler_table.value = monitor_html.table(shown[["batch_id", "chunk", "reserved_by", "elapsed_s",
                                                             "p95_run_s", "progress"]], float_format=_number)
         else:
             self.straggler_table.value = "<i>no stragglers</i>"
         if len(workers):
             shown = workers.assign(queues=workers["queues"].map(", ".join), seen_s_ago=workers["seen_s_ago"].round(1))
-            self.workers_table.value = _html_table(shown[["worker_id", "state", "host", "pid", "queues",
-                                                          "concurrency", "running", "seen_s_ago"]])
+            self.workers_table.value = monitor_html.table(shown[["worker_id", "state", "host", "pid", "queues",
+                                                                 "concurrency", "running", "seen_s_ago"]],
+                                                          float_format=_number)
         else:
             self.workers_table.value = "<i>no worker seen in the last hour</i>"
 
@@ -449,7 +501,7 @@ class QueueMonitor:
         shown = latest.assign(error_message=latest["error_message"].map(_one_line),
                               finished_at=latest["finished_at"].dt.strftime("%Y-%m-%d %H:%M:%S"))
         more = int(self.stats["failed"].sum()) - len(latest)
-        self.failure_table.value = _html_table(shown) + (
+        self.failure_table.value = monitor_html.table(shown) + (
             f"<i>… and {more:,} more: driver.dead_letter_jobs()</i>" if more > 0 else "")
 
     # -- buttons and the status line ------------------------------------------
@@ -476,7 +528,9 @@ class QueueMonitor:
         self._render_status()
 
     def _render_status(self) -> None:
-        if self._stop.is_set() or self._thread is None:
+        if self.closed:
+            state = "closed: the figures of its last refresh"
+        elif self._stop.is_set() or self._thread is None:
             state = "stopped"
         else:
             state = "paused" if self.paused else f"refreshing every {self.refresh:g}s"
@@ -501,22 +555,35 @@ class QueueMonitor:
 
         display(self)
 
+    def _ipython_display_(self) -> None:
+        """Show the live widget (with its static snapshot for frontends without widgets) under a display id,
+        so that :meth:`close` can put the snapshot in its place."""
+        from IPython.display import display
+
+        if self._display_id is None:
+            self._display_id = f"kronix-monitor-{id(self):x}-{time.monotonic_ns():x}"
+        display(self._repr_mimebundle_(), raw=True, display_id=self._display_id)
+
     def _repr_mimebundle_(self, **kwargs) -> dict[str, Any]:
-        """The live widget, with a static HTML snapshot for frontends without widgets."""
-        bundle = dict(self.widget._repr_mimebundle_(**kwargs) or {})
+        """The live widget, with a static HTML snapshot for frontends without widgets (once closed: the
+        snapshot alone)."""
+        bundle = {} if self.closed else dict(self.widget._repr_mimebundle_(**kwargs) or {})
         bundle["text/html"] = self._repr_html_()
         bundle["text/plain"] = repr(self)
         return bundle
 
     def _repr_html_(self) -> str:
+        """The monitor as static HTML, as of its last refresh (inline styles only: see monitor_html)."""
         batches = "".join(
-            f"<li><code>{html.escape(batch_id)}</code>: {counts['completed'] + counts['failed']:,}/"
-            f"{counts['total']:,} done, {counts['failed']:,} failed</li>"
+            monitor_html.batch_block(self.batch_names.get(batch_id), batch_id, counts,
+                                     monitor_html.batch_summary(counts, self._batch_running(batch_id, counts)))
             for batch_id, counts in self.batch_progress.items())
-        return (f"{self.title.value}{self.counts.value}<p>{self.throughput.value}</p>"
-                f"<b>Batches</b><ul>{batches or '<li>none</li>'}</ul>"
-                f"<b>Stragglers</b>{self.straggler_table.value}<b>Workers</b>{self.workers_table.value}"
-                f"<b>Latest failures</b>{self.failure_table.value}<p>{self.status.value}</p>")
+        return (f'<div class="kronix-monitor">{self.title.value}{self.counts.value}<p>{self.throughput.value}</p>'
+                + monitor_html.section("Batches", batches or "<i>no batches</i>")
+                + monitor_html.section("Stragglers", self.straggler_table.value)
+                + monitor_html.section("Workers", self.workers_table.value)
+                + monitor_html.section("Latest failures", self.failure_table.value)
+                + f"<p>{self.status.value}</p></div>")
 
 
 def _close_tree(widget: Any) -> None:
@@ -530,10 +597,6 @@ def _batch_id(batch: Any) -> str:
     if not isinstance(batch_id, str):
         raise InvalidInputError(f"batches takes Batch handles or batch ids, got {type(batch).__name__}")
     return batch_id
-
-
-def _html_table(frame: pd.DataFrame, **options: Any) -> str:
-    return frame.to_html(index=False, na_rep="–", border=0, escape=True, **options)
 
 
 def _first_line(error: BaseException) -> str:

@@ -167,6 +167,14 @@ class BatchView:
         return not any(counts[status] for status in _UNFINISHED)
 
     @property
+    def held(self) -> dict[str | None, int]:
+        """The running chunks by the worker that holds them (``reserved_by`` -> chunks)."""
+        held: dict[str | None, int] = {}
+        for row in self.rows.running:
+            held[row["reserved_by"]] = held.get(row["reserved_by"], 0) + 1
+        return held
+
+    @property
     def queue(self) -> str | None:
         queues = [row["queue"] for row in self.rows.by_status.values() if row["queue"] is not None]
         return min(queues) if queues else None
@@ -266,12 +274,17 @@ def batch_view(store: JobStore, batch_id: str, *, on_primary: bool = False) -> B
     return BatchView(store.read_batch_progress(batch_id, on_primary=on_primary))
 
 
-def batch_eta(store: JobStore, view: BatchView) -> timedelta | None:
-    """``estimate_eta`` with the live workers' slots on the batch's queue, as a timedelta."""
+_UNREAD = object()
+
+
+def batch_eta(store: JobStore, view: BatchView, *, slots: int | None | object = _UNREAD) -> timedelta | None:
+    """``estimate_eta`` with the live workers' slots on the batch's queue (read, unless given), as a timedelta."""
     if view.done:
         return timedelta(0)
     queue = view.queue
-    seconds = estimate_eta(view, live_slots(store, queue) if queue is not None else None)
+    if slots is _UNREAD:
+        slots = live_slots(store, queue) if queue is not None else None
+    seconds = estimate_eta(view, slots)
     return None if seconds is None else timedelta(seconds=seconds)
 
 

@@ -193,6 +193,7 @@ class JobStore:
             self._analytics_reader = read_dialect.reader(self.read_engine)
         self._lag = threading.local()
         self._claim_waits = threading.local()  # what the last claim said about rate limits (claim_wait_s)
+        self._snapshot = threading.local()  # the connection of a consistent_reads() block, per thread
 
     def __repr__(self) -> str:
         standby = f", read_db={self.read_engine.url.render_as_string(hide_password=True)!r}" if self.read_engine else ""
@@ -229,9 +230,30 @@ class JobStore:
             yield conn
 
     @contextmanager
+    def consistent_reads(self) -> Iterator[None]:
+        """Every analytics read of this thread inside the block in one read transaction, one snapshot: the
+        figures of a monitor's refresh (counts per queue, per batch, failures, workers) agree with each other."""
+        pinned = getattr(self._snapshot, "conn", None)
+        if pinned is not None:  # nested: the outer block's snapshot
+            yield
+            return
+        with self._connected(self._analytics_reader) as conn:
+            self.dialect.read_one_snapshot(conn)
+            self._lag.seconds = self.dialect.replay_lag_s(conn) if self.read_engine is not None else 0.0
+            self._snapshot.conn = conn
+            try:
+                yield
+            finally:
+                self._snapshot.conn = None
+
+    @contextmanager
     def _reading_analytics(self) -> Iterator[sa.Connection]:
         """A connection for the analytics views: the standby's when there is one (its replay lag read first,
-        for :meth:`read_lag_s`), else the same as :meth:`_reading`."""
+        for :meth:`read_lag_s`), else the same as :meth:`_reading`; inside :meth:`consistent_reads`, its."""
+        pinned = getattr(self._snapshot, "conn", None)
+        if pinned is not None:
+            yield pinned
+            return
         if self.read_engine is None:
             self._lag.seconds = 0.0
             with self._reading() as conn:
@@ -1050,6 +1072,15 @@ class JobStore:
         with self._reading_analytics() as conn:
             counts = self._live_counts(self._read_watermark(conn))
             return [(queue, status, int(jobs)) for queue, status, jobs in conn.execute(counts)]
+
+    def count_held_by_queue_and_worker(self) -> list[tuple[str, str | None, int]]:
+        """COUNT the held (``processing``) jobs by queue and the worker holding them (``<table>_status``
+        finds them; they are few)."""
+        c = self.table.c
+        with self._reading_analytics() as conn:
+            return [tuple(row) for row in conn.execute(
+                sa.select(c.queue, c.reserved_by, sa.func.count()).where(c.status == PROCESSING)
+                .group_by(c.queue, c.reserved_by))]
 
     def read_queue_settings(self) -> dict[str, dict[str, Any]]:
         """SELECT every queue's settings row (a queue without one has the defaults)."""

@@ -91,7 +91,11 @@ def workers_frame(store: JobStore) -> pd.DataFrame:
 def live_slots(store: JobStore, queue: str) -> int | None:
     """How many jobs the live workers serving ``queue`` run at once (their concurrency summed); None when
     the registry knows no worker at all (workers of an older release, say), 0 when none of them is live."""
-    records = worker_records(store)
+    return slots_of(worker_records(store), queue)
+
+
+def slots_of(records: list[dict[str, Any]], queue: str) -> int | None:
+    """:func:`live_slots` from registry records already read (:func:`worker_records`)."""
     if not records:
         return None
     return sum(int(record["concurrency"] or 0) for record in records
@@ -111,6 +115,29 @@ def unrunnable_jobs(store: JobStore) -> dict[str, int]:
         if not any(queue in record["queues"] and covers(record["resources"], wanted) for record in live):
             unrunnable[queue] = unrunnable.get(queue, 0) + jobs
     return unrunnable
+
+
+def running_count(held: dict[str | None, int], records: list[dict[str, Any]]) -> int:
+    """How many of the held jobs can be running, from who holds them (``reserved_by`` -> jobs held).
+
+    A worker holds more jobs than it runs: it claims short jobs ahead of its free
+    threads, and a finished job stays ``processing`` until its completion is
+    written with its next claim.  So a live worker runs at most its concurrency;
+    a gone one runs nothing (its jobs wait for their lease to run out); a holder
+    the registry does not know (a ``pop()`` by hand, a worker of an older
+    release) may run all it holds, and so may a stopped one: a worker hands back
+    or finishes what it holds before it says it stopped, so what its id holds
+    since was taken by hand (``pop()`` on the driver it ran on).
+    """
+    known = {record["worker_id"]: record for record in records}
+    running = 0
+    for holder, count in held.items():
+        record = known.get(holder)
+        if record is None or record["state"] == STOPPED:
+            running += count
+        elif record["state"] == LIVE:
+            running += min(count, int(record["concurrency"] or count))
+    return running
 
 
 def forget_gone_workers(store: JobStore) -> int:

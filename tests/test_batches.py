@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 from datetime import datetime, timedelta, timezone
 
@@ -161,8 +162,12 @@ def test_wait_follows_a_running_worker_with_a_progress_bar(driver, capsys):
     finally:
         worker.stop()
     assert batch.progress()["completed"] == 5 and batch.progress()["failed"] == 1
-    bar = capsys.readouterr().err.replace("\r", "\n").strip().splitlines()[-1]
+    drawn = capsys.readouterr().err.replace("\r", "\n").strip().splitlines()
+    bar = drawn[-1]
     assert "batches.clean" in bar and "60/60 rows" in bar and "failed=1" in bar  # a DataFrame's batch counts rows
+    assert "\x1b[31m" in bar  # red once a chunk failed (tqdm's colour in a terminal)
+    assert not any("\x1b[31m" in line for line in drawn if "failed=0" in line)  # not before
+    assert not any(re.search(r"\b0/0\b|0chunk", line) for line in drawn)  # its real length from the start
 
 
 def test_repr_and_html_summary(driver):
@@ -170,7 +175,9 @@ def test_repr_and_html_summary(driver):
     run_burst(driver, concurrency=3)
     assert repr(batch) == f"Batch('report-<1>', name='batches.summary', table='{driver.table_name}')"
     page = batch._repr_html_()
-    assert "report-&lt;1&gt;" in page and "<progress value='3' max='3'>" in page and "3/3 finished" in page
+    assert "report-&lt;1&gt;" in page and "batches.summary" in page and "3/3 finished · 3 completed" in page
+    assert "kronix-bar" in page and "width: 100.0%" in page and "padding: 3px 8px" in page  # a bar, a padded table
+    assert "<style" not in page  # inline styles: an untrusted notebook drops style blocks
 
 
 def test_batches_lists_every_batch_with_its_counts(driver):

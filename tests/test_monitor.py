@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import threading
@@ -29,6 +30,11 @@ def sum_chunk(payload):
     return sum(range(payload["start"], payload["stop"]))
 
 
+def cells(page: str) -> list[str]:
+    """The text of every table cell of an HTML page (the tables carry inline styles)."""
+    return re.findall(r"<td[^>]*>(.*?)</td>", page)
+
+
 @pytest.fixture(autouse=True)
 def no_monitor_thread_left_behind():
     yield
@@ -53,13 +59,18 @@ def test_refresh_shows_counts_bars_failures_and_throughput(driver):
     row = monitor.stats.iloc[0]
     assert (row["queue"], row["pending"], row["processing"], row["completed"], row["failed"]) == (
         "default", 0, 0, 8, 2)
-    assert "<td>default</td>" in monitor.counts.value
-    assert "<td>8</td>" in monitor.counts.value and "<td>2</td>" in monitor.counts.value
+    headings = re.findall(r"<th[ >][^>]*>(.*?)</th>", monitor.counts.value)
+    assert headings[:9] == ["queue", "pending", "waiting", "running", "claimed", "completed", "failed",
+                            "cancelled", "oldest pending (s)"]
+    assert cells(monitor.counts.value)[:8] == ["default", "0", "0", "0", "0", "8", "2", "0"]
+    assert "padding: 3px 8px" in monitor.counts.value and "text-align: right" in monitor.counts.value
     assert monitor.batch_progress == {batch.id: {"total": 10, "pending": 0, "processing": 0,
                                                  "completed": 8, "failed": 2, "waiting": 0, "cancelled": 0}}
     bar = monitor.progress_bars[batch.id]
     assert (bar.value, bar.max, bar.bar_style) == (10, 10, "danger")
-    assert "10/10 done" in monitor.batch_box.children[0].children[1].value
+    heading, (_, label) = monitor.batch_box.children[0].children[0], monitor.batch_box.children[0].children[1].children
+    assert "test.monitor.chunk" in heading.value and batch.id in heading.value  # the full name and id
+    assert label.value.startswith("10/10 done · 8 completed · 2 failed · 0 running")
     assert sorted(monitor.failures["error_type"]) == ["KeyError", "ValueError"]
     assert set(monitor.failures["name"]) == {"test.monitor.chunk"}
     assert {"bad rows in chunk 3", "'bad rows in chunk 7'"} == set(monitor.failures["error_message"])
@@ -198,7 +209,7 @@ def test_a_cell_ending_in_a_monitor_shows_the_widget_and_an_html_snapshot(driver
         bundle = monitor._repr_mimebundle_()
     assert bundle["application/vnd.jupyter.widget-view+json"]["model_id"] == monitor.widget.model_id
     assert batch.id in bundle["text/html"] and "0/3 done" in bundle["text/html"]
-    assert "<td>3</td>" in bundle["text/html"]  # three pending chunks
+    assert cells(bundle["text/html"])[:2] == ["default", "3"]  # three pending chunks
     assert bundle["text/plain"].startswith(f"QueueMonitor({driver.table_name!r}, running")
     assert not monitor.running  # the with block stopped it
 
@@ -288,3 +299,55 @@ def test_the_queue_toggles_show_each_queue_limits_and_their_use(driver):
         assert monitor.queue_buttons["plain"].description == "plain"
     finally:
         monitor.close()
+
+
+def test_close_leaves_a_static_snapshot_where_the_live_view_was_shown(driver, monkeypatch):
+    import IPython.display
+
+    sent = []
+    monkeypatch.setattr(IPython.display, "display", lambda bundle, **options: sent.append(("display", bundle, options)))
+    monkeypatch.setattr(IPython.display, "update_display",
+                        lambda bundle, **options: sent.append(("update", bundle, options)))
+    batch = driver.map(sum_chunk, range(40), chunk_size=10)  # chunk 3 fails
+    run_burst(driver)
+    monitor = QueueMonitor(driver, refresh=0.05, batches=[batch])
+    monitor._ipython_display_()  # what a cell ending in `monitor` does
+    [(kind, shown, options)] = sent
+    assert kind == "display" and options["raw"] and options["display_id"].startswith("kronix-monitor-")
+    assert "application/vnd.jupyter.widget-view+json" in shown and "text/html" in shown
+
+    monitor.close()
+    kind, snapshot, update = sent[-1]
+    assert kind == "update" and update["display_id"] == options["display_id"]  # the same output, replaced
+    assert set(snapshot) == {"text/html", "text/plain"}  # no widget: it is closed
+    page = snapshot["text/html"]
+    assert "closed: the figures of its last refresh" in page and "test.monitor.chunk" in page and batch.id in page
+    assert "4/4 done · 3 completed · 1 failed" in page and "kronix-bar" in page and "#e53935" in page  # red: a failure
+    assert snapshot["text/plain"].startswith(f"QueueMonitor({driver.table_name!r}, closed")
+    assert not monitor.running and monitor.widget.comm is None
+    assert "application/vnd.jupyter.widget-view+json" not in monitor._repr_mimebundle_()
+
+
+def test_running_is_at_most_the_live_workers_threads_and_claimed_is_every_held_job(driver):
+    from kronix_data.worker_options import WorkerOptions
+    from kronix_data.workers import worker_beat
+
+    batch = driver.map(sum_chunk, range(100), chunk_size=10)
+    held = driver.pop_many(5)  # claimed ahead, as a worker does for short jobs
+    monitor = QueueMonitor(driver, batches=[batch], start=False)
+    assert monitor.queue_running == {"default": 5}  # a holder the registry does not know: all may run
+    assert "5 running" in monitor._batch_label(batch.id).value
+    two_threads = WorkerOptions(queues=("default",), concurrency=2)
+    driver.store.heartbeat(driver.worker_id, held, [], worker_beat(driver.worker_id, two_threads, 2, starting=True))
+    monitor.refresh_now()
+    assert monitor.queue_running == {"default": 2} and monitor.stats.iloc[0]["processing"] == 5
+    assert cells(monitor.counts.value)[:5] == ["default", "5", "0", "2", "5"]  # pending, waiting, running, claimed
+    assert "2 running · 5 claimed" in monitor._batch_label(batch.id).value
+    silent = WorkerOptions(queues=("default",), concurrency=2, lease_timeout=0.01)
+    driver.store.heartbeat(driver.worker_id, [], [], worker_beat(driver.worker_id, silent, 2))
+    wait_until(lambda: monitor.refresh_now() and monitor.queue_running == {"default": 0}, 10,
+               "the worker to count as gone")  # a gone worker runs nothing: its jobs wait for their lease
+    assert "0 running · 5 claimed" in monitor._batch_label(batch.id).value
+    driver.store.mark_worker_stopped(driver.worker_id)
+    monitor.refresh_now()
+    assert monitor.queue_running == {"default": 5}  # held since it stopped: taken by hand, all may run

@@ -76,8 +76,10 @@ def test_quickstart(tmp_path, monkeypatch):
 
 def test_etl_in_chunks_across_worker_processes_with_the_monitor(tmp_path, monkeypatch):
     outputs = run("02_etl_in_chunks.ipynb", tmp_path, monkeypatch)
-    assert "QueueMonitor('kronix_jobs', running, every 0.5s" in outputs[3]  # the monitor's text/plain
-    assert "'model_id'" in outputs[3]  # and its widget view
+    # The monitor's output: the live widget until the last cell's monitor.close(), then its snapshot in place.
+    assert "QueueMonitor('kronix_jobs', closed, every 0.5s" in outputs[3] and "'model_id'" not in outputs[3]
+    assert "closed: the figures of its last refresh" in outputs[3] and "20/20 done · 20 completed" in outputs[3]
+    assert "etl.daily_revenue" in outputs[3] and "kronix-table" in outputs[3]
     assert "LocalWorkers(0/2 alive" in outputs[4]  # burst workers left once the batch was done
     assert "{'total': 20, 'pending': 0, 'processing': 0, 'completed': 20, 'failed': 0, 'waiting': 0, 'cancelled': 0}" in flat(outputs[5])
     assert "jobs/s over the last minute" in outputs[5]

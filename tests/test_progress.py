@@ -309,8 +309,8 @@ def test_a_deliberately_slow_chunk_shows_up_in_stragglers_with_its_worker_and_pr
         assert batch.eta() is not None and batch.progress()["units_running"] > 0
         monitor = QueueMonitor(driver, batches=[batch], start=False)
         assert monitor.stragglers["chunk"].tolist() == [0] and batch.id in monitor.batch_eta
-        assert "eta " in monitor.batch_box.children[0].children[1].value
-        assert "1 straggler" in monitor.batch_box.children[0].children[1].value
+        assert "eta " in monitor._batch_label(batch.id).value
+        assert "1 straggler" in monitor._batch_label(batch.id).value
         assert driver.worker_id in monitor.workers_table.value and "live" in monitor.workers_table.value
         monitor.close()
         batch.cancel()

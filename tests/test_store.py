@@ -382,3 +382,19 @@ def test_the_views_read_the_rollup_not_the_history(driver):
     assert driver.batches()["completed"].tolist() == [1004]
     assert driver.store.rebuild_rollup() == 4
     assert_counts_exact(driver)
+
+
+def test_reads_inside_consistent_reads_see_one_snapshot_and_writes_meanwhile_after_it(store, other_driver):
+    """A monitor's refresh reads counts per queue, per batch and the history apart: inside one
+    consistent_reads() block they agree, though another connection commits jobs between them."""
+    store.insert_jobs([store.row_for_push(Job("n", i, batch_id="b")) for i in range(3)])
+    with store.consistent_reads():
+        before = sorted(store.count_jobs_by_queue_and_status())
+        other_driver.push_many([Job("n", 9, batch_id="b"), Job("n", 10, queue="other")])  # committed meanwhile
+        with store.consistent_reads():  # nested: the same snapshot
+            assert store.count_batch_by_status("b") == {"pending": 3}
+        assert sorted(store.count_jobs_by_queue_and_status()) == before == [("default", "pending", 3)]
+        assert len(store.read_history(["id"], batch="b")) == 3
+        assert store.count_batch_by_status("b", on_primary=True) == {"pending": 4}  # a decision's read: fresh
+    assert store.count_batch_by_status("b") == {"pending": 4}
+    assert sorted(store.count_jobs_by_queue_and_status()) == [("default", "pending", 4), ("other", "pending", 1)]
