@@ -239,6 +239,9 @@ def test_notebook_02_in_jupyterlab_draws_a_moving_bar_and_a_monitor_that_reads_w
             page.screenshot(path=str(ARTIFACTS / "02-end-bar.png"))
             assert bar["fill"] == pytest.approx(1.0) and "progress-bar-success" in bar["classes"], bar
             assert "600000/600000 rows" in bar["text"].replace("\u2007", " "), bar["text"]
+            # The throughput chart: a PNG the monitor draws from driver.timeline(), decoded by the browser.
+            chart = monitor.locator(".widget-image").first
+            assert chart.evaluate("img => img.complete && img.naturalWidth") >= 300, "no chart drawn"
 
             status = monitor.locator(".widget-html-content").last
             assert "refreshing every 0.5s" in status.inner_text()
