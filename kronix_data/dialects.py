@@ -601,6 +601,9 @@ class MySQLDialect(QueueDialect):
     #: behind the clock instead (seconds): exact as long as no transaction that finishes jobs stays open
     #: longer (kronix-data's own are short; InnoDB's lock wait timeout defaults to 50 s).
     fold_fallback_margin_s = 600.0
+    #: The server's "access denied" errors: to a database, a table, or for want of a privilege (PROCESS).
+    access_denied_codes = frozenset({1044, 1142, 1227})
+    _warned_no_process = False  # said once per process, not at every fold
 
     def fold_watermark(self, conn):
         # UTC_TIMESTAMP(6) is the time of the statement that finishes a job, which comes after its
@@ -616,9 +619,16 @@ class MySQLDialect(QueueDialect):
             with conn.begin_nested():
                 age_us = conn.execute(sa.select(oldest_age)).scalar()
             margin_s = self.fold_margin_s + max(float(age_us or 0) / 1e6, 0.0)
-        except sa.exc.DBAPIError as error:  # no PROCESS privilege: innodb_trx cannot be read
-            log.warning("cannot list open transactions (%s); folding finished jobs %gs behind the clock",
-                        str(error.orig).splitlines()[0], self.fold_fallback_margin_s)
+        except sa.exc.DBAPIError as error:
+            # Only a refusal (no PROCESS privilege) is ridden out here; a lost connection is the caller's
+            # database error (swallowing it left the connection unusable: the next statement raised
+            # PendingRollbackError, which stopped a worker in the chaos test).
+            if error.connection_invalidated or _error_code(error) not in self.access_denied_codes:
+                raise
+            if not self._warned_no_process:
+                log.warning("cannot list open transactions (%s); folding finished jobs %gs behind the clock",
+                            str(error.orig).splitlines()[0], self.fold_fallback_margin_s)
+                self._warned_no_process = True
             margin_s = self.fold_fallback_margin_s
         return conn.execute(sa.select(self.now_plus(-margin_s))).scalar_one()
 
@@ -894,3 +904,9 @@ class _Turn:
         if self.depth == 0:
             os.close(self.fd)  # drops the lock
             self.fd = None
+
+
+def _error_code(error: sa.exc.DBAPIError) -> int | None:
+    """The server's numeric code of a MySQL/MariaDB error (PyMySQL puts it first in ``args``), or None."""
+    args = getattr(error.orig, "args", ())
+    return args[0] if args and isinstance(args[0], int) else None

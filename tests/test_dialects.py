@@ -19,6 +19,8 @@ from kronix_data.dialects import (MySQLDialect, PostgresDialect, SQLiteDialect, 
                                   make_engine)
 from kronix_data.schema import CLAIMED_COLUMNS
 
+from helpers import SERVERS, kill_session, session_id
+
 
 @pytest.fixture
 def store(driver):
@@ -174,6 +176,18 @@ def test_sqlite_writes_durably_in_wal_and_takes_writer_turns_per_file(tmp_path):
 
 
 # -- the fold's watermark ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", SERVERS)
+def test_a_session_lost_while_the_watermark_is_read_is_a_database_error_a_worker_rides_out(driver):
+    """The chaos test found it: on MariaDB a killed session was taken for a missing privilege, and the next
+    statement on the dead connection raised PendingRollbackError, which stopped the worker."""
+    store = driver.store
+    with store.engine.connect() as conn:
+        conn.begin()
+        kill_session(store.url_with_password, session_id(conn.connection.dbapi_connection))
+        with pytest.raises(store.database_errors):
+            store.dialect.fold_watermark(conn)
+
 
 def test_the_postgres_watermark_stays_behind_an_open_transaction_and_falls_back_when_sessions_are_hidden(
         private_postgresql):
