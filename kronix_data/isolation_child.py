@@ -10,7 +10,7 @@ goes to stderr, so it cannot break the protocol):
   ``{"ok": false, "type", "message", "traceback"}``.
 
 The task is imported by its module's name, as a worker imports it; no data
-crosses as pickle.
+crosses pickled: the payload and the result are the JSON text of the table.
 """
 
 from __future__ import annotations

@@ -37,11 +37,11 @@ def test_jobs_is_a_typed_frame_empty_or_not(driver):
 def test_jobs_filters_combine(driver):
     now = db_now(driver)
     batch = driver.map("etl.a", [1, 2, 3, 4], chunk_size=1, queue="etl")
+    running = driver.pop("etl")  # chunks of the batch: the only jobs yet (fair share mixes later pushes in)
+    failed = driver.pop("etl"); failed.last_error = "ValueError: x"; driver.fail(failed)
     ids = driver.push_many([Job("etl.b", i, queue="etl") for i in range(3)] + [Job("mail", i) for i in range(2)])
     for age, job_id in zip((50, 40, 30, 20, 10), ids):
         set_times(driver, job_id, created_at=now - timedelta(minutes=age))
-    running = driver.pop("etl")  # the oldest due: a batch chunk
-    failed = driver.pop("etl"); failed.last_error = "ValueError: x"; driver.fail(failed)
 
     assert len(driver.jobs()) == 9 and len(driver.jobs(limit=4)) == 4 and len(driver.jobs(limit=None)) == 9
     assert driver.jobs(queue="default")["id"].tolist() == [ids[4], ids[3]]

@@ -30,11 +30,15 @@ UNSAFE_MODULES = {"pickle", "_pickle", "cPickle", "marshal", "shelve", "dill", "
 UNSAFE_BUILTINS = {"eval", "exec", "compile", "__import__", "breakpoint"}
 UNSAFE_OS_CALLS = ("system", "popen", "exec", "spawn", "fork", "posix_spawn")
 #: Importing by name is fine only where the name comes from the operator (``-m``), never from a row.
-IMPORTS_BY_NAME_ALLOWED = {"cli.py", "local.py"}
-#: The two exceptions, each proven below: local.py starts its workers as ``python -m kronix_data worker``
-#: (a fixed command line, no value from a row), and kernel_tasks.py unpickles only what the kernel that
-#: started the worker sent over their private socketpair (it cannot even reach the table).
-UNSAFE_MODULES_ALLOWED = {("local.py", "subprocess"), ("kernel_tasks.py", "cloudpickle")}
+#: isolation_child.py imports the module of a task the *worker* has registered (the worker sends
+#: ``job.task.function.__module__``, a module the operator's ``-m`` imported), never a name from a row:
+#: a row naming a task the worker lacks is dead-lettered before any child hears of it (proven below).
+IMPORTS_BY_NAME_ALLOWED = {"cli.py", "local.py", "isolation_child.py"}
+#: The exceptions, each proven below: local.py starts its workers as ``python -m kronix_data worker``
+#: and isolation.py its slots' children as ``python -m kronix_data.isolation_child`` (fixed command lines,
+#: no value from a row), and kernel_tasks.py unpickles only what the kernel that started the worker sent
+#: over their private socketpair (it cannot even reach the table).
+UNSAFE_MODULES_ALLOWED = {("local.py", "subprocess"), ("isolation.py", "subprocess"), ("kernel_tasks.py", "cloudpickle")}
 
 
 # -- the code itself -------------------------------------------------------------------
@@ -342,6 +346,23 @@ def test_rows_crafted_in_the_table_cannot_run_unregistered_code_in_a_worker(driv
     check_attack_failed(driver, rows, marker, name, canary_ids)
 
 
+def test_rows_crafted_in_the_table_cannot_reach_a_process_pool_child(driver, evil_module):
+    """Under pool="process" a child imports the module of a task the worker registered (its function's
+    module), never a name from a row: the attacker's rows are dead-lettered before a child hears of them,
+    and the canaries run in a child that imported only this module."""
+    name, marker = evil_module
+    rows = attacker_rows(marker, name)
+    insert_rows_with_sql(driver, rows)
+    canary_ids = driver.push_many([canary.job(i) for i in range(3)])
+    worker = Worker(driver, burst=True, lease_timeout=10, listen=False, pool="process")
+    worker.run()
+    assert worker.stats.completed == 3
+    check_attack_failed(driver, rows, marker, name, canary_ids)
+    source = (PACKAGE / "isolation.py").read_text()
+    assert '"module": job.task.function.__module__' in source  # what the child is told to import
+    assert 'subprocess.Popen([sys.executable, "-m", "kronix_data.isolation_child"]' in source  # a fixed command
+
+
 def test_rows_crafted_in_the_table_cannot_run_code_in_a_kronix_worker_command(driver, db_url, table_name,
                                                                               evil_module):
     """The command puts the current directory on sys.path: the attacker's module sits right there."""
@@ -424,8 +445,16 @@ def unix_sockets() -> dict[str, tuple[int, str]]:
 
 
 def socket_inodes(pid: int) -> set[str]:
-    links = (os.readlink(fd) for fd in Path(f"/proc/{pid}/fd").iterdir() if fd.name.isdigit())
-    return {link[len("socket:["):-1] for link in links if link.startswith("socket:[")}
+    """The inodes of the sockets a process holds (a descriptor closed while they are listed is passed by)."""
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            link = os.readlink(fd) if fd.name.isdigit() else ""
+        except FileNotFoundError:  # closed between the listing and the read (the worker is running)
+            continue
+        if link.startswith("socket:["):
+            inodes.add(link[len("socket:["):-1])
+    return inodes
 
 
 def listening_inet_inodes() -> set[str]:
