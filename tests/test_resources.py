@@ -82,9 +82,8 @@ def test_two_workers_one_with_a_gpu(driver, db_url, table_name, runs_table):
     assert len(gpu_runs) == 20 and {pid for _, _, pid in gpu_runs} == {terminals[0].pid}
     assert all(later[0] >= earlier[1] for earlier, later in zip(gpu_runs, gpu_runs[1:])), "two GPU jobs at once"
     cpu_pids = {pid for job, pid, _, _ in runs if job < 1000}
-    assert cpu_pids == {terminals[0].pid, terminals[1].pid}
-    plain_by = set(jobs[jobs["name"] == "test.noop"]["reserved_by"])
-    assert len(plain_by) == 2
+    assert cpu_pids == {terminals[0].pid, terminals[1].pid}  # the meeting: CPU jobs ran on both, by construction
+    # (Who takes the 300 no-ops is a race: one worker may claim them all ahead while the other is still meeting.)
 
 
 def test_a_job_no_live_worker_can_run_shows_in_the_stats(driver, db_url, table_name):
