@@ -88,6 +88,9 @@ def test_workers_survive_their_connections_being_killed(driver, table_name, tagg
     kills = 0
     with DatabaseQueueDriver(url, table=table_name) as tagged_driver, \
             start_local_workers(tagged_driver, 2, modules=["worker_jobs"], concurrency=4, lease_timeout=2.0) as workers:
+        # Both in their loop first (a worker registers with its first heartbeat there): a session killed while a
+        # worker still checks the table at its start is an unreachable database to `kronix worker`, exit 4.
+        wait_until(lambda: (driver.workers()["state"] == "live").sum() == 2, 90, "both workers to be up")
         for round_ in range(waves):
             done = status_counts(driver)["completed"]
             driver.push_many([Job("test.noop", round_ * wave + n) for n in range(wave)])
