@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 import threading
 from contextlib import contextmanager
@@ -194,6 +195,7 @@ class JobStore:
         self._lag = threading.local()
         self._claim_waits = threading.local()  # what the last claim said about rate limits (claim_wait_s)
         self._snapshot = threading.local()  # the connection of a consistent_reads() block, per thread
+        self._fold_checked_at = -math.inf  # when fold_if_stale last looked (monotonic clock)
 
     def __repr__(self) -> str:
         standby = f", read_db={self.read_engine.url.render_as_string(hide_password=True)!r}" if self.read_engine else ""
@@ -1641,6 +1643,8 @@ class JobStore:
     #: A fold before a read on the primary, when the last one is older than this (seconds): the tail
     #: stays small even where no worker runs (the workers fold on every maintenance pass).
     FOLD_STALE_S = 300.0
+    #: How often one store looks whether the rollup needs a fold before a read (seconds).
+    FOLD_CHECK_S = 60.0
 
     @staticmethod
     def _rollup_statuses() -> tuple[list[str], list[str]]:
@@ -1698,6 +1702,12 @@ class JobStore:
         leaves the read to count a longer tail, still exact."""
         if self.read_engine is not None:
             return
+        # One look per FOLD_CHECK_S, not one per view: a monitor's refresh calls three views, each of which
+        # asked again (a round trip each) for a fold that is due only every FOLD_STALE_S.
+        now = time.monotonic()
+        if now < self._fold_checked_at + self.FOLD_CHECK_S:
+            return
+        self._fold_checked_at = now
         state = self.tables.rollup_state
         try:
             with self._reading() as conn:
