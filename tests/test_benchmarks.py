@@ -280,7 +280,7 @@ def test_dataplane_runs_every_system_and_kronix_totals_equal_joblibs(tmp_path):
     assert summary["errors"] == [] and summary["mismatches"] == []
     kronix = [f"kronix-{database}-{chunk_format}" for database in ("sqlite", "postgresql")
               for chunk_format in summary["chunk_formats"]]
-    systems = [*kronix, "joblib", "dask", "pandas"]
+    systems = [*kronix, "joblib", "dask", "dask-futures", "pandas"]
     assert sorted((row["dataset"], row["system"]) for row in summary["results"]) == sorted(
         (dataset, system) for dataset in ("flights", "demo") for system in systems)
     for row in summary["results"]:
