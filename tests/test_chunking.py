@@ -36,7 +36,7 @@ def frame() -> pd.DataFrame:
 
 
 def test_a_dataframe_is_cut_by_rows_and_every_chunk_reads_back_with_its_dtypes(frame):
-    payloads = list(chunks(frame, 10))
+    payloads = list(chunks(frame, 10, "json"))
 
     assert [(p["chunk"], p["start"], p["stop"]) for p in payloads] == [(0, 0, 10), (1, 10, 20), (2, 20, 25)]
     json.dumps(payloads, allow_nan=False)  # plain JSON, as stored
