@@ -74,6 +74,9 @@ def frame_to_parquet(frame: pd.DataFrame, what: str = "DataFrame") -> bytes:
     except (pa.ArrowException, TypeError, ValueError) as error:
         raise InvalidInputError(f"{what} cannot be stored as Parquet ({_column_named(error, labels)}): "
                                 f"{error}; use chunk_format='json' or give the column one type") from error
+    # Cells of lists or dicts: pandas would read numpy arrays back; kronix gives the Python values again.
+    meta["python_values"] = [int(name[1:]) for name, kind in zip(table.schema.names, table.schema.types)
+                             if name in columns and _nested(kind)]
     table = table.replace_schema_metadata({**(table.schema.metadata or {}), _META: json.dumps(meta).encode()})
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink, compression=COMPRESSION)
@@ -104,6 +107,9 @@ def parquet_to_frame(data: bytes, what: str = "data") -> pd.DataFrame:
         meta = json.loads(raw)
         if meta.get("range") and not table.num_columns:
             frame = pd.DataFrame(index=pd.RangeIndex(*meta["range"]))
+        for position in meta.get("python_values", ()):
+            frame.isetitem(position, pd.Series(table.column(f"c{position}").to_pylist(), index=frame.index,
+                                               dtype=object))
         for position, spec in meta["categoricals"].items():
             position = int(position)
             categories = pa.ipc.open_stream(base64.b64decode(spec["categories"])).read_all().column(0)
@@ -129,6 +135,10 @@ def parquet_table(data: bytes, what: str = "data") -> pa.Table:
         return pq.read_table(pa.BufferReader(data))
     except (pa.ArrowException, OSError, ValueError) as error:
         raise InvalidInputError(f"{what} is not readable Parquet: {error}") from error
+
+
+def _nested(kind: pa.DataType) -> bool:
+    return pa.types.is_list(kind) or pa.types.is_large_list(kind) or pa.types.is_struct(kind) or pa.types.is_map(kind)
 
 
 def _is_positions(labels: list) -> bool:

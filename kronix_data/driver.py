@@ -222,8 +222,7 @@ class DatabaseQueueDriver:
         """
         return self.store.complete(self.worker_id, self._completions(jobs, results))
 
-    @staticmethod
-    def _completions(jobs: Iterable[Job], results: Sequence[str | None] | None) -> list[tuple[Job, str | None]]:
+    def _completions(self, jobs: Iterable[Job], results: Sequence[str | None] | None) -> list[tuple[Job, str | None]]:
         jobs = list(jobs)
         if results is None:
             return [(job, encode_job_result(job, self.store.check_data_size)) for job in jobs]

@@ -429,7 +429,7 @@ class JobStore:
         written: ``{row index: bytes}`` for :meth:`_insert_chunk_data` (an insert path calls both)."""
         blobs = {index: row["data"] for index, row in enumerate(rows) if row.get("data") is not None}
         for index, blob in blobs.items():
-            self.check_data_size(len(blob), f"the data of job {rows[index]['job_key'] or rows[index]['id']!r}")
+            self.check_data_size(len(blob), _data_owner(rows[index]))
         for row in rows:
             row.pop("data", None)
         return blobs
@@ -1996,6 +1996,14 @@ class JobStore:
 #: The rollup's extremes and how two of them combine.
 _ROLLUP_EXTREMES = (("min_name", min), ("max_name", max), ("min_created_at", min), ("max_created_at", max),
                     ("max_finished_at", max))
+
+
+def _data_owner(row: dict[str, Any]) -> str:
+    """What a row's binary data is, for an error: ``chunk 3 of batch 'b'`` for a ``map`` chunk, else the job."""
+    key, batch = row.get("job_key"), row.get("batch_id")
+    if key and batch and key.startswith(f"{batch}:"):
+        return f"chunk {key[len(batch) + 1:]} of batch {batch!r}"
+    return f"the data of job {key or row['id']!r}"
 
 
 def _extreme(pick, current, value):
