@@ -53,6 +53,9 @@ def frame_to_parquet(frame: pd.DataFrame, what: str = "DataFrame") -> bytes:
     meta: dict[str, Any] = {"labels": labels, "labels_dtype": str(frame.columns.dtype),
                             "labels_range": isinstance(frame.columns, pd.RangeIndex) and _is_positions(labels),
                             "index_name": frame.index.name, "categoricals": {}}
+    # pandas 3 reads Arrow strings back as its "str" dtype: an object column or index stays object.
+    meta["object_columns"] = [position for position, dtype in enumerate(frame.dtypes) if dtype == object]
+    meta["object_index"] = frame.index.dtype == object
     if isinstance(frame.index, pd.RangeIndex):  # Parquet of no column would forget its rows
         meta["range"] = [frame.index.start, frame.index.stop, frame.index.step]
     if frame.index.name is not None and not isinstance(frame.index.name, (str, int)):
@@ -110,6 +113,11 @@ def parquet_to_frame(data: bytes, what: str = "data") -> pd.DataFrame:
         for position in meta.get("python_values", ()):
             frame.isetitem(position, pd.Series(table.column(f"c{position}").to_pylist(), index=frame.index,
                                                dtype=object))
+        for position in meta.get("object_columns", ()):
+            if frame.dtypes.iloc[position] != object:
+                frame.isetitem(position, frame.iloc[:, position].astype(object))
+        if meta.get("object_index") and frame.index.dtype != object:
+            frame.index = frame.index.astype(object)
         for position, spec in meta["categoricals"].items():
             position = int(position)
             categories = pa.ipc.open_stream(base64.b64decode(spec["categories"])).read_all().column(0)
