@@ -51,7 +51,8 @@ def frame_to_parquet(frame: pd.DataFrame, what: str = "DataFrame") -> bytes:
             raise InvalidInputError(f"column label {label!r} of {what} must be a str or an int")
         labels.append(label if isinstance(label, str) else int(label))
     meta: dict[str, Any] = {"labels": labels, "labels_dtype": str(frame.columns.dtype),
-                            "labels_range": isinstance(frame.columns, pd.RangeIndex) and _is_positions(labels),
+                            "labels_range": [frame.columns.start, frame.columns.stop, frame.columns.step]
+                            if isinstance(frame.columns, pd.RangeIndex) else None,
                             "index_name": frame.index.name, "categoricals": {}}
     # pandas 3 reads Arrow strings back as its "str" dtype: an object column or index stays object.
     meta["object_columns"] = [position for position, dtype in enumerate(frame.dtypes) if dtype == object]
@@ -124,7 +125,7 @@ def parquet_to_frame(data: bytes, what: str = "data") -> pd.DataFrame:
             dtype = pd.CategoricalDtype(pd.Index(categories.to_pandas()).rename(None), ordered=spec["ordered"])
             codes = frame.iloc[:, position].to_numpy()
             frame.isetitem(position, pd.Categorical.from_codes(codes, dtype=dtype))
-        frame.columns = pd.RangeIndex(len(meta["labels"])) if meta.get("labels_range") \
+        frame.columns = pd.RangeIndex(*meta["labels_range"]) if meta.get("labels_range") \
             else pd.Index(meta["labels"], dtype=meta["labels_dtype"])
         frame.index.name = meta["index_name"]
     except (pa.ArrowException, KeyError, TypeError, ValueError) as error:
@@ -147,10 +148,6 @@ def parquet_table(data: bytes, what: str = "data") -> pa.Table:
 
 def _nested(kind: pa.DataType) -> bool:
     return pa.types.is_list(kind) or pa.types.is_large_list(kind) or pa.types.is_struct(kind) or pa.types.is_map(kind)
-
-
-def _is_positions(labels: list) -> bool:
-    return labels == list(range(len(labels)))
 
 
 def _categories_bytes(dtype: pd.CategoricalDtype, what: str) -> str:
