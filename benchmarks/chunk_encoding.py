@@ -61,9 +61,9 @@ def decode(rows: list[tuple[str, bytes | None]]) -> int:
     return total
 
 
-def timed(function, *args):
+def timed(function, *args, **kwargs):
     started = time.perf_counter()
-    value = function(*args)
+    value = function(*args, **kwargs)
     return time.perf_counter() - started, value
 
 

@@ -83,7 +83,7 @@ def frame_to_parquet(frame: pd.DataFrame, what: str = "DataFrame") -> bytes:
                              if name in columns and _nested(kind)]
     table = table.replace_schema_metadata({**(table.schema.metadata or {}), _META: json.dumps(meta).encode()})
     sink = pa.BufferOutputStream()
-    pq.write_table(table, sink, compression=COMPRESSION)
+    pq.write_table(table, sink, compression=COMPRESSION, write_statistics=False)  # no reader filters on them
     return sink.getvalue().to_pybytes()
 
 

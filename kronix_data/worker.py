@@ -576,6 +576,12 @@ class Worker:
                 job, running.context, job.timeout, job.task.memory_limit)
         except Exception as error:  # noqa: BLE001 - a child that cannot start fails the job, not the worker
             outcome.error, outcome.formatted = error, "".join(traceback.format_exception(error))
+        if outcome.error is None and job.result_data is not None:
+            try:
+                self.driver.store.check_data_size(len(job.result_data), f"the DataFrame result of job {job.name!r}")
+            except InvalidInputError as error:
+                outcome.result_json, outcome.error = None, error
+                outcome.formatted = "".join(traceback.format_exception(error))
         if outcome.error is None and outcome.result_json is not None:
             job.result = json.loads(outcome.result_json)
 

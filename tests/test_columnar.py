@@ -237,3 +237,16 @@ def test_results_concatenate_with_missing_columns_as_nulls():
     combined = concat_frames(parts)
     assert combined["chunk"].tolist() == [0, 0, 1] and combined["a"].tolist() == [1, 2, 3]
     assert combined["b"].isna().tolist() == [True, True, False]
+
+
+def test_a_frame_task_in_a_child_process_takes_and_returns_dataframes(driver):
+    import os
+
+    import isolation_jobs
+
+    data = pd.DataFrame({"k": pd.Categorical(["a", "b"] * 6), "v": np.arange(12.0)})
+    batch = driver.map(isolation_jobs.frame_total, data, 4)
+    Worker(driver, burst=True, listen=False).run()
+    results = batch.results()
+    assert results["chunk"].tolist() == [0, 0, 1, 1, 2, 2] and results["v"].sum() == data["v"].sum()
+    assert os.getpid() not in set(results["pid"])  # ran in the child
