@@ -61,20 +61,17 @@ def frame_to_parquet(frame: pd.DataFrame, what: str = "DataFrame") -> bytes:
         meta["range"] = [frame.index.start, frame.index.stop, frame.index.step]
     if frame.index.name is not None and not isinstance(frame.index.name, (str, int)):
         raise InvalidInputError(f"the index name of {what} must be a str or an int, got {frame.index.name!r}")
-    columns = {}
-    for position in range(frame.shape[1]):
-        series = frame.iloc[:, position]
-        if isinstance(series.dtype, pd.CategoricalDtype):
-            meta["categoricals"][str(position)] = {"ordered": bool(series.dtype.ordered),
-                                                   "categories": _categories_bytes(series.dtype, what)}
-            series = pd.Series(series.cat.codes.to_numpy(), index=series.index)
-        columns[f"c{position}"] = series
-    plain = pd.DataFrame(columns, index=frame.index.rename(None if isinstance(frame.index, pd.RangeIndex)
-                                                              else _INDEX), copy=False)
-    if not columns:
-        plain = pd.DataFrame(index=plain.index)
+    plain = frame.copy(deep=False)  # no data copied: only the labels, the index name and categoricals change
+    plain.columns = [f"c{position}" for position in range(frame.shape[1])]
+    plain.index = frame.index.rename(None if isinstance(frame.index, pd.RangeIndex) else _INDEX)
+    for position, dtype in enumerate(frame.dtypes):
+        if isinstance(dtype, pd.CategoricalDtype):
+            meta["categoricals"][str(position)] = {"ordered": bool(dtype.ordered),
+                                                   "categories": _categories_bytes(dtype, what)}
+            plain.isetitem(position, frame.iloc[:, position].cat.codes.to_numpy())
+    columns = set(plain.columns)
     try:
-        table = pa.Table.from_pandas(plain, preserve_index=None)
+        table = pa.Table.from_pandas(plain, preserve_index=None, nthreads=1)  # threads cost more than they save here
     except (pa.ArrowException, TypeError, ValueError) as error:
         raise InvalidInputError(f"{what} cannot be stored as Parquet ({_column_named(error, labels)}): "
                                 f"{error}; use chunk_format='json' or give the column one type") from error
