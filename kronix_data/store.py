@@ -434,9 +434,13 @@ class JobStore:
             row.pop("data", None)
         return blobs
 
-    def _insert_chunk_data(self, conn: sa.Connection, rows: list[dict[str, Any]], blobs: dict[int, bytes]) -> None:
+    def _insert_chunk_data(self, conn: sa.Connection, rows: list[dict[str, Any]],
+                           blobs: dict[int, bytes] | None = None) -> None:
         """INSERT the chunk bytes of newly stored rows (ids final) into ``<table>_data``, in the push's
-        transaction; a keyed row that was already stored (a re-run) keeps the bytes it has."""
+        transaction; a keyed row that was already stored (a re-run) keeps the bytes it has.  ``blobs``:
+        what :meth:`split_data` took off the rows (None: the rows still carry their ``data``, checked here)."""
+        if blobs is None:
+            blobs = self.split_data(rows)
         data = self.tables.data
         ids = [rows[index]["id"] for index in blobs]
         stored: set[str] = set()
