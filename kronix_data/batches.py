@@ -23,11 +23,13 @@ from typing import Any, Protocol
 import pandas as pd
 
 from .analytics import dead_letter_frame, dead_letter_jobs, typed_frame, with_lag
-from .chunking import checked_batch_id, chunks, default_batch_id, frame_batch_id
+from .chunking import checked_batch_id, chunks, default_batch_id, frame_batch_id, is_frame_chunk
+from .columnar import FRAME_RESULT, concat_frames, parquet_to_frame
 from .errors import InvalidInputError, NotFoundError
 from .history import time_bound
 from .job import Job, JobStatus, decode_json, new_job_id
 from .limits import RateWindow
+from .schema import CHUNK_DATA, RESULT_DATA
 from .progress import BatchView, batch_eta, batch_view, chunk_number, format_duration, stragglers_frame
 from .store import JobStore, WaitGroup
 from .tasks import Task
@@ -265,6 +267,8 @@ def _concatenate(records: list[dict[str, Any]]) -> pd.DataFrame | None:
     if not records:
         return None
     results = [record["result"] for record in records]
+    if all(isinstance(result, pd.DataFrame) for result in results):  # through Arrow (kronix_data.columnar)
+        return concat_frames([(record["chunk"], record["result"]) for record in records])
     if all(isinstance(result, list) and all(isinstance(item, Mapping) for item in result) for result in results):
         parts = [pd.DataFrame.from_records(result) for result in results]
     elif all(isinstance(result, Mapping) and result and _equal_length_lists(result) for result in results):
@@ -380,7 +384,7 @@ def batches_frame(store: JobStore, since: datetime | timedelta | None = None) ->
 
 def enqueue_chunks(driver: QueueHandle, name: str | Task, data: Any, chunk_size: int = 10_000, *,
                    queue: str | None = None, batch: str | None = None, max_retries: int | None = None,
-                   priority: int | None = None, after: Any = None) -> Batch:
+                   priority: int | None = None, after: Any = None, chunk_format: str = "parquet") -> Batch:
     """Enqueue ``data`` as chunk jobs named ``name`` in one transaction and return their Batch.
 
     Parameters
@@ -402,13 +406,19 @@ def enqueue_chunks(driver: QueueHandle, name: str | Task, data: Any, chunk_size:
     after
         A Batch, a Job, a job id, or a list of them: every chunk waits (status
         ``waiting``) until all of them have completed.
+    chunk_format
+        How a DataFrame's chunks are stored: ``"parquet"`` (zstd Parquet bytes in
+        the ``<table>_data`` side table, read back by the worker that runs the
+        chunk) or ``"json"`` (rows in the JSON payload, as earlier releases did).
+        Other data is always JSON.
 
     Raises
     ------
     InvalidInputError
         ``data`` has no chunk at all (a batch of nothing could never be found
-        again), a value is not JSON, or ``after`` names a job or batch that is
-        not stored; nothing is written then.
+        again), a value is not JSON (or a column not Parquet), a chunk's bytes are
+        over the database's cap (``JobStore.max_data_bytes``), or ``after`` names
+        a job or batch that is not stored; nothing is written then.
     """
     task = name if isinstance(name, Task) else None
     job_name = task.name if task else name
@@ -418,7 +428,7 @@ def enqueue_chunks(driver: QueueHandle, name: str | Task, data: Any, chunk_size:
     max_retries = max_retries if max_retries is not None else task.max_retries if task else 3
     priority = priority if priority is not None else task.priority if task else 0
     parents = dependency_targets(after) if after is not None else ([], [])
-    cut = chunks(data, chunk_size)  # checks data and chunk_size now, cuts lazily
+    cut = chunks(data, chunk_size, chunk_format)  # checks data, chunk_size and format now, cuts lazily
     frame = data if isinstance(data, pd.DataFrame) else None
     batch_id = checked_batch_id(batch) if batch is not None else frame_batch_id(job_name, queue, frame, chunk_size)
     payloads = None if batch_id and frame is not None else list(cut)
@@ -432,9 +442,14 @@ def enqueue_chunks(driver: QueueHandle, name: str | Task, data: Any, chunk_size:
     store = driver.store
     if store.count_stored_keys(batch_id, [f"{batch_id}:{n}" for n in range(expected)]) < expected:
         make = task.job if task else lambda payload, **options: Job(job_name, payload, **options)
-        rows = [_with_rows(store.row_for_push(make(payload, queue=queue, max_retries=max_retries, priority=priority,
-                                                   key=f"{batch_id}:{payload['chunk']}", batch_id=batch_id)), payload)
-                for payload in (cut if payloads is None else payloads)]
+        rows = []
+        for payload in (cut if payloads is None else payloads):
+            data = payload.pop("parquet", None)  # the chunk's bytes go beside the row, not in its JSON
+            row = _with_rows(store.row_for_push(make(payload, queue=queue, max_retries=max_retries, priority=priority,
+                                                     key=f"{batch_id}:{payload['chunk']}", batch_id=batch_id)), payload)
+            if data is not None:
+                row["data"] = data
+            rows.append(row)
         waits = [WaitGroup(f"batch:{batch_id}:after", list(range(len(rows))), *parents)] if after is not None else []
         store.insert_jobs(rows, waits)
     return Batch(batch_id, driver, job_name, unit="row" if frame is not None else "unit")
@@ -443,10 +458,37 @@ def enqueue_chunks(driver: QueueHandle, name: str | Task, data: Any, chunk_size:
 def _with_rows(row: dict[str, Any], payload: Mapping[str, Any]) -> dict[str, Any]:
     """A chunk's row with its fair-share turn, and a DataFrame chunk's with its rows as its progress total
     (so the batch counts rows from the start)."""
-    if "frame" in payload:
+    if is_frame_chunk(payload):
         row["progress_total"] = payload["stop"] - payload["start"]
     row["fair_offset"] = payload["chunk"]  # its turn in the fair share between batches (kronix_data.limits)
     return row
+
+
+def attach_chunk_data(store: JobStore, jobs: Sequence[Job]) -> None:
+    """Put the Parquet bytes of claimed DataFrame chunks back in their payloads (``payload["parquet"]``, what
+    ``as_frame`` reads): one read of ``<table>_data`` for the whole claimed set, outside the claim statement.
+    A chunk whose bytes are missing keeps its payload as is, and fails when its task asks for the frame."""
+    wanted = [job.id for job in jobs if isinstance(job.payload, dict) and job.payload.get("format") == "parquet"
+              and "parquet" not in job.payload]
+    if not wanted:
+        return
+    found = store.read_job_data(wanted, CHUNK_DATA)
+    for job in jobs:
+        if job.id in found:
+            job.payload["parquet"] = found[job.id]
+
+
+def attach_result_frame(store: JobStore, job: Job) -> None:
+    """A job read back whose result is a DataFrame stored as Parquet gets the DataFrame as ``job.result``."""
+    if is_frame_result(job.result):
+        data = store.read_job_data([job.id], RESULT_DATA).get(job.id)
+        if data is not None:
+            job.result = parquet_to_frame(data, f"the DataFrame result of job {job.id!r}")
+
+
+def is_frame_result(result: Any) -> bool:
+    """Whether a decoded result is the marker of a DataFrame result stored in ``<table>_data``."""
+    return isinstance(result, dict) and result.get(FRAME_RESULT) == "parquet"
 
 
 # -- pipelines ------------------------------------------------------------------
@@ -501,10 +543,23 @@ def results_frame(store: JobStore, rows: Sequence[tuple[str, str | None, str | N
                      key=lambda record: (record["batch_id"] or "", record["chunk"], record["job_id"]))
     for record in records:
         del record["batch_id"]
+    _read_frame_results(store, records, on_primary)
     combined = _concatenate(records)
     if combined is not None:
         return combined
     return typed_frame(records, {"chunk": "int64", "job_id": "object", "result": "object"})
+
+
+def _read_frame_results(store: JobStore, records: list[dict[str, Any]], on_primary: bool) -> None:
+    """Replace the markers of DataFrame results by their frames, read from ``<table>_data`` in one go."""
+    framed = [record for record in records if is_frame_result(record["result"])]
+    if not framed:
+        return
+    found = store.read_job_data([record["job_id"] for record in framed], RESULT_DATA, on_primary=on_primary)
+    for record in framed:
+        data = found.get(record["job_id"])
+        if data is not None:
+            record["result"] = parquet_to_frame(data, f"the DataFrame result of job {record['job_id']!r}")
 
 
 def _chunk_numbers(store: JobStore, rows: Sequence[tuple[str, str | None, str | None, Any]],

@@ -8,7 +8,12 @@ enqueued, so re-running the same cell enqueues nothing.
 Payloads are plain JSON, so a worker in another process (or on another
 machine, with another pandas) can read them:
 
-- DataFrame: ``{"chunk": n, "start": i, "stop": j, "frame": {"columns", "index",
+- DataFrame, ``chunk_format="parquet"`` (the default): ``{"chunk": n, "start": i,
+  "stop": j, "format": "parquet"}``, the rows themselves as zstd Parquet bytes
+  under ``"parquet"`` (:mod:`kronix_data.columnar`), which ``enqueue_chunks``
+  stores in the ``<table>_data`` side table and the worker puts back in the
+  payload when it runs the job.
+- DataFrame, ``chunk_format="json"``: ``{"chunk": n, "start": i, "stop": j, "frame": {"columns", "index",
   "data"}, "dtypes": {"columns": [...], "index": "..."}}`` — ``frame`` is
   pandas' ``orient="split"`` layout (rows as lists, dates as ISO text, missing
   values as null, floats exact), ``dtypes`` lets :func:`as_frame` restore them.
@@ -32,14 +37,18 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from .columnar import frame_to_parquet, parquet_to_frame
 from .errors import InvalidInputError
 from .job import MAX_BATCH_ID_LENGTH
+
+#: How a DataFrame's chunks are stored: zstd Parquet bytes beside the row (default), or rows in the JSON payload.
+CHUNK_FORMATS = ("parquet", "json")
 
 #: How many characters of the job name a generated batch id keeps (readable, yet short).
 _NAME_PART = 64
 
 
-def chunks(data: Any, chunk_size: int) -> Iterator[dict[str, Any]]:
+def chunks(data: Any, chunk_size: int, chunk_format: str = "parquet") -> Iterator[dict[str, Any]]:
     """The chunk payloads of ``data``, in order (pure: nothing is written).
 
     Parameters
@@ -50,11 +59,18 @@ def chunks(data: Any, chunk_size: int) -> Iterator[dict[str, Any]]:
         generators of paths or dates).
     chunk_size
         Rows, range members or items per chunk (the last chunk may be smaller).
+    chunk_format
+        For a DataFrame: ``"parquet"`` (its rows as Parquet bytes under the
+        payload's ``"parquet"`` key) or ``"json"`` (rows in the payload).
     """
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, (int, np.integer)) or chunk_size < 1:
         raise InvalidInputError(f"chunk_size must be an int >= 1, got {chunk_size!r}")
+    if chunk_format not in CHUNK_FORMATS:
+        raise InvalidInputError(f"chunk_format must be one of {CHUNK_FORMATS}, got {chunk_format!r}")
     chunk_size = int(chunk_size)
     if isinstance(data, pd.DataFrame):
+        if chunk_format == "parquet":
+            return _parquet_chunks(data, chunk_size)
         return _frame_chunks(data, chunk_size)
     if isinstance(data, range):
         return _range_chunks(data, chunk_size)
@@ -118,6 +134,24 @@ def _json_value(value: Any, where: str) -> Any:
 # -- DataFrames ---------------------------------------------------------------
 
 
+def _parquet_chunks(frame: pd.DataFrame, chunk_size: int) -> Iterator[dict[str, Any]]:
+    if isinstance(frame.columns, pd.MultiIndex) or isinstance(frame.index, pd.MultiIndex):
+        raise InvalidInputError("DataFrames with a MultiIndex cannot be chunked; reset_index() or flatten the columns first")
+    return _parquet_parts(frame, chunk_size)
+
+
+def _parquet_parts(frame: pd.DataFrame, chunk_size: int) -> Iterator[dict[str, Any]]:
+    for n, start in enumerate(range(0, len(frame), chunk_size)):
+        part = frame.iloc[start:start + chunk_size]
+        yield {"chunk": n, "start": start, "stop": start + len(part), "format": "parquet",
+               "parquet": frame_to_parquet(part, f"chunk {n} (rows {start}..{start + len(part)})")}
+
+
+def is_frame_chunk(payload: Any) -> bool:
+    """Whether a payload is a DataFrame chunk's, in either format."""
+    return isinstance(payload, Mapping) and ("frame" in payload or payload.get("format") == "parquet")
+
+
 def _frame_chunks(frame: pd.DataFrame, chunk_size: int) -> Iterator[dict[str, Any]]:
     if isinstance(frame.columns, pd.MultiIndex) or isinstance(frame.index, pd.MultiIndex):
         raise InvalidInputError("DataFrames with a MultiIndex cannot be chunked; reset_index() or flatten the columns first")
@@ -178,8 +212,17 @@ def _column_values(series: pd.Series, where: str) -> list[Any]:
 def as_frame(payload: Mapping[str, Any]) -> pd.DataFrame:
     """The DataFrame of a chunk payload made by :func:`chunks`, with its dtypes and index restored.
 
-    Call it in the task: ``def clean(payload): frame = as_frame(payload); ...``.
+    Call it in the task: ``def clean(payload): frame = as_frame(payload); ...`` (or let the task take the
+    frame: ``@task(frame=True)``).  A Parquet chunk's bytes are read by pyarrow alone (no code runs);
+    a JSON one (``chunk_format="json"``, or stored by an earlier release) is rebuilt from its rows.
     """
+    if isinstance(payload, Mapping) and payload.get("format") == "parquet":
+        data = payload.get("parquet")
+        if data is None:
+            raise InvalidInputError(f"chunk {payload.get('chunk')!r} is stored as Parquet in the data table, "
+                                    "but its bytes were not fetched (or are missing): run it through a worker "
+                                    "or driver.pop(), which read them")
+        return parquet_to_frame(data, f"the Parquet data of chunk {payload.get('chunk')!r}")
     if not isinstance(payload, Mapping) or "frame" not in payload:
         keys = sorted(payload) if isinstance(payload, Mapping) else type(payload).__name__
         raise InvalidInputError(f"as_frame takes the payload of a DataFrame chunk (with a 'frame' key), got {keys}")
@@ -223,6 +266,10 @@ def default_batch_id(name: str, queue: str, payloads: Iterable[Mapping[str, Any]
     digest = _digest(name, queue)
     for payload in payloads:
         digest.update(b"\n")
+        data = payload.get("parquet") if isinstance(payload, Mapping) else None
+        if data is not None:  # a Parquet chunk: its JSON part and its bytes
+            payload = {key: value for key, value in payload.items() if key != "parquet"}
+            digest.update(hashlib.sha256(data).digest())
         digest.update(json.dumps(payload, separators=(",", ":"), sort_keys=True, allow_nan=False).encode())
     return f"{name[:_NAME_PART]}-{digest.hexdigest()[:16]}"
 

@@ -188,6 +188,14 @@ class QueueDialect:
         """The database's current time (UTC, microseconds where it has them)."""
         raise NotImplementedError
 
+    #: The largest binary chunk or result (``<table>_data``) kronix writes here: a sane cap (PostgreSQL's
+    #: BYTEA and SQLite's BLOB take up to 1 GB, but a chunk that big holds a worker's memory for nothing).
+    data_cap_bytes = 64 * 1024 * 1024
+
+    def max_data_bytes(self, conn: sa.Connection) -> tuple[int, str]:
+        """The largest binary data one row of ``<table>_data`` may hold here, and why (for the error)."""
+        return self.data_cap_bytes, f"kronix's cap for {conn.dialect.name}"
+
     def now_plus(self, seconds: float) -> sa.ColumnElement:
         """The database's current time shifted by ``seconds`` (may be negative)."""
         raise NotImplementedError
@@ -588,6 +596,12 @@ class MySQLDialect(QueueDialect):
 
     def reader(self, engine):
         return self._engine
+
+    def max_data_bytes(self, conn):
+        """Half the server's ``max_allowed_packet`` (less room for the statement): PyMySQL escapes binary
+        data into the statement text, which can double it; past the packet the server drops the connection."""
+        packet = int(conn.execute(sa.text("SELECT @@max_allowed_packet")).scalar_one())
+        return min(self.data_cap_bytes, max(packet - 65536, 0) // 2), f"half of max_allowed_packet ({packet:,})"
 
     def skips_locked(self, conn):
         """MariaDB >= 10.6 and MySQL >= 8.0.1; older servers get a plain (still atomic) FOR UPDATE."""

@@ -18,9 +18,11 @@ from typing import Any
 import pandas as pd
 
 from . import analytics, history, timeline
-from .batches import Batch, batches_frame, enqueue_chunks, find_batch, push_jobs, queues_frame
+from .batches import (Batch, attach_chunk_data, attach_result_frame, batches_frame, enqueue_chunks, find_batch,
+                      push_jobs, queues_frame)
+from .columnar import encode_job_result
 from .errors import InvalidInputError, NotFoundError
-from .job import Job, encode_result, possible_job_id, validate_queue
+from .job import Job, possible_job_id, validate_queue
 from .limits import Limits
 from .store import JobStore, ProgressWrite, WorkerBeat
 from .workers import unrunnable_jobs, workers_frame
@@ -195,6 +197,7 @@ class DatabaseQueueDriver:
                 reason = f"could not rebuild job {row['name']!r}: {type(error).__name__}: {error}"
                 log.error("dead-lettering job %s: %s", row["id"], reason)
                 self.fail(Job(row["name"], id=row["id"], attempts=row["attempts"], last_error=reason))
+        attach_chunk_data(self.store, jobs)  # DataFrame chunks' Parquet bytes: one read for the claimed set
         return jobs
 
     def _factories_for(self, names: set[str]) -> dict[str, JobFactory]:
@@ -219,11 +222,10 @@ class DatabaseQueueDriver:
         """
         return self.store.complete(self.worker_id, self._completions(jobs, results))
 
-    @staticmethod
-    def _completions(jobs: Iterable[Job], results: Sequence[str | None] | None) -> list[tuple[Job, str | None]]:
+    def _completions(self, jobs: Iterable[Job], results: Sequence[str | None] | None) -> list[tuple[Job, str | None]]:
         jobs = list(jobs)
         if results is None:
-            return [(job, encode_result(job)) for job in jobs]
+            return [(job, encode_job_result(job, self.store.check_data_size)) for job in jobs]
         if len(results) != len(jobs):
             raise InvalidInputError(f"results has {len(results)} entries for {len(jobs)} jobs")
         return list(zip(jobs, results))
@@ -371,7 +373,11 @@ class DatabaseQueueDriver:
         if not possible_job_id(job_id):
             return None
         row = self.store.read_job(job_id)
-        return None if row is None else self.store.job_from_row(row)
+        if row is None:
+            return None
+        job = self.store.job_from_row(row)
+        attach_result_frame(self.store, job)  # a DataFrame result: the frame, not its marker
+        return job
 
     def dead_letter_jobs(self, queue: str | None = None, batch: str | None = None) -> pd.DataFrame:
         """The dead letters (of a queue and/or batch), newest first, payload decoded.
@@ -476,11 +482,12 @@ class DatabaseQueueDriver:
 
     def map(self, name: str | Task, data: Any, chunk_size: int = 10_000, *, queue: str | None = None,
             batch: str | None = None, max_retries: int | None = None, priority: int | None = None,
-            after: Any = None) -> Batch:
+            after: Any = None, chunk_format: str = "parquet") -> Batch:
         """Enqueue ``data`` in chunks as jobs ``name``; idempotent; with ``after`` (batches, jobs or ids)
-        every chunk waits until those completed (see :func:`kronix_data.enqueue_chunks`)."""
+        every chunk waits until those completed; a DataFrame's chunks as Parquet bytes beside the rows
+        (``chunk_format="json"``: in the payload), see :func:`kronix_data.enqueue_chunks`."""
         return enqueue_chunks(self, name, data, chunk_size, queue=queue, batch=batch, max_retries=max_retries,
-                              priority=priority, after=after)
+                              priority=priority, after=after, chunk_format=chunk_format)
 
     def batch(self, batch_id: str) -> Batch:
         """The Batch with this id (after a kernel restart, say); NotFoundError (a LookupError) if no job has it."""

@@ -31,6 +31,7 @@ interval before it is killed.
 
 from __future__ import annotations
 
+import base64
 import builtins
 import json
 import logging
@@ -47,7 +48,7 @@ from typing import TYPE_CHECKING, Any
 import psutil
 
 from .errors import WorkerCrash
-from .job import Job, encode_payload
+from .job import Job, encode_value
 from .resources import format_size
 
 if TYPE_CHECKING:
@@ -105,8 +106,12 @@ class ProcessSlot:
     def run(self, job: Job, context: JobContext, timeout: float | None,
             memory_limit: float | None) -> tuple[str | None, BaseException | None, str]:
         """Run ``job`` in the child: ``(result JSON, None, "")`` or ``(None, error, traceback text)``."""
+        payload, data = job.payload, None
+        if isinstance(payload, dict) and isinstance(payload.get("parquet"), bytes):  # a DataFrame chunk's bytes
+            data, payload = payload["parquet"], {key: value for key, value in payload.items() if key != "parquet"}
         request = {"task": job.name, "module": job.task.function.__module__,
-                   "payload": None if job.payload is None else encode_payload(job),
+                   "payload": encode_value(payload, f"payload of job {job.name!r}"),
+                   "parquet": None if data is None else base64.b64encode(data).decode("ascii"),
                    "job": {"id": job.id, "attempts": job.attempts, "queue": job.queue, "key": job.key,
                            "batch_id": job.batch_id, "priority": job.priority, "max_retries": job.max_retries}}
         if request["module"] == "__main__":
@@ -125,7 +130,7 @@ class ProcessSlot:
             if line is not None:
                 if not line:
                     return None, self._crash(), ""
-                return self._answer(json.loads(line))
+                return self._answer(json.loads(line), job)
             if deadline is not None and time.monotonic() >= deadline:
                 self._kill(graceful=True)
                 error = TimeoutError(f"killed after {timeout:g} s")
@@ -182,8 +187,10 @@ class ProcessSlot:
         line, self._buffer = self._buffer.split(b"\n", 1)
         return line
 
-    def _answer(self, answer: dict[str, Any]) -> tuple[str | None, BaseException | None, str]:
+    def _answer(self, answer: dict[str, Any], job: Job) -> tuple[str | None, BaseException | None, str]:
         if answer["ok"]:
+            # A DataFrame result: its Parquet bytes (base64 on the pipe), checked and stored by the worker.
+            job.result_data = base64.b64decode(answer["data"]) if answer.get("data") else None
             return answer["result"], None, ""
         return None, child_error(answer["type"], answer["message"]), answer["traceback"]
 

@@ -16,6 +16,7 @@ crosses pickled: the payload and the result are the JSON text of the table.
 from __future__ import annotations
 
 import asyncio
+import base64
 import importlib
 import inspect
 import json
@@ -68,12 +69,19 @@ def run_job(request: dict[str, Any]) -> dict[str, Any]:
         task = find_task(request["task"])
         if task is None:
             raise LookupError(f"no task {request['task']!r} is registered after importing {request['module']!r}")
-        job = task.job(json.loads(request["payload"]) if request["payload"] is not None else None,
-                       **request["job"])
+        payload = json.loads(request["payload"]) if request["payload"] is not None else None
+        if request.get("parquet") is not None:  # a DataFrame chunk's Parquet bytes, read by pyarrow in as_frame
+            payload["parquet"] = base64.b64decode(request["parquet"])
+        job = task.job(payload, **request["job"])
         with running(JobContext(job, None)):
             job.result = job.handle()
             if inspect.iscoroutine(job.result):
                 job.result = asyncio.run(job.result)
+        if type(job.result).__name__ == "DataFrame":  # as Parquet bytes; the worker checks their size
+            from .columnar import encode_job_result
+
+            result = encode_job_result(job, lambda size, what: None)
+            return {"ok": True, "result": result, "data": base64.b64encode(job.result_data).decode("ascii")}
         return {"ok": True, "result": encode_result(job)}
     except Exception as error:  # noqa: BLE001 - sent to the worker, which records it
         return {"ok": False, "type": type(error).__name__, "message": str(error),

@@ -121,6 +121,8 @@ class Job:
     status: JobStatus = field(default=JobStatus.PENDING, kw_only=True)
     last_error: str | None = field(default=None, kw_only=True)
     result: Any = field(default=None, kw_only=True)
+    #: The Parquet bytes of a DataFrame result (kronix_data.columnar), written beside the row on completion.
+    result_data: bytes | None = field(default=None, kw_only=True, repr=False)
     created_at: datetime | None = field(default=None, kw_only=True)
     reserved_by: str | None = field(default=None, kw_only=True)
     reserved_at: datetime | None = field(default=None, kw_only=True)

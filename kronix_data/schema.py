@@ -130,10 +130,12 @@ class Tables:
     rollup: sa.Table
     rollup_totals: sa.Table
     rollup_state: sa.Table
+    #: Binary data beside a job (``<table>_data``): a DataFrame chunk's or result's Parquet bytes.
+    data: sa.Table
 
     def all(self) -> tuple[sa.Table, ...]:
         return (self.jobs, self.deps, self.waits, self.queues, self.workers, self.task_limits, self.schedules,
-                self.rollup, self.rollup_totals, self.rollup_state)
+                self.rollup, self.rollup_totals, self.rollup_state, self.data)
 
 
 def build_tables(name: str, *, partial_indexes: bool, now_default: str) -> Tables:
@@ -278,7 +280,31 @@ def build_tables(name: str, *, partial_indexes: bool, now_default: str) -> Table
     )
     schedules = build_schedules_table(metadata, table_name, options)
     rollup, rollup_totals, rollup_state = build_rollup_tables(metadata, table_name, options)
-    return Tables(table, deps, waits, queues, workers, task_limits, schedules, rollup, rollup_totals, rollup_state)
+    data = build_data_table(metadata, table_name, options)
+    return Tables(table, deps, waits, queues, workers, task_limits, schedules, rollup, rollup_totals, rollup_state,
+                  data)
+
+
+#: The ``kind`` of a ``<table>_data`` row: the chunk a job works on, or the frame it returned.
+CHUNK_DATA, RESULT_DATA = "chunk", "result"
+
+
+def _binary() -> sa.types.TypeEngine:
+    """BYTEA on PostgreSQL, BLOB on SQLite, LONGBLOB on MySQL/MariaDB (whose BLOB stops at 64 KiB)."""
+    return sa.LargeBinary().with_variant(mysql.LONGBLOB(), "mysql", "mariadb")
+
+
+def build_data_table(metadata: sa.MetaData, table_name: str, options: dict) -> sa.Table:
+    """``<name>_data``: one row per (job, kind), the Parquet bytes of a DataFrame chunk or result, beside
+    the jobs table so a claim never drags megabytes through the hot table and its indexes; read by id
+    when the job runs (chunk) or when results are collected (result), deleted with the job."""
+    return sa.Table(
+        f"{table_name}_data", metadata,
+        sa.Column("job_id", _key_text(MAX_ID_LENGTH), primary_key=True),
+        sa.Column("kind", _key_text(16), primary_key=True),
+        sa.Column("data", _binary(), nullable=False),
+        **options,
+    )
 
 
 def build_workers_table(metadata: sa.MetaData, table_name: str, options: dict) -> sa.Table:

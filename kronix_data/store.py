@@ -38,7 +38,8 @@ from .errors import DatabaseUnavailableError, InvalidInputError, NotFoundError
 from .job import Job, JobStatus, decode_json, encode_payload, new_job_id, validate_job
 from .limits import Limits, RateWindow
 from .resources import checked_resources, encode_requirements
-from .schema import PENDING, PROCESSING, WAITING, UTCDateTime, build_tables, claim_order, claim_sort_key
+from .schema import (CHUNK_DATA, PENDING, PROCESSING, RESULT_DATA, WAITING, UTCDateTime, build_tables, claim_order,
+                     claim_sort_key)
 
 log = logging.getLogger(__name__)
 
@@ -196,6 +197,7 @@ class JobStore:
         self._claim_waits = threading.local()  # what the last claim said about rate limits (claim_wait_s)
         self._snapshot = threading.local()  # the connection of a consistent_reads() block, per thread
         self._fold_checked_at = -math.inf  # when fold_if_stale last looked (monotonic clock)
+        self._data_cap: tuple[int, str] | None = None  # max_data_bytes, asked of the database once
 
     def __repr__(self) -> str:
         standby = f", read_db={self.read_engine.url.render_as_string(hide_password=True)!r}" if self.read_engine else ""
@@ -386,6 +388,7 @@ class JobStore:
         keyed = [row for row in rows if row["job_key"] is not None]
         if len({row["job_key"] for row in keyed}) < len(keyed):
             raise InvalidInputError("two jobs in one push share a key; keys must be unique")
+        blobs = self.split_data(rows)
         try:
             with self._transaction() as conn:
                 self._give_turns(conn, rows)
@@ -398,10 +401,88 @@ class JobStore:
                     stored = self.dialect.insert_new_keys(conn, self.table, keyed)
                     for row in keyed:
                         row["id"] = stored[row["job_key"]]
+                if blobs:
+                    self._insert_chunk_data(conn, rows, blobs)
                 self.dialect.notify(conn, self.channel)  # one wake-up per push, not per row
         except sa.exc.IntegrityError as error:
             raise InvalidInputError(f"a job id is already in table {self.table_name!r}: {error.orig}") from error
         return [row["id"] for row in rows]
+
+    # -- binary data beside the jobs (<table>_data) ----------------------------------
+
+    def max_data_bytes(self) -> tuple[int, str]:
+        """The largest binary chunk or result one ``<table>_data`` row may hold, and why (asked once)."""
+        if self._data_cap is None:
+            with self._reading() as conn:
+                self._data_cap = self.dialect.max_data_bytes(conn)
+        return self._data_cap
+
+    def check_data_size(self, size: int, what: str) -> None:
+        """InvalidInputError naming ``what`` and the sizes when ``size`` bytes are over :meth:`max_data_bytes`."""
+        cap, why = self.max_data_bytes()
+        if size > cap:
+            raise InvalidInputError(f"{what} is {size:,} bytes of Parquet, over the {cap:,} bytes one row of "
+                                    f"{self.tables.data.name} may hold ({why}): use a smaller chunk_size")
+
+    def split_data(self, rows: list[dict[str, Any]]) -> dict[int, bytes]:
+        """Take the ``data`` (bytes) off the rows that carry it, checked against the cap before anything is
+        written: ``{row index: bytes}`` for :meth:`_insert_chunk_data` (an insert path calls both)."""
+        blobs = {index: row["data"] for index, row in enumerate(rows) if row.get("data") is not None}
+        for index, blob in blobs.items():
+            self.check_data_size(len(blob), _data_owner(rows[index]))
+        for row in rows:
+            row.pop("data", None)
+        return blobs
+
+    def _insert_chunk_data(self, conn: sa.Connection, rows: list[dict[str, Any]],
+                           blobs: dict[int, bytes] | None = None) -> None:
+        """INSERT the chunk bytes of newly stored rows (ids final) into ``<table>_data``, in the push's
+        transaction; a keyed row that was already stored (a re-run) keeps the bytes it has.  ``blobs``:
+        what :meth:`split_data` took off the rows (None: the rows still carry their ``data``, checked here)."""
+        if blobs is None:
+            blobs = self.split_data(rows)
+        data = self.tables.data
+        ids = [rows[index]["id"] for index in blobs]
+        stored: set[str] = set()
+        for start in range(0, len(ids), IN_LIST_LIMIT):
+            stored.update(conn.execute(sa.select(data.c.job_id).where(
+                data.c.job_id.in_(ids[start:start + IN_LIST_LIMIT]), data.c.kind == CHUNK_DATA)).scalars())
+        fresh = [{"job_id": rows[index]["id"], "kind": CHUNK_DATA, "data": blob}
+                 for index, blob in blobs.items() if rows[index]["id"] not in stored]
+        if fresh:
+            conn.execute(data.insert(), fresh)
+
+    def read_job_data(self, job_ids: Sequence[str], kind: str, *, on_primary: bool = True) -> dict[str, bytes]:
+        """SELECT the ``<table>_data`` bytes of ``kind`` ("chunk" or "result") of jobs by id: one read per set."""
+        data, found = self.tables.data, {}
+        with self._reading() if on_primary else self._reading_analytics() as conn:
+            for start in range(0, len(job_ids), IN_LIST_LIMIT):
+                part = list(job_ids[start:start + IN_LIST_LIMIT])
+                found.update((job_id, bytes(blob)) for job_id, blob in conn.execute(
+                    sa.select(data.c.job_id, data.c.data).where(data.c.job_id.in_(part), data.c.kind == kind)))
+        return found
+
+    def _write_result_data(self, conn: sa.Connection, worker_id: str, jobs: Sequence[Job]) -> None:
+        """Store the Parquet results (``job.result_data``) of the jobs this transaction just completed for
+        ``worker_id`` (one that lost its lease writes nothing), replacing an earlier attempt's."""
+        c, data = self.table.c, self.tables.data
+        by_id = {job.id: job for job in jobs}
+        finished: list[tuple[str, int]] = []
+        ids = list(by_id)
+        for start in range(0, len(ids), IN_LIST_LIMIT):
+            finished += conn.execute(sa.select(c.id, c.attempts).where(
+                c.id.in_(ids[start:start + IN_LIST_LIMIT]), c.status == COMPLETED, c.reserved_by == worker_id)).all()
+        done = [job_id for job_id, attempts in finished if by_id[job_id].attempts == attempts]
+        if not done:
+            return
+        conn.execute(data.delete().where(data.c.job_id.in_(done), data.c.kind == RESULT_DATA))
+        conn.execute(data.insert(), [{"job_id": job_id, "kind": RESULT_DATA, "data": by_id[job_id].result_data}
+                                     for job_id in done])
+
+    def _delete_data_of(self, conn: sa.Connection, condition: sa.ColumnElement[bool]) -> None:
+        """DELETE the ``<table>_data`` rows of the jobs ``condition`` picks (before they are deleted)."""
+        data = self.tables.data
+        conn.execute(data.delete().where(data.c.job_id.in_(sa.select(self.table.c.id).where(condition))))
 
     def _give_turns(self, conn: sa.Connection, rows: list[dict[str, Any]]) -> None:
         """Each row's fair-share turn: the turn of its queue's next job (one look at the head of the
@@ -759,6 +840,9 @@ class JobStore:
                                           {**values, "result": sa.bindparam("job_result")},
                                           [{"job_result": result} for _, result in with_result], plain=True)
             changed += fast + (self._finish_one_by_one(conn, worker_id, with_result) if fast < len(with_result) else 0)
+        framed = [job for job, _ in with_result if getattr(job, "result_data", None) is not None]
+        if framed:  # DataFrame results: their Parquet bytes beside the row, in the same transaction
+            self._write_result_data(conn, worker_id, framed)
         return changed
 
     def _finish_one_by_one(self, conn: sa.Connection, worker_id: str,
@@ -1139,6 +1223,7 @@ class JobStore:
         """DELETE the pending jobs of a queue; a running job is never touched."""
         c = self.table.c
         with self._transaction() as conn:
+            self._delete_data_of(conn, sa.and_(c.queue == queue, c.status == PENDING))
             return conn.execute(self.table.delete().where(c.queue == queue, c.status == PENDING)).rowcount
 
     def delete_dead_letters(self, queue: str | None = None) -> int:
@@ -1149,6 +1234,7 @@ class JobStore:
             condition = sa.and_(condition, c.queue == queue)
         with self._transaction() as conn:
             taken = self._take_from_rollup(conn, condition)
+            self._delete_data_of(conn, condition)
             deleted = conn.execute(self.table.delete().where(condition)).rowcount
             self._settle_rollup(conn, taken)
             return deleted
@@ -1190,6 +1276,7 @@ class JobStore:
                 last = boundary is None  # fewer than chunk_size left: take them all
                 condition = prunable if last else sa.and_(prunable, c.finished_at <= boundary)
                 taken = self._take_from_rollup(conn, condition) if watermark is not None else (None, [])
+                self._delete_data_of(conn, condition)
                 deleted += conn.execute(self.table.delete().where(condition)).rowcount
                 self._settle_rollup(conn, taken)
             if last:
@@ -1913,6 +2000,14 @@ class JobStore:
 #: The rollup's extremes and how two of them combine.
 _ROLLUP_EXTREMES = (("min_name", min), ("max_name", max), ("min_created_at", min), ("max_created_at", max),
                     ("max_finished_at", max))
+
+
+def _data_owner(row: dict[str, Any]) -> str:
+    """What a row's binary data is, for an error: ``chunk 3 of batch 'b'`` for a ``map`` chunk, else the job."""
+    key, batch = row.get("job_key"), row.get("batch_id")
+    if key and batch and key.startswith(f"{batch}:"):
+        return f"chunk {key[len(batch) + 1:]} of batch {batch!r}"
+    return f"the data of job {key or row['id']!r}"
 
 
 def _extreme(pick, current, value):

@@ -50,6 +50,8 @@ class Task:
     concurrency: int | None = None
     #: Jobs of this task started per period across every worker, as ``"100/min"`` (None: no limit).
     rate: str | None = None
+    #: True: the function takes the DataFrame of its chunk (``as_frame(payload)``), not the payload.
+    frame: bool = False
 
     def __post_init__(self):
         validate_priority(self.priority, f"priority of task {self.name!r}")
@@ -87,8 +89,17 @@ class Task:
             raise InvalidInputError(f"task {self.name!r}: {error}") from None
 
     def __call__(self, payload: Any = None) -> Any:
-        """Run the function here and now, without the queue (handy in a notebook)."""
-        return self.function(payload)
+        """Run the function here and now, without the queue (handy in a notebook); a ``frame=True`` task
+        takes a DataFrame, or a chunk payload it turns into one."""
+        return self.function(self.argument(payload))
+
+    def argument(self, payload: Any) -> Any:
+        """What the function is called with: the payload, or for a ``frame=True`` task its chunk's DataFrame."""
+        if not self.frame:
+            return payload
+        from .chunking import as_frame  # pandas and pyarrow only for frame tasks
+
+        return payload if type(payload).__name__ == "DataFrame" else as_frame(payload)
 
     def job(self, payload: Any = None, **options: Any) -> TaskJob:
         """A job for this task, ready to push; ``options`` override queue, max_retries, priority, id..."""
@@ -105,7 +116,7 @@ class TaskJob(Job):
     task: Task
 
     def handle(self) -> Any:
-        return self.task.function(self.payload)
+        return self.task.function(self.task.argument(self.payload))
 
     @property
     def timeout(self) -> float | None:  # type: ignore[override]
@@ -130,7 +141,7 @@ def task(name: str | None = None, *, queue: str = "default", max_retries: int = 
          priority: int = 0, cron: str | None = None, timezone: str = DEFAULT_TIMEZONE,
          isolation: str | None = None, memory_limit: float | str | None = None,
          requires: dict[str, float | str] | None = None, concurrency: int | None = None,
-         rate: str | None = None) -> Callable[[Callable], Task]:
+         rate: str | None = None, frame: bool = False) -> Callable[[Callable], Task]:
     """Register a function as a task: ``@task(name="etl.clean", max_retries=3)``, or plain ``@task``.
 
     The function may be ``async def`` (run on the worker's event loop).
@@ -144,6 +155,8 @@ def task(name: str | None = None, *, queue: str = "default", max_retries: int = 
     ``concurrency`` and ``rate`` (``"100/min"``) limit the task's jobs across every worker
     everywhere, in whatever queue (see :mod:`kronix_data.limits`); a worker that imports the task
     writes them to the table when it starts.
+    ``frame=True``: the function takes the DataFrame of a ``driver.map`` chunk
+    (``as_frame(payload)``, in whatever format it was stored) instead of the payload.
 
     The name defaults to ``module.function``.  Registering a different
     function under a name already taken is an error (two modules would
@@ -154,7 +167,8 @@ def task(name: str | None = None, *, queue: str = "default", max_retries: int = 
         registered = Task(name or f"{function.__module__}.{function.__qualname__}", function, queue,
                           max_retries, timeout, retry or RetryPolicy(), on_failure, on_permanent_failure,
                           priority, cron=cron, timezone=timezone, isolation=isolation,
-                          memory_limit=memory_limit, requires=requires, concurrency=concurrency, rate=rate)
+                          memory_limit=memory_limit, requires=requires, concurrency=concurrency, rate=rate,
+                          frame=frame)
         existing = _registry.get(registered.name)
         if existing is not None and not _same_function(existing.function, function):
             raise InvalidInputError(f"task name {registered.name!r} is already registered to "

@@ -33,12 +33,13 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
+from .columnar import encode_job_result
 from .context import JobContext, running as running_job
 from .driver import DatabaseQueueDriver
 from .errors import InvalidInputError
 from .event_loop import EventLoopThread, is_coroutine_job
 from .isolation import ProcessSlots, runs_in_process
-from .job import Job, encode_result
+from .job import Job
 from .resources import covers, in_use
 from .snooze import Snooze
 from .store import ProgressWrite
@@ -552,7 +553,8 @@ class Worker:
                     job.result = job.handle()
                 if inspect.iscoroutine(job.result):  # an async def job: awaited on the worker's loop
                     job.result = self._event_loop.run(job.result, running.context, job.timeout)
-                outcome.result_json = encode_result(job)  # a result that cannot be stored is the job's failure
+                # A result that cannot be stored is the job's failure; a DataFrame one is Parquet (job.result_data).
+                outcome.result_json = encode_job_result(job, self.driver.store.check_data_size)
             except Snooze as snooze:  # not a failure: run again later, the attempt not counted
                 outcome.snooze = snooze.seconds
             except Exception as error:  # noqa: BLE001 - a job's failure is data
@@ -574,6 +576,12 @@ class Worker:
                 job, running.context, job.timeout, job.task.memory_limit)
         except Exception as error:  # noqa: BLE001 - a child that cannot start fails the job, not the worker
             outcome.error, outcome.formatted = error, "".join(traceback.format_exception(error))
+        if outcome.error is None and job.result_data is not None:
+            try:
+                self.driver.store.check_data_size(len(job.result_data), f"the DataFrame result of job {job.name!r}")
+            except InvalidInputError as error:
+                outcome.result_json, outcome.error = None, error
+                outcome.formatted = "".join(traceback.format_exception(error))
         if outcome.error is None and outcome.result_json is not None:
             job.result = json.loads(outcome.result_json)
 

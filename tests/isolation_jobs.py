@@ -110,3 +110,9 @@ def gpu(payload):
     from worker_jobs import record
 
     return record(payload)
+
+
+@task(name="iso.frame_total", isolation="process", frame=True)
+def frame_total(frame):
+    """Takes a DataFrame chunk (Parquet bytes over the child's pipe) and returns one, in a child process."""
+    return frame.assign(pid=os.getpid()).groupby("k", observed=True).agg(v=("v", "sum"), pid=("pid", "first"))

@@ -484,3 +484,59 @@ def test_the_channel_to_a_local_worker_has_no_address_anyone_could_connect_to(tm
                 assert path == "" and not flags & 0x10000, (inode, flags, path)
             assert not channels & listening_inet_inodes()
             assert all(workers.processes[n].is_alive() for n in range(2))
+
+
+# -- binary data written by an attacker (<table>_data) --------------------------------------------------
+
+
+def test_stored_bytes_are_only_ever_read_as_parquet_by_pyarrow():
+    """The binary data plane: columnar.py reads stored bytes with pyarrow's Parquet reader (and the
+    categories of a categorical with its IPC reader, from the same file's metadata), nothing else."""
+    source = (PACKAGE / "columnar.py").read_text()
+    reads = sorted({call for call in ("pq.read_table(", "pa.ipc.open_stream(", "pq.read_schema(", "pa.ipc.open_file(",
+                                      "pd.read_", "np.load(", "frombuffer(") if call in source})
+    assert reads == ["pa.ipc.open_stream(", "pq.read_table("]
+    import pyarrow
+
+    version = tuple(int(part) for part in pyarrow.__version__.split(".")[:3])
+    assert version >= (14, 0, 1)  # CVE-2023-47248: older pyarrow unpickled PyExtensionType data it read
+
+
+@task(name="security.frame_canary", frame=True)
+def frame_canary(frame):
+    return {"rows": len(frame)}
+
+
+def crafted_blobs(marker: Path) -> dict[int, bytes]:
+    """Bytes an attacker with write access to ``<table>_data`` could put in place of a chunk's Parquet."""
+    touch = f"touch {marker}"
+
+    class Exploit:
+        def __reduce__(self):
+            return (__import__("os").system, (touch,))
+
+    pickled = pickle.dumps(Exploit())
+    return {0: b"\x00garbage" * 10, 1: pickled, 2: b"PAR1" + pickled + b"PAR1",
+            3: cloudpickle.dumps(Exploit()), 4: json.dumps({"frame": touch}).encode()}
+
+
+def test_a_crafted_data_row_fails_its_chunk_cleanly_and_runs_nothing(driver, tmp_path):
+    import pandas as pd
+
+    marker = tmp_path / "PWNED"
+    blobs = crafted_blobs(marker)
+    batch = driver.map(frame_canary, pd.DataFrame({"x": range(len(blobs) + 1)}), 1, max_retries=0)
+    data = driver.store.tables.data
+    claimed = driver.pop_many(100)
+    keys = {job.payload["chunk"]: job.id for job in claimed}  # ids by chunk, then given back
+    driver.unclaim(claimed)
+    with driver.engine.begin() as conn:  # as an attacker would: straight into the side table
+        for chunk, blob in blobs.items():
+            conn.execute(data.update().where(data.c.job_id == keys[chunk]).values(data=blob))
+    Worker(driver, burst=True, lease_timeout=10, listen=False).run()
+
+    assert not marker.exists(), "a crafted data row ran code"
+    failures = batch.failures().set_index("id")
+    assert sorted(failures.index) == sorted(keys[chunk] for chunk in blobs)
+    assert all("InvalidInputError" in error and "Parquet" in error for error in failures["last_error"])
+    assert batch.results()["result"].tolist() == [{"rows": 1}]  # the one untouched chunk ran
