@@ -39,7 +39,7 @@ from .job import MAX_BATCH_ID_LENGTH
 _NAME_PART = 64
 
 
-def chunks(data: Any, chunk_size: int) -> Iterator[dict[str, Any]]:
+def chunks(data: Any, chunk_size: int, first: int = 0) -> Iterator[dict[str, Any]]:
     """The chunk payloads of ``data``, in order (pure: nothing is written).
 
     Parameters
@@ -50,14 +50,20 @@ def chunks(data: Any, chunk_size: int) -> Iterator[dict[str, Any]]:
         generators of paths or dates).
     chunk_size
         Rows, range members or items per chunk (the last chunk may be smaller).
+    first
+        The chunk to start at, for a DataFrame or a range (cut from there, not
+        from the start: ``map`` cuts them window by window).
     """
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, (int, np.integer)) or chunk_size < 1:
         raise InvalidInputError(f"chunk_size must be an int >= 1, got {chunk_size!r}")
     chunk_size = int(chunk_size)
     if isinstance(data, pd.DataFrame):
-        return _frame_chunks(data, chunk_size)
+        return _frame_chunks(data, chunk_size, first)
     if isinstance(data, range):
-        return _range_chunks(data, chunk_size)
+        return _range_chunks(data, chunk_size, first)
+    if first:
+        raise InvalidInputError(f"only a DataFrame or a range can be cut from chunk {first}, "
+                                f"not a {type(data).__name__}")
     if isinstance(data, (str, bytes, bytearray)):
         raise InvalidInputError(f"data is a {type(data).__name__}, which would be cut into characters; "
                         "pass a list of them instead, e.g. [path]")
@@ -69,8 +75,8 @@ def chunks(data: Any, chunk_size: int) -> Iterator[dict[str, Any]]:
     return _item_chunks(data, chunk_size)
 
 
-def _range_chunks(data: range, chunk_size: int) -> Iterator[dict[str, Any]]:
-    for n, start in enumerate(range(0, len(data), chunk_size)):
+def _range_chunks(data: range, chunk_size: int, first: int = 0) -> Iterator[dict[str, Any]]:
+    for n, start in enumerate(range(first * chunk_size, len(data), chunk_size), first):
         part = data[start:start + chunk_size]  # a range again: nothing is materialised
         payload = {"chunk": n, "start": part.start, "stop": part.stop}
         if part.step != 1:
@@ -118,7 +124,7 @@ def _json_value(value: Any, where: str) -> Any:
 # -- DataFrames ---------------------------------------------------------------
 
 
-def _frame_chunks(frame: pd.DataFrame, chunk_size: int) -> Iterator[dict[str, Any]]:
+def _frame_chunks(frame: pd.DataFrame, chunk_size: int, first: int = 0) -> Iterator[dict[str, Any]]:
     if isinstance(frame.columns, pd.MultiIndex) or isinstance(frame.index, pd.MultiIndex):
         raise InvalidInputError("DataFrames with a MultiIndex cannot be chunked; reset_index() or flatten the columns first")
     for label in frame.columns:
@@ -127,7 +133,7 @@ def _frame_chunks(frame: pd.DataFrame, chunk_size: int) -> Iterator[dict[str, An
     columns = [label if isinstance(label, str) else int(label) for label in frame.columns]
     dtypes = {"columns": [_dtype_spec(dtype) for dtype in frame.dtypes], "index": str(frame.index.dtype),
               "index_name": frame.index.name if isinstance(frame.index.name, str) else None}
-    for n, start in enumerate(range(0, len(frame), chunk_size)):
+    for n, start in enumerate(range(first * chunk_size, len(frame), chunk_size), first):
         part = frame.iloc[start:start + chunk_size]
         values = [_column_values(part.iloc[:, i], f"column {columns[i]!r}, rows {start}..")
                   for i in range(part.shape[1])]
@@ -218,12 +224,39 @@ def _digest(name: str, queue: str) -> Any:
     return hashlib.sha256(json.dumps([name, queue], separators=(",", ":")).encode())
 
 
+def canonical_json(payload: Mapping[str, Any]) -> str:
+    """A payload's JSON with sorted keys: the text :class:`ContentDigest` hashes (and ``map`` stores)."""
+    return json.dumps(payload, separators=(",", ":"), sort_keys=True, allow_nan=False)
+
+
+class ContentDigest:
+    """The default batch id, fed one chunk's :func:`canonical_json` at a time (so no second pass is needed)."""
+
+    def __init__(self, name: str, queue: str):
+        self.name, self._digest = name, _digest(name, queue)
+
+    def update(self, text: str) -> None:
+        self._digest.update(b"\n")
+        self._digest.update(text.encode())
+
+    def batch_id(self) -> str:
+        return f"{self.name[:_NAME_PART]}-{self._digest.hexdigest()[:16]}"
+
+
 def default_batch_id(name: str, queue: str, payloads: Iterable[Mapping[str, Any]]) -> str:
     """``name-<16 hex>``: the same name, queue and chunk payloads always give the same id."""
-    digest = _digest(name, queue)
+    digest = ContentDigest(name, queue)
     for payload in payloads:
-        digest.update(b"\n")
-        digest.update(json.dumps(payload, separators=(",", ":"), sort_keys=True, allow_nan=False).encode())
+        digest.update(canonical_json(payload))
+    return digest.batch_id()
+
+
+def range_batch_id(name: str, queue: str, data: range, chunk_size: int) -> str:
+    """The batch id of a range, from its bounds: what its chunks hold follows from its first member, length,
+    step and the chunk size (``range(0, 10, 3) == range(0, 11, 3)`` give the same id)."""
+    digest = _digest(name, queue)
+    layout = ["range", data.start, len(data), data.step, int(chunk_size)]
+    digest.update(json.dumps(layout, separators=(",", ":")).encode())
     return f"{name[:_NAME_PART]}-{digest.hexdigest()[:16]}"
 
 
