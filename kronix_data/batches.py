@@ -453,8 +453,12 @@ def enqueue_chunks(driver: QueueHandle, name: str | Task, data: Any, chunk_size:
     return Batch(batch_id, driver, job_name, unit="row" if frame is not None else "unit")
 
 
-#: Chunks per window: what ``map`` holds in memory, looks up (one indexed look-up) and inserts at once.
-CHUNK_WINDOW = 1000
+#: Chunks per window: what ``map`` holds in memory (a few MB of rows), looks up (one indexed count) and
+#: inserts (one COPY) at once.  Fewer, larger windows: fewer round trips, the re-run's main cost.
+CHUNK_WINDOW = 5000
+#: Payload text per insert at most (one chunk over it goes alone): big DataFrame chunks are not held
+#: a window at a time, and a MariaDB statement stays under ``max_allowed_packet``.
+_INSERT_BYTES = 16 * 1024 * 1024
 #: Encoded chunks a spool keeps in memory before it moves to a temporary file.
 _SPOOL_IN_MEMORY = 16 * 1024 * 1024
 
@@ -464,8 +468,8 @@ class _Chunks(Protocol):
 
     count: int
 
-    def window(self, numbers: range, wanted: bool) -> list[tuple[int, str]]:
-        """The chunks numbered ``numbers`` (none when not ``wanted``: every one is stored)."""
+    def window(self, numbers: range, wanted: bool) -> Iterator[tuple[int, str]]:
+        """The chunks numbered ``numbers``, one at a time (none when not ``wanted``: every one is stored)."""
 
     def rewind(self) -> None:
         """Start again from chunk 0 (the batch is stored again, carefully)."""
@@ -479,11 +483,10 @@ class _CutByWindow:
         self.data, self.chunk_size, self.what = data, chunk_size, what
         self.count = math.ceil(len(data) / chunk_size)
 
-    def window(self, numbers: range, wanted: bool) -> list[tuple[int, str]]:
-        if not wanted:
-            return []
-        return [(payload["chunk"], encode_value(payload, self.what))
-                for payload in islice(chunks(self.data, self.chunk_size, numbers.start), len(numbers))]
+    def window(self, numbers: range, wanted: bool) -> Iterator[tuple[int, str]]:
+        if wanted:
+            for payload in islice(chunks(self.data, self.chunk_size, numbers.start), len(numbers)):
+                yield payload["chunk"], encode_value(payload, self.what)
 
     def rewind(self) -> None:
         pass
@@ -508,9 +511,11 @@ class _Spooled:
             self.count += 1
         self.rewind()
 
-    def window(self, numbers: range, wanted: bool) -> list[tuple[int, str]]:
-        texts = [(n, self.file.readline()[:-1]) for n in numbers]
-        return texts if wanted else []
+    def window(self, numbers: range, wanted: bool) -> Iterator[tuple[int, str]]:
+        for n in numbers:
+            text = self.file.readline()[:-1]  # read even when not wanted: the next window starts after it
+            if wanted:
+                yield n, text
 
     def rewind(self) -> None:
         self.file.seek(0)
@@ -525,17 +530,23 @@ class _Spooled:
 def _store_windows(store: JobStore, batch_id: str, source: _Chunks, template: dict[str, Any],
                    rows_of: Any, wait: WaitGroup | None, careful: bool) -> None:
     """Store the batch's chunks not stored yet, in one transaction, a window at a time: one look-up of
-    the window's keys (none for a new batch), then its new rows through the fastest insert."""
+    the window's keys (none for a new batch), then its new rows through the fastest insert, in parts
+    of at most :data:`_INSERT_BYTES` of payload (big DataFrame chunks)."""
     with store.inserting_chunks(batch_id, wait, careful=careful) as inserting:
         for first in range(0, source.count, CHUNK_WINDOW):
             numbers = range(first, min(first + CHUNK_WINDOW, source.count))
             stored = inserting.stored_keys([f"{batch_id}:{n}" for n in numbers])
-            rows = []
+            rows, size = [], 0
             for n, text in source.window(numbers, wanted=len(stored) < len(numbers)):
                 key = f"{batch_id}:{n}"
-                if key not in stored:
-                    row = {**template, "id": new_job_id(), "payload": text, "job_key": key}
-                    rows.append(_with_rows(row, n, None if rows_of is None else rows_of(n)))
+                if key in stored:
+                    continue
+                if rows and size + len(text) > _INSERT_BYTES:
+                    inserting.insert(rows)
+                    rows, size = [], 0
+                row = {**template, "id": new_job_id(), "payload": text, "job_key": key}
+                rows.append(_with_rows(row, n, None if rows_of is None else rows_of(n)))
+                size += len(text)
             inserting.insert(rows)
 
 

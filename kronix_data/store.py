@@ -558,14 +558,18 @@ class JobStore:
 
     def _count_stored_keys(self, conn: sa.Connection, keys: Sequence[str]) -> int:
         """COUNT the jobs holding any of ``keys`` (probes of the unique ``<table>_key`` index only: a condition
-        on the batch lets the planner scan the whole batch instead, once per window)."""
-        return conn.execute(sa.select(sa.func.count()).select_from(self.table).where(
-            self.dialect.among(self.table.c.job_key, list(keys)))).scalar_one()
+        on the batch lets the planner scan the whole batch instead, once per window).  One statement where
+        the dialect binds a list as one parameter, else one per ``among_limit`` keys."""
+        step = self.dialect.among_limit or len(keys)
+        return sum(conn.execute(sa.select(sa.func.count()).select_from(self.table).where(
+            self.dialect.among(self.table.c.job_key, list(keys[start:start + step])))).scalar_one()
+            for start in range(0, len(keys), step))
 
     def _stored_keys(self, conn: sa.Connection, keys: Sequence[str]) -> set[str]:
         """SELECT which of ``keys`` are stored (through the unique ``<table>_key`` index)."""
-        c = self.table.c
-        return set(conn.execute(sa.select(c.job_key).where(self.dialect.among(c.job_key, list(keys)))).scalars())
+        c, step = self.table.c, self.dialect.among_limit or len(keys)
+        return {key for start in range(0, len(keys), step) for key in conn.execute(
+            sa.select(c.job_key).where(self.dialect.among(c.job_key, list(keys[start:start + step])))).scalars()}
 
     # -- consuming --------------------------------------------------------------------
 
@@ -1986,7 +1990,7 @@ class ChunkInsert:
         self._batch_stored = careful or store._batch_has_jobs(conn, batch_id)
 
     def stored_keys(self, keys: Sequence[str]) -> set[str]:
-        """The keys among ``keys`` (at most IN_LIST_LIMIT) already stored: one indexed count (a second
+        """The keys among ``keys`` (a window's) already stored: one indexed count (a second
         look-up reads which, only for a window partly stored), none for a batch with no job stored before
         this transaction.  A key is unique in the table: one stored outside the batch is skipped too, as
         the INSERT skipping stored keys would."""

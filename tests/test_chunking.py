@@ -215,8 +215,10 @@ def test_a_range_batch_id_comes_from_its_bounds():
 
 @pytest.fixture
 def small_windows(monkeypatch):
-    """Windows of 4 chunks, so a few chunks span several windows (the look-up, rows and insert of each)."""
+    """Windows of 4 chunks, so a few chunks span several windows (the look-up, rows and insert of each),
+    and inserts of about 100 bytes of payload, so a window is inserted in parts."""
     monkeypatch.setattr(batches, "CHUNK_WINDOW", 4)
+    monkeypatch.setattr(batches, "_INSERT_BYTES", 100)
 
 
 def test_a_batch_over_many_windows_is_stored_once_and_re_run_window_by_window(driver, small_windows):
