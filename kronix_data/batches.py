@@ -502,9 +502,10 @@ class _Spooled:
         self.count = 0
         for payload in cut:
             try:
-                text = checked_json_size(canonical_json(payload), f"{what} (chunk {self.count})")
+                text = canonical_json(payload)
             except (TypeError, ValueError) as error:
                 raise InvalidInputError(f"{what} (chunk {self.count}) is not JSON: {error}") from error
+            checked_json_size(text, f"{what} (chunk {self.count})")
             if digest is not None:
                 digest.update(text)
             self.file.write(text + "\n")  # compact JSON has no newline of its own

@@ -2,8 +2,8 @@
 
 Pure: nothing here touches the database.  :func:`kronix_data.batches.enqueue_chunks`
 (``driver.map``) pushes the chunks as jobs of one batch, whose id
-(:func:`default_batch_id`, :func:`frame_batch_id`) is a hash of what is
-enqueued, so re-running the same cell enqueues nothing.
+(:func:`default_batch_id`, :func:`frame_batch_id`, :func:`range_batch_id`) is a
+hash of what is enqueued, so re-running the same cell enqueues nothing.
 
 Payloads are plain JSON, so a worker in another process (or on another
 machine, with another pandas) can read them:
