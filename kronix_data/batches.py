@@ -14,24 +14,28 @@ as much as the one ``enqueue_chunks`` returned.
 
 from __future__ import annotations
 
+import contextlib
 import math
+import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from datetime import datetime, timedelta
+from itertools import islice
 from typing import Any, Protocol
 
 import pandas as pd
 
 from .analytics import dead_letter_frame, dead_letter_jobs, typed_frame, with_lag
-from .chunking import checked_batch_id, chunks, default_batch_id, frame_batch_id, is_frame_chunk
+from .chunking import (ContentDigest, canonical_json, checked_batch_id, chunks, default_batch_id,
+                       frame_batch_id, range_batch_id)
 from .columnar import FRAME_RESULT, concat_frames, parquet_to_frame
 from .errors import InvalidInputError, NotFoundError
 from .history import time_bound
-from .job import Job, JobStatus, decode_json, new_job_id
+from .job import Job, JobStatus, checked_json_size, decode_json, encode_value, new_job_id
 from .limits import RateWindow
 from .schema import CHUNK_DATA, RESULT_DATA
 from .progress import BatchView, batch_eta, batch_view, chunk_number, format_duration, stragglers_frame
-from .store import JobStore, WaitGroup
+from .store import ChunksStoredMeanwhile, JobStore, WaitGroup
 from .tasks import Task
 from .workers import running_count, slots_of, worker_records
 
@@ -430,37 +434,148 @@ def enqueue_chunks(driver: QueueHandle, name: str | Task, data: Any, chunk_size:
     parents = dependency_targets(after) if after is not None else ([], [])
     cut = chunks(data, chunk_size, chunk_format)  # checks data, chunk_size and format now, cuts lazily
     frame = data if isinstance(data, pd.DataFrame) else None
-    batch_id = checked_batch_id(batch) if batch is not None else frame_batch_id(job_name, queue, frame, chunk_size)
-    payloads = None if batch_id and frame is not None else list(cut)
-    if batch_id is None:
-        batch_id = default_batch_id(job_name, queue, payloads)
-    expected = math.ceil(len(frame) / chunk_size) if payloads is None else len(payloads)
-    if not expected:
-        raise InvalidInputError(f"data ({type(data).__name__}) is empty: there is nothing to enqueue")
-    # A re-run cell finds every chunk stored and stops here, before cutting and
-    # encoding a big DataFrame again (seconds for millions of rows).
-    store = driver.store
-    if store.count_stored_keys(batch_id, [f"{batch_id}:{n}" for n in range(expected)]) < expected:
+    if batch is not None:
+        batch_id = checked_batch_id(batch)
+    elif isinstance(data, range):
+        batch_id = range_batch_id(job_name, queue, data, chunk_size)
+    else:
+        batch_id = frame_batch_id(job_name, queue, frame, chunk_size)  # None unless a hashable frame
+    what = f"payload of job {job_name!r}"
+    with contextlib.ExitStack() as stack:
+        if frame is not None and batch_id is None:  # a frame pandas cannot hash: its id from its chunks (a cut more)
+            batch_id = default_batch_id(job_name, queue, chunks(data, chunk_size, chunk_format))
+        if batch_id is not None and (frame is not None or isinstance(data, range)):
+            source: _Chunks = _CutByWindow(data, chunk_size, chunk_format, what)
+        else:  # read once: cut, encoded and hashed chunk by chunk into a spool, stored from there
+            digest = ContentDigest(job_name, queue) if batch_id is None else None
+            source = stack.enter_context(_Spooled(cut, digest, what))
+            batch_id = batch_id or digest.batch_id()
+        if not source.count:
+            raise InvalidInputError(f"data ({type(data).__name__}) is empty: there is nothing to enqueue")
         make = task.job if task else lambda payload, **options: Job(job_name, payload, **options)
-        rows = []
-        for payload in (cut if payloads is None else payloads):
-            data = payload.pop("parquet", None)  # the chunk's bytes go beside the row, not in its JSON
-            row = _with_rows(store.row_for_push(make(payload, queue=queue, max_retries=max_retries, priority=priority,
-                                                     key=f"{batch_id}:{payload['chunk']}", batch_id=batch_id)), payload)
-            if data is not None:
-                row["data"] = data
-            rows.append(row)
-        waits = [WaitGroup(f"batch:{batch_id}:after", list(range(len(rows))), *parents)] if after is not None else []
-        store.insert_jobs(rows, waits)
+        template = driver.store.row_for_push(make(None, queue=queue, max_retries=max_retries, priority=priority,
+                                                  key=f"{batch_id}:0", batch_id=batch_id))
+        wait = WaitGroup(f"batch:{batch_id}:after", [], *parents) if after is not None else None
+        rows_of = None if frame is None else lambda n: min(chunk_size, len(frame) - n * chunk_size)
+        for careful in (False, True):
+            try:
+                _store_windows(driver.store, batch_id, source, template, rows_of, wait, careful)
+                break
+            except ChunksStoredMeanwhile:  # another session stored some of these keys meanwhile: skip them
+                source.rewind()
     return Batch(batch_id, driver, job_name, unit="row" if frame is not None else "unit")
 
 
-def _with_rows(row: dict[str, Any], payload: Mapping[str, Any]) -> dict[str, Any]:
+#: Chunks per window: what ``map`` holds in memory (a few MB of rows), looks up (one indexed count) and
+#: inserts (one COPY) at once.  Fewer, larger windows: fewer round trips, the re-run's main cost.
+CHUNK_WINDOW = 5000
+#: Payload text and Parquet bytes per insert at most (one chunk over it goes alone): big DataFrame chunks are not held
+#: a window at a time, and a MariaDB statement stays under ``max_allowed_packet``.
+_INSERT_BYTES = 16 * 1024 * 1024
+#: Encoded chunks a spool keeps in memory before it moves to a temporary file.
+_SPOOL_IN_MEMORY = 16 * 1024 * 1024
+
+
+class _Chunks(Protocol):
+    """A batch's chunks as ``map`` stores them: their count, then window by window, as ``(n, JSON text,
+    Parquet bytes or None)``."""
+
+    count: int
+
+    def window(self, numbers: range, wanted: bool) -> Iterator[tuple[int, str, bytes | None]]:
+        """The chunks numbered ``numbers``, one at a time (none when not ``wanted``: every one is stored)."""
+
+    def rewind(self) -> None:
+        """Start again from chunk 0 (the batch is stored again, carefully)."""
+
+
+class _CutByWindow:
+    """A DataFrame or a range, whose batch id is known without cutting it: cut one window at a time, and
+    not at all for a window already stored (a re-run cell costs a look-up per window, no encoding)."""
+
+    def __init__(self, data: Any, chunk_size: int, chunk_format: str, what: str):
+        self.data, self.chunk_size, self.chunk_format, self.what = data, chunk_size, chunk_format, what
+        self.count = math.ceil(len(data) / chunk_size)
+
+    def window(self, numbers: range, wanted: bool) -> Iterator[tuple[int, str, bytes | None]]:
+        if wanted:
+            for payload in islice(chunks(self.data, self.chunk_size, self.chunk_format, first=numbers.start),
+                                  len(numbers)):
+                data = payload.pop("parquet", None)  # the chunk's bytes go beside the row, not in its JSON
+                yield payload["chunk"], encode_value(payload, self.what), data
+
+    def rewind(self) -> None:
+        pass
+
+
+class _Spooled:
+    """Any other iterable (or a frame pandas cannot hash): read once, each chunk cut, encoded as
+    :func:`canonical_json` (the text the default batch id hashes, and the payload stored) and written to
+    a spool, so the id is known after one pass and the rows are built from the spool, a window at a time."""
+
+    def __init__(self, cut: Iterator[dict[str, Any]], digest: ContentDigest | None, what: str):
+        self.file = tempfile.SpooledTemporaryFile(max_size=_SPOOL_IN_MEMORY, mode="w+", encoding="utf-8")
+        self.count = 0
+        for payload in cut:
+            try:
+                text = canonical_json(payload)
+            except (TypeError, ValueError) as error:
+                raise InvalidInputError(f"{what} (chunk {self.count}) is not JSON: {error}") from error
+            checked_json_size(text, f"{what} (chunk {self.count})")
+            if digest is not None:
+                digest.update(text)
+            self.file.write(text + "\n")  # compact JSON has no newline of its own
+            self.count += 1
+        self.rewind()
+
+    def window(self, numbers: range, wanted: bool) -> Iterator[tuple[int, str, bytes | None]]:
+        for n in numbers:
+            text = self.file.readline()[:-1]  # read even when not wanted: the next window starts after it
+            if wanted:
+                yield n, text, None
+
+    def rewind(self) -> None:
+        self.file.seek(0)
+
+    def __enter__(self) -> _Spooled:
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.file.close()
+
+
+def _store_windows(store: JobStore, batch_id: str, source: _Chunks, template: dict[str, Any],
+                   rows_of: Any, wait: WaitGroup | None, careful: bool) -> None:
+    """Store the batch's chunks not stored yet, in one transaction, a window at a time: one look-up of
+    the window's keys (none for a new batch), then its new rows through the fastest insert, in parts
+    of at most :data:`_INSERT_BYTES` of payload (big DataFrame chunks)."""
+    with store.inserting_chunks(batch_id, wait, careful=careful) as inserting:
+        for first in range(0, source.count, CHUNK_WINDOW):
+            numbers = range(first, min(first + CHUNK_WINDOW, source.count))
+            stored = inserting.stored_keys([f"{batch_id}:{n}" for n in numbers])
+            rows, size = [], 0
+            for n, text, data in source.window(numbers, wanted=len(stored) < len(numbers)):
+                key = f"{batch_id}:{n}"
+                if key in stored:
+                    continue
+                weight = len(text) + (len(data) if data is not None else 0)
+                if rows and size + weight > _INSERT_BYTES:
+                    inserting.insert(rows)
+                    rows, size = [], 0
+                row = {**template, "id": new_job_id(), "payload": text, "job_key": key}
+                if data is not None:
+                    row["data"] = data
+                rows.append(_with_rows(row, n, None if rows_of is None else rows_of(n)))
+                size += weight
+            inserting.insert(rows)
+
+
+def _with_rows(row: dict[str, Any], chunk: int, rows: int | None = None) -> dict[str, Any]:
     """A chunk's row with its fair-share turn, and a DataFrame chunk's with its rows as its progress total
     (so the batch counts rows from the start)."""
-    if is_frame_chunk(payload):
-        row["progress_total"] = payload["stop"] - payload["start"]
-    row["fair_offset"] = payload["chunk"]  # its turn in the fair share between batches (kronix_data.limits)
+    if rows is not None:
+        row["progress_total"] = rows
+    row["fair_offset"] = chunk  # its turn in the fair share between batches (kronix_data.limits)
     return row
 
 

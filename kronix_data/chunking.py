@@ -2,8 +2,8 @@
 
 Pure: nothing here touches the database.  :func:`kronix_data.batches.enqueue_chunks`
 (``driver.map``) pushes the chunks as jobs of one batch, whose id
-(:func:`default_batch_id`, :func:`frame_batch_id`) is a hash of what is
-enqueued, so re-running the same cell enqueues nothing.
+(:func:`default_batch_id`, :func:`frame_batch_id`, :func:`range_batch_id`) is a
+hash of what is enqueued, so re-running the same cell enqueues nothing.
 
 Payloads are plain JSON, so a worker in another process (or on another
 machine, with another pandas) can read them:
@@ -48,7 +48,8 @@ CHUNK_FORMATS = ("parquet", "json")
 _NAME_PART = 64
 
 
-def chunks(data: Any, chunk_size: int, chunk_format: str = "parquet") -> Iterator[dict[str, Any]]:
+def chunks(data: Any, chunk_size: int, chunk_format: str = "parquet", *, first: int = 0
+           ) -> Iterator[dict[str, Any]]:
     """The chunk payloads of ``data``, in order (pure: nothing is written).
 
     Parameters
@@ -62,6 +63,9 @@ def chunks(data: Any, chunk_size: int, chunk_format: str = "parquet") -> Iterato
     chunk_format
         For a DataFrame: ``"parquet"`` (its rows as Parquet bytes under the
         payload's ``"parquet"`` key) or ``"json"`` (rows in the payload).
+    first
+        The chunk to start at, for a DataFrame or a range (cut from there, not
+        from the start: ``map`` cuts them window by window).
     """
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, (int, np.integer)) or chunk_size < 1:
         raise InvalidInputError(f"chunk_size must be an int >= 1, got {chunk_size!r}")
@@ -70,10 +74,13 @@ def chunks(data: Any, chunk_size: int, chunk_format: str = "parquet") -> Iterato
     chunk_size = int(chunk_size)
     if isinstance(data, pd.DataFrame):
         if chunk_format == "parquet":
-            return _parquet_chunks(data, chunk_size)
-        return _frame_chunks(data, chunk_size)
+            return _parquet_chunks(data, chunk_size, first)
+        return _frame_chunks(data, chunk_size, first)
     if isinstance(data, range):
-        return _range_chunks(data, chunk_size)
+        return _range_chunks(data, chunk_size, first)
+    if first:
+        raise InvalidInputError(f"only a DataFrame or a range can be cut from chunk {first}, "
+                                f"not a {type(data).__name__}")
     if isinstance(data, (str, bytes, bytearray)):
         raise InvalidInputError(f"data is a {type(data).__name__}, which would be cut into characters; "
                         "pass a list of them instead, e.g. [path]")
@@ -85,8 +92,8 @@ def chunks(data: Any, chunk_size: int, chunk_format: str = "parquet") -> Iterato
     return _item_chunks(data, chunk_size)
 
 
-def _range_chunks(data: range, chunk_size: int) -> Iterator[dict[str, Any]]:
-    for n, start in enumerate(range(0, len(data), chunk_size)):
+def _range_chunks(data: range, chunk_size: int, first: int = 0) -> Iterator[dict[str, Any]]:
+    for n, start in enumerate(range(first * chunk_size, len(data), chunk_size), first):
         part = data[start:start + chunk_size]  # a range again: nothing is materialised
         payload = {"chunk": n, "start": part.start, "stop": part.stop}
         if part.step != 1:
@@ -134,14 +141,14 @@ def _json_value(value: Any, where: str) -> Any:
 # -- DataFrames ---------------------------------------------------------------
 
 
-def _parquet_chunks(frame: pd.DataFrame, chunk_size: int) -> Iterator[dict[str, Any]]:
+def _parquet_chunks(frame: pd.DataFrame, chunk_size: int, first: int = 0) -> Iterator[dict[str, Any]]:
     if isinstance(frame.columns, pd.MultiIndex) or isinstance(frame.index, pd.MultiIndex):
         raise InvalidInputError("DataFrames with a MultiIndex cannot be chunked; reset_index() or flatten the columns first")
-    return _parquet_parts(frame, chunk_size)
+    return _parquet_parts(frame, chunk_size, first)
 
 
-def _parquet_parts(frame: pd.DataFrame, chunk_size: int) -> Iterator[dict[str, Any]]:
-    for n, start in enumerate(range(0, len(frame), chunk_size)):
+def _parquet_parts(frame: pd.DataFrame, chunk_size: int, first: int) -> Iterator[dict[str, Any]]:
+    for n, start in enumerate(range(first * chunk_size, len(frame), chunk_size), start=first):
         part = frame.iloc[start:start + chunk_size]
         yield {"chunk": n, "start": start, "stop": start + len(part), "format": "parquet",
                "parquet": frame_to_parquet(part, f"chunk {n} (rows {start}..{start + len(part)})")}
@@ -152,7 +159,7 @@ def is_frame_chunk(payload: Any) -> bool:
     return isinstance(payload, Mapping) and ("frame" in payload or payload.get("format") == "parquet")
 
 
-def _frame_chunks(frame: pd.DataFrame, chunk_size: int) -> Iterator[dict[str, Any]]:
+def _frame_chunks(frame: pd.DataFrame, chunk_size: int, first: int = 0) -> Iterator[dict[str, Any]]:
     if isinstance(frame.columns, pd.MultiIndex) or isinstance(frame.index, pd.MultiIndex):
         raise InvalidInputError("DataFrames with a MultiIndex cannot be chunked; reset_index() or flatten the columns first")
     for label in frame.columns:
@@ -161,7 +168,7 @@ def _frame_chunks(frame: pd.DataFrame, chunk_size: int) -> Iterator[dict[str, An
     columns = [label if isinstance(label, str) else int(label) for label in frame.columns]
     dtypes = {"columns": [_dtype_spec(dtype) for dtype in frame.dtypes], "index": str(frame.index.dtype),
               "index_name": frame.index.name if isinstance(frame.index.name, str) else None}
-    for n, start in enumerate(range(0, len(frame), chunk_size)):
+    for n, start in enumerate(range(first * chunk_size, len(frame), chunk_size), first):
         part = frame.iloc[start:start + chunk_size]
         values = [_column_values(part.iloc[:, i], f"column {columns[i]!r}, rows {start}..")
                   for i in range(part.shape[1])]
@@ -261,16 +268,43 @@ def _digest(name: str, queue: str) -> Any:
     return hashlib.sha256(json.dumps([name, queue], separators=(",", ":")).encode())
 
 
+def canonical_json(payload: Mapping[str, Any]) -> str:
+    """A payload's JSON with sorted keys: the text :class:`ContentDigest` hashes (and ``map`` stores)."""
+    return json.dumps(payload, separators=(",", ":"), sort_keys=True, allow_nan=False)
+
+
+class ContentDigest:
+    """The default batch id, fed one chunk's :func:`canonical_json` at a time (so no second pass is needed)."""
+
+    def __init__(self, name: str, queue: str):
+        self.name, self._digest = name, _digest(name, queue)
+
+    def update(self, text: str) -> None:
+        self._digest.update(b"\n")
+        self._digest.update(text.encode())
+
+    def batch_id(self) -> str:
+        return f"{self.name[:_NAME_PART]}-{self._digest.hexdigest()[:16]}"
+
+
 def default_batch_id(name: str, queue: str, payloads: Iterable[Mapping[str, Any]]) -> str:
     """``name-<16 hex>``: the same name, queue and chunk payloads always give the same id."""
-    digest = _digest(name, queue)
+    digest = ContentDigest(name, queue)
     for payload in payloads:
-        digest.update(b"\n")
         data = payload.get("parquet") if isinstance(payload, Mapping) else None
         if data is not None:  # a Parquet chunk: its JSON part and its bytes
             payload = {key: value for key, value in payload.items() if key != "parquet"}
-            digest.update(hashlib.sha256(data).digest())
-        digest.update(json.dumps(payload, separators=(",", ":"), sort_keys=True, allow_nan=False).encode())
+            digest.update(hashlib.sha256(data).hexdigest())
+        digest.update(canonical_json(payload))
+    return digest.batch_id()
+
+
+def range_batch_id(name: str, queue: str, data: range, chunk_size: int) -> str:
+    """The batch id of a range, from its bounds: what its chunks hold follows from its first member, length,
+    step and the chunk size (``range(0, 10, 3) == range(0, 11, 3)`` give the same id)."""
+    digest = _digest(name, queue)
+    layout = ["range", data.start, len(data), data.step, int(chunk_size)]
+    digest.update(json.dumps(layout, separators=(",", ":")).encode())
     return f"{name[:_NAME_PART]}-{digest.hexdigest()[:16]}"
 
 

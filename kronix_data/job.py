@@ -205,6 +205,11 @@ def _encode(value: Any, what: str) -> str:
         raise InvalidInputError(f"{what} is not valid JSON: {error}") from error
     except RecursionError as error:
         raise InvalidInputError(f"{what} is nested too deeply to store as JSON") from error
+    return checked_json_size(text, what)
+
+
+def checked_json_size(text: str, what: str) -> str:
+    """JSON text under the size cap (:data:`MAX_JSON_BYTES`), or a clear error naming what it is."""
     if len(text) > MAX_JSON_BYTES:
         raise InvalidInputError(f"{what} is {len(text):,} bytes of JSON, over the limit of {MAX_JSON_BYTES:,}: "
                          "store bulk data elsewhere and pass a reference")

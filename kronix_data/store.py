@@ -484,12 +484,14 @@ class JobStore:
         data = self.tables.data
         conn.execute(data.delete().where(data.c.job_id.in_(sa.select(self.table.c.id).where(condition))))
 
-    def _give_turns(self, conn: sa.Connection, rows: list[dict[str, Any]]) -> None:
+    def _give_turns(self, conn: sa.Connection, rows: list[dict[str, Any]], heads: dict[str, int] | None = None
+                    ) -> None:
         """Each row's fair-share turn: the turn of its queue's next job (one look at the head of the
         ``<table>_due`` index per queue), plus its chunk number (``fair_offset``, set by ``map``); a job
-        pushed by hand gets the head's turn, so pushes stay first in, first out (see kronix_data.limits)."""
+        pushed by hand gets the head's turn, so pushes stay first in, first out (see kronix_data.limits).
+        ``heads`` keeps the heads seen across calls of one transaction (a batch stored window by window)."""
         c = self.table.c
-        heads: dict[str, int] = {}
+        heads = {} if heads is None else heads
         for row in rows:
             queue = row["queue"]
             if queue not in heads:
@@ -497,7 +499,8 @@ class JobStore:
                                             .order_by(*claim_order(self.table)).limit(1)).scalar() or 0
             row["fair_rank"] = heads[queue] + (row.pop("fair_offset", None) or 0)
 
-    def _join_wait_groups(self, conn: sa.Connection, rows: list[dict[str, Any]], waits: Sequence[WaitGroup]) -> None:
+    def _join_wait_groups(self, conn: sa.Connection, rows: list[dict[str, Any]], waits: Sequence[WaitGroup],
+                          joined: dict[str, tuple[int, str | None]] | None = None) -> None:
         """Make each wait group (or find it, on a re-run) and set its members' status and ``wait_id``.
 
         A new group locks its stored parents (``FOR UPDATE``, in id order), so a
@@ -506,19 +509,26 @@ class JobStore:
         neither.  Its ``remaining`` is the parents not completed; the parents are
         marked ``has_dependents``.  Members wait while ``remaining > 0``, and are
         cancelled at once if a parent already was.
+
+        ``joined`` is given when the rows are known to be new (a batch stored window
+        by window, its keys looked up already): each group's outcome is kept there,
+        so the members of later windows wait, or are cancelled, as the first ones.
         """
         c, waits_table, deps = self.table.c, self.tables.waits, self.tables.deps
         by_id = {row["id"]: row for row in rows}
         self._refuse_cycles(rows, waits)
         keys = [rows[i]["job_key"] for group in waits for i in group.members if rows[i]["job_key"] is not None]
-        already = set(stored_ids_by_key(conn, self.table, keys)) if keys else set()
+        already = set(stored_ids_by_key(conn, self.table, keys)) if keys and joined is None else set()
         for group in waits:
             members = [rows[i] for i in group.members if rows[i]["job_key"] not in already]
             if not members:
                 continue  # a re-run: every member is stored already, with its group
-            found = conn.execute(sa.select(waits_table.c.remaining).where(waits_table.c.wait_id == group.wait_id)
-                                 .with_for_update()).scalar()
-            cancelled_parent = None
+            if joined is not None and group.wait_id in joined:
+                found, cancelled_parent = joined[group.wait_id]
+            else:
+                found = conn.execute(sa.select(waits_table.c.remaining).where(waits_table.c.wait_id == group.wait_id)
+                                     .with_for_update()).scalar()
+                cancelled_parent = None
             if found is None:
                 statuses = self._lock_parents(conn, group, by_id)
                 cancelled_parent = next((parent for parent, status in statuses.items() if status == CANCELLED), None)
@@ -537,6 +547,8 @@ class JobStore:
                         by_id[parent]["has_dependents"] = True
             else:
                 remaining = found
+            if joined is not None:
+                joined[group.wait_id] = (remaining, cancelled_parent)
             for row in members:
                 row["wait_id"] = group.wait_id
                 if cancelled_parent is not None:
@@ -598,6 +610,47 @@ class JobStore:
                 stored += conn.execute(sa.select(sa.func.count()).select_from(self.table)
                                        .where(c.batch_id == batch_id, c.job_key.in_(part))).scalar_one()
         return stored
+
+    @contextmanager
+    def inserting_chunks(self, batch_id: str, wait: WaitGroup | None = None, *, careful: bool = False
+                         ) -> Iterator[ChunkInsert]:
+        """One transaction storing a batch's chunk jobs window by window (``map``), NOTIFY once at the end.
+
+        Raises :class:`ChunksStoredMeanwhile` when a fast (not ``careful``) insert
+        met a key another session stored meanwhile: the caller runs the whole
+        batch again with ``careful=True``, which skips such keys as ``insert_jobs``
+        does.  A taken id fails the whole batch (nothing is written).
+        """
+        try:
+            with self._transaction() as conn:
+                chunk_insert = ChunkInsert(self, conn, batch_id, wait, careful)
+                yield chunk_insert
+                if chunk_insert.inserted:
+                    self.dialect.notify(conn, self.channel)  # one wake-up per batch, not per window
+        except sa.exc.IntegrityError as error:
+            if not careful:
+                raise ChunksStoredMeanwhile(batch_id) from error
+            raise InvalidInputError(f"a job id is already in table {self.table_name!r}: {error.orig}") from error
+
+    def _batch_has_jobs(self, conn: sa.Connection, batch_id: str) -> bool:
+        """Whether any job has this batch id (one look at the ``<table>_batch`` index)."""
+        c = self.table.c
+        return conn.execute(sa.select(c.batch_id).where(c.batch_id == batch_id).limit(1)).first() is not None
+
+    def _count_stored_keys(self, conn: sa.Connection, keys: Sequence[str]) -> int:
+        """COUNT the jobs holding any of ``keys`` (probes of the unique ``<table>_key`` index only: a condition
+        on the batch lets the planner scan the whole batch instead, once per window).  One statement where
+        the dialect binds a list as one parameter, else one per ``among_limit`` keys."""
+        step = self.dialect.among_limit or len(keys)
+        return sum(conn.execute(sa.select(sa.func.count()).select_from(self.table).where(
+            self.dialect.among(self.table.c.job_key, list(keys[start:start + step])))).scalar_one()
+            for start in range(0, len(keys), step))
+
+    def _stored_keys(self, conn: sa.Connection, keys: Sequence[str]) -> set[str]:
+        """SELECT which of ``keys`` are stored (through the unique ``<table>_key`` index)."""
+        c, step = self.table.c, self.dialect.among_limit or len(keys)
+        return {key for start in range(0, len(keys), step) for key in conn.execute(
+            sa.select(c.job_key).where(self.dialect.among(c.job_key, list(keys[start:start + step])))).scalars()}
 
     # -- consuming --------------------------------------------------------------------
 
@@ -2008,6 +2061,60 @@ def _data_owner(row: dict[str, Any]) -> str:
     if key and batch and key.startswith(f"{batch}:"):
         return f"chunk {key[len(batch) + 1:]} of batch {batch!r}"
     return f"the data of job {key or row['id']!r}"
+
+
+class ChunksStoredMeanwhile(Exception):
+    """A fast chunk insert met a key stored by another session since its look-up (the batch is retried)."""
+
+
+class ChunkInsert:
+    """The windows of one batch of chunk jobs, stored in one transaction (:meth:`JobStore.inserting_chunks`).
+
+    A batch with no stored job yet (one indexed look-up at the start) skips the
+    per-window look-ups; otherwise :meth:`stored_keys` asks once per window.  New
+    rows go through the dialect's fastest insert (COPY on PostgreSQL, one
+    multi-row INSERT on MariaDB, executemany on SQLite), or, ``careful``, through
+    the INSERT that skips stored keys.
+    """
+
+    def __init__(self, store: JobStore, conn: sa.Connection, batch_id: str, wait: WaitGroup | None, careful: bool):
+        self.store, self.conn, self.batch_id, self.wait, self.careful = store, conn, batch_id, wait, careful
+        self.inserted = 0
+        self._heads: dict[str, int] = {}
+        self._joined: dict[str, tuple[int, str | None]] = {}
+        self._batch_stored = careful or store._batch_has_jobs(conn, batch_id)
+
+    def stored_keys(self, keys: Sequence[str]) -> set[str]:
+        """The keys among ``keys`` (a window's) already stored: one indexed count (a second
+        look-up reads which, only for a window partly stored), none for a batch with no job stored before
+        this transaction.  A key is unique in the table: one stored outside the batch is skipped too, as
+        the INSERT skipping stored keys would."""
+        if not self._batch_stored or not keys:
+            return set()
+        stored = self.store._count_stored_keys(self.conn, keys)
+        if stored == len(keys):
+            return set(keys)
+        return self.store._stored_keys(self.conn, keys) if stored else set()
+
+    def insert(self, rows: list[dict[str, Any]]) -> None:
+        """Store one window's new rows (rows of :meth:`JobStore.row_for_push`, with ``fair_offset``)."""
+        if not rows:
+            return
+        store, conn = self.store, self.conn
+        blobs = store.split_data(rows)  # checked against the cap; COPY takes its columns from the rows
+        store._give_turns(conn, rows, self._heads)
+        if self.wait is not None:
+            group = WaitGroup(self.wait.wait_id, list(range(len(rows))), self.wait.parent_ids, self.wait.parent_batches)
+            store._join_wait_groups(conn, rows, [group], self._joined)
+        if self.careful:
+            stored = store.dialect.insert_new_keys(conn, store.table, rows)
+            for row in rows:  # a key stored meanwhile keeps its job (and its bytes): see _insert_chunk_data
+                row["id"] = stored[row["job_key"]]
+        else:
+            store.dialect.insert(conn, store.table, rows)
+        if blobs:
+            store._insert_chunk_data(conn, rows, blobs)  # DataFrame chunks' Parquet bytes, same transaction
+        self.inserted += len(rows)
 
 
 def _extreme(pick, current, value):

@@ -309,3 +309,24 @@ def test_dataplane_runs_every_system_and_kronix_totals_equal_joblibs(tmp_path):
             assert [name for name in sa.inspect(engine).get_table_names() if name.startswith(prefix)] == []
         finally:
             engine.dispose()
+
+
+# -- map() beside push_many (benchmarks/map_cost.py) -------------------------------
+
+
+@pytest.mark.parametrize("data", ["range", "list"])
+def test_map_cost_times_map_push_many_and_the_re_run_on_full_tables(backend, db_url, data):
+    # The script checks each of its tables holds every job before it prints a figure, then drops them.
+    done = subprocess.run([sys.executable, "-m", "benchmarks.map_cost", "--db", db_url, "--chunks", "1500",
+                           "--chunk-size", "3", "--data", data, "--runs", "2"],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    runs = [json.loads(text) for text in done.stdout.strip().splitlines()]
+    assert len(runs) == 3 and [run.get("median", False) for run in runs] == [False, False, True]
+    assert [run["map_first"] for run in runs[:2]] == [False, True]  # interleaved
+    for run in runs:
+        assert (run["data"], run["chunks"]) == (data, 1500)
+        assert run["push_many_jobs_per_s"] > 0 and run["map_chunks_per_s"] > 0 and run["rerun_s"] > 0
+        assert run["map_peak_python_mb"] > 0
+    assert runs[0]["map_vs_push_many"] == pytest.approx(
+        runs[0]["map_chunks_per_s"] / runs[0]["push_many_jobs_per_s"], rel=0.01)

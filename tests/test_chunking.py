@@ -11,8 +11,8 @@ import pandas as pd
 import pytest
 import sqlalchemy as sa
 
-from kronix_data import Batch, as_frame, enqueue_chunks, task
-from kronix_data.chunking import chunks
+from kronix_data import Batch, Job, as_frame, batches, enqueue_chunks, task
+from kronix_data.chunking import chunks, default_batch_id, range_batch_id
 
 
 @pytest.fixture
@@ -197,3 +197,84 @@ def test_a_frame_with_list_cells_is_idempotent_too(driver):
     assert driver.map("etl.tags", frame.copy(), chunk_size=2) == batch and len(stored_jobs(driver)) == 2
     jobs = sorted(driver.pop_many(10), key=lambda job: job.payload["chunk"])
     assert as_frame(jobs[1].payload)["tags"].tolist() == [["y", "z"]]
+
+
+# -- window by window (map at the speed of push_many) -----------------------------
+
+
+def test_a_range_cut_from_a_later_chunk_numbers_its_chunks_from_there():
+    assert list(chunks(range(10, 35), 10, first=1)) == [{"chunk": 1, "start": 20, "stop": 30},
+                                                        {"chunk": 2, "start": 30, "stop": 35}]
+    with pytest.raises(ValueError, match="only a DataFrame or a range"):
+        chunks([1, 2, 3], 1, first=1)
+
+
+def test_a_range_batch_id_comes_from_its_bounds():
+    assert range_batch_id("n", "q", range(0, 10, 3), 2) == range_batch_id("n", "q", range(0, 11, 3), 2)
+    assert len({range_batch_id("n", "q", range(0, 10), 2), range_batch_id("n", "q", range(1, 11), 2),
+                range_batch_id("n", "q", range(0, 10), 3), range_batch_id("n", "other", range(0, 10), 2)}) == 4
+
+
+@pytest.fixture
+def small_windows(monkeypatch):
+    """Windows of 4 chunks, so a few chunks span several windows (the look-up, rows and insert of each),
+    and inserts of about 100 bytes of payload, so a window is inserted in parts."""
+    monkeypatch.setattr(batches, "CHUNK_WINDOW", 4)
+    monkeypatch.setattr(batches, "_INSERT_BYTES", 100)
+
+
+def test_a_batch_over_many_windows_is_stored_once_and_re_run_window_by_window(driver, small_windows):
+    batch = driver.map("etl.ids", range(50), chunk_size=3)  # 17 chunks: windows of 4, 4, 4, 4, 1
+    keys = [f"{batch.id}:{n}" for n in range(17)]
+    assert sorted(row.job_key for row in stored_jobs(driver)) == sorted(keys)
+    with driver.engine.begin() as conn:  # chunks of the second and last windows were pruned
+        conn.execute(driver.table.delete().where(driver.table.c.job_key.in_([keys[5], keys[16]])))
+
+    assert driver.map("etl.ids", range(50), chunk_size=3) == batch
+    payloads = {row.job_key: json.loads(row.payload) for row in stored_jobs(driver)}
+    assert sorted(payloads) == sorted(keys)
+    assert payloads[keys[16]] == {"chunk": 16, "start": 48, "stop": 50}
+    assert driver.map("etl.ids", range(50), chunk_size=3) == batch and len(stored_jobs(driver)) == 17
+
+
+def test_an_iterable_read_once_keeps_its_content_hash_as_batch_id(driver, small_windows):
+    items = [f"file-{n}.csv" for n in range(23)]
+    batch = driver.map("etl.files", (item for item in items), chunk_size=2)  # a generator: read once
+
+    assert batch.id == default_batch_id("etl.files", "default", chunks(items, 2))  # the id it always had
+    assert driver.map("etl.files", iter(items), chunk_size=2) == batch and len(stored_jobs(driver)) == 12
+    stored = {row.job_key: json.loads(row.payload) for row in stored_jobs(driver)}
+    assert stored[f"{batch.id}:11"] == {"chunk": 11, "items": ["file-22.csv"]}
+
+
+def test_a_key_stored_meanwhile_outside_the_batch_is_skipped_not_an_error(driver, small_windows):
+    # The batch has no job, so its chunks go through the fast insert; one key is taken: the batch is
+    # stored again, carefully, and that chunk skipped, as the INSERT skipping stored keys always did.
+    driver.push(Job("by.hand", {"n": 1}, key="nightly:5"))
+    batch = driver.map("etl.ids", range(30), chunk_size=3, batch="nightly")
+    rows = stored_jobs(driver)
+    assert sorted(row.job_key for row in rows) == sorted(f"nightly:{n}" for n in range(10))
+    assert {row.name for row in rows if row.job_key == "nightly:5"} == {"by.hand"}
+    assert batch.progress()["total"] == 9
+
+
+def test_chunks_of_every_window_wait_for_after_or_are_cancelled_with_it(driver, small_windows):
+    parent = driver.push(Job("parent", {}))
+    waiting = driver.map("child", range(20), chunk_size=2, after=parent)  # 10 chunks, 3 windows
+    assert waiting.progress()["waiting"] == 10
+    gone = driver.push(Job("gone", {}))
+    driver.cancel(gone)
+    cancelled = driver.map("child", range(100, 120), chunk_size=2, after=gone)
+    assert cancelled.progress()["cancelled"] == 10
+
+
+def test_turns_and_row_totals_hold_across_windows(driver, small_windows):
+    frame = pd.DataFrame({"a": range(25)})
+    batch = driver.map("etl.rows", frame, chunk_size=3)  # 9 chunks, the last of 1 row
+    c = driver.table.c
+    with driver.engine.connect() as conn:
+        rows = conn.execute(sa.select(c.job_key, c.fair_rank, c.progress_total)).all()
+    by_chunk = {int(key.rsplit(":", 1)[1]): (rank, total) for key, rank, total in rows}
+    assert [by_chunk[n][0] - by_chunk[0][0] for n in range(9)] == list(range(9))
+    assert [by_chunk[n][1] for n in range(9)] == [3] * 8 + [1]
+    assert batch.progress()["units_total"] == 25
