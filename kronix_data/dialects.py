@@ -517,11 +517,16 @@ class PostgresDialect(OnConflictDialect):
 
     def claim(self, conn, table, conditions, limit, changes, claimed_at=None):
         # Lock the candidates, skipping rows another worker holds, then update
-        # exactly those: one round trip, no waiting on other claimers.
-        candidates = _candidates(table, conditions, limit).with_for_update(skip_locked=True).cte("candidates")
+        # exactly those: one round trip, no waiting on other claimers.  As
+        # ``id = ANY(ARRAY(...))``: the locked ids are an InitPlan and the UPDATE
+        # finds them by primary key.  Joined to a CTE instead, the planner
+        # (estimating the CTE's rows, not knowing they are few keys) hashed them
+        # against a sequential scan of the whole table: 12 ms of a 16 ms claim
+        # at 20,000 rows, growing with the table.
+        candidates = _candidates(table, conditions, limit).with_for_update(skip_locked=True).scalar_subquery()
         statement = (
             table.update()
-            .where(table.c.id == candidates.c.id)
+            .where(table.c.id == sa.any_(sa.func.array(candidates)))
             .values(_claim_values(table, changes, self._claimed_at(claimed_at)))
             .returning(*_claimed(table))
         )
