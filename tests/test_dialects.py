@@ -220,3 +220,23 @@ def test_the_postgres_watermark_stays_behind_an_open_transaction_and_falls_back_
         with admin.begin() as conn:
             conn.execute(sa.text("DROP ROLE IF EXISTS kronix_limited"))
         admin.dispose()
+
+
+# -- pinging pooled connections ------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", SERVERS)
+def test_a_pooled_connection_is_pinged_only_after_it_idled_and_a_dead_one_is_replaced(driver, monkeypatch):
+    """No ping on a connection given back a moment ago (a round trip of every push and claim once); one
+    that idled past PING_AFTER_IDLE_S is pinged, and replaced without an error when its session is gone."""
+    import kronix_data.dialects as dialects
+
+    store = driver.store
+    with store.engine.connect() as conn:
+        first = session_id(conn.connection.dbapi_connection)
+    with store.engine.connect() as conn:
+        assert session_id(conn.connection.dbapi_connection) == first  # reused at once, not replaced
+    kill_session(store.url_with_password, first)
+    monkeypatch.setattr(dialects, "PING_AFTER_IDLE_S", 0.0)  # every pooled connection counts as idle now
+    with store.engine.connect() as conn:
+        assert session_id(conn.connection.dbapi_connection) != first
+        assert conn.execute(sa.select(sa.literal(1))).scalar_one() == 1
