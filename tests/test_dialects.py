@@ -7,8 +7,10 @@ same contract, and check the differences that are meant to be there.
 
 from __future__ import annotations
 
+import re
 import threading
 from datetime import timedelta
+from typing import Any
 
 import pandas as pd
 import pytest
@@ -130,6 +132,43 @@ def test_claims_and_recovery_skip_rows_another_transaction_holds(store):
     assert sorted(row["id"] for row in claimed) == ["j1", "j2"]
     with store.engine.connect() as conn:
         assert store.dialect.skips_locked(conn)
+
+
+def statements_run(store, action) -> list[tuple[str, Any, bool]]:
+    """``(statement, parameters, autocommit)`` of each statement ``action()`` sends through the store's engine."""
+    seen = []
+
+    def record(conn, _cursor, statement, parameters, _context, _many):
+        seen.append((statement, parameters, conn.connection.dbapi_connection.autocommit))
+
+    sa.event.listen(store.engine, "before_cursor_execute", record)
+    try:
+        action()
+    finally:
+        sa.event.remove(store.engine, "before_cursor_execute", record)
+    return seen
+
+
+@pytest.mark.parametrize("backend", ["postgresql"])
+def test_the_postgres_claim_finds_its_locked_candidates_by_primary_key(store):
+    """Joined to a CTE of the candidates, the UPDATE was hashed against a sequential scan of the whole table."""
+    for start in range(0, 3000, 1000):
+        store.insert_jobs([store.row_for_push(Job("n", i)) for i in range(start, start + 1000)])
+    with store.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        conn.exec_driver_sql(f"ANALYZE {store.table.name}")
+    [(claim, parameters, _)] = statements_run(store, lambda: store.claim("w", 100, "default"))
+    with store.engine.connect() as conn:
+        plan = "\n".join(row[0] for row in conn.exec_driver_sql(f"EXPLAIN {claim}", parameters))
+    assert f"Index Scan using {store.table.name}_pkey" in plan, plan
+    assert not re.search(rf"Seq Scan on {store.table.name}(?!_)\b", plan), plan
+
+
+@pytest.mark.parametrize("backend", ["postgresql"])
+def test_a_single_postgres_push_is_one_statement_in_autocommit_that_notifies(store):
+    store.insert_jobs([store.row_for_push(Job("n", i)) for i in range(2)])
+    [(statement, _, autocommit)] = statements_run(store, lambda: store.insert_jobs([store.row_for_push(Job("n", 2))]))
+    assert "pg_notify" in statement and autocommit
+    assert [row["payload"] for row in store.claim("w", 3, "default")] == ["0", "1", "2"]  # first in, first out
 
 
 def test_mysql_pins_held_job_updates_to_the_primary_key(store, backend):
