@@ -12,7 +12,7 @@ import os
 import re
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta
 from functools import partial
 from typing import Any, NamedTuple
@@ -283,9 +283,9 @@ class QueueDialect:
     inserts_one_in_one_statement = False
 
     def insert_one_and_notify(self, conn: sa.Connection, table: sa.Table, row: dict[str, Any],
-                              fair_rank: sa.ColumnElement, channel: str) -> None:
-        """INSERT one new job (no key) with ``fair_rank`` computed in the statement, and wake listeners:
-        one statement, one round trip, on a connection in autocommit."""
+                              fair_rank: Callable[[], sa.ColumnElement], channel: str, params: dict[str, Any]) -> None:
+        """INSERT one new job (no key) with the turn ``fair_rank()`` builds (its parameters in ``params``)
+        computed in the statement, and wake listeners: one statement, one round trip, in autocommit."""
         raise NotImplementedError
 
     def insert_new_keys(self, conn: sa.Connection, table: sa.Table, rows: list[dict[str, Any]]) -> dict[str, str]:
@@ -579,15 +579,23 @@ class PostgresDialect(OnConflictDialect):
 
     inserts_one_in_one_statement = True
 
-    def insert_one_and_notify(self, conn, table, row, fair_rank, channel):
+    def insert_one_and_notify(self, conn, table, row, fair_rank, channel, params):
         # WITH pushed AS (INSERT ... RETURNING id) SELECT pg_notify(...) FROM pushed: the NOTIFY goes out
         # when the statement's own transaction commits, so a worker never wakes to a job not yet visible.
-        now = self.now()
-        values = {**{column: value for column, value in row.items() if column != "due"},
-                  "fair_rank": fair_rank, "created_at": now,
-                  "available_at": sa.func.coalesce(sa.bindparam("due", row.get("due"), type_=UTCDateTime()), now)}
-        pushed = table.insert().values(values).returning(table.c.id).cte("pushed")
-        conn.execute(sa.select(sa.func.pg_notify(channel, "")).select_from(pushed)).all()
+        # Built once per table and set of columns, every value a named parameter.
+        columns = tuple(column for column in row if column != "due")
+
+        def build():
+            now = self.now()
+            values = {column: sa.bindparam(f"push_{column}", type_=table.c[column].type) for column in columns}
+            values.update(fair_rank=fair_rank(), created_at=now,
+                          available_at=sa.func.coalesce(sa.bindparam("push_due", type_=UTCDateTime()), now))
+            pushed = table.insert().values(values).returning(table.c.id).cte("pushed")
+            return sa.select(sa.func.pg_notify(sa.bindparam("push_channel", type_=sa.Text), "")).select_from(pushed)
+
+        statement = self._kept(("push one", table.fullname, columns), build)
+        conn.execute(statement, {**{f"push_{column}": row[column] for column in columns}, "push_due": row.get("due"),
+                                 "push_channel": channel, **params}).all()
 
     def clock(self):
         return sa.type_coerce(sa.func.clock_timestamp(), UTCDateTime())  # now() is the transaction's start

@@ -412,16 +412,19 @@ class JobStore:
     def _insert_one(self, row: dict[str, Any]) -> str:
         """INSERT one plain job, its fair-share turn and the NOTIFY in the same statement, in autocommit: one
         round trip (a push was a ping, BEGIN, the turn's look-up, INSERT, NOTIFY and COMMIT)."""
-        turn = self._head_turn(row["queue"]).scalar_subquery()
-        fair_rank = sa.func.coalesce(turn, 0) + (row.pop("fair_offset", None) or 0)
+        def fair_rank() -> sa.ColumnElement:
+            turn = self._head_turn(sa.bindparam("turn_queue", type_=sa.String)).scalar_subquery()
+            return sa.func.coalesce(turn, 0) + sa.bindparam("turn_offset", type_=sa.BigInteger)
+
+        params = {"turn_queue": row["queue"], "turn_offset": row.pop("fair_offset", None) or 0}
         try:
             with self._connected(self._autocommit) as conn:
-                self.dialect.insert_one_and_notify(conn, self.table, row, fair_rank, self.channel)
+                self.dialect.insert_one_and_notify(conn, self.table, row, fair_rank, self.channel, params)
         except sa.exc.IntegrityError as error:
             raise InvalidInputError(f"a job id is already in table {self.table_name!r}: {error.orig}") from error
         return row["id"]
 
-    def _head_turn(self, queue: str) -> sa.Select:
+    def _head_turn(self, queue: str | sa.BindParameter) -> sa.Select:
         """SELECT the fair-share turn of a queue's next job (the head of the ``<table>_due`` index)."""
         c = self.table.c
         return (sa.select(c.fair_rank).where(c.queue == queue, c.status == PENDING)
