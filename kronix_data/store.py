@@ -49,6 +49,8 @@ RECOVERY_BATCH = 1000
 IN_LIST_LIMIT = 1000
 #: ``(id, attempts)`` pairs completed by one statement.
 COMPLETION_SLICE = 500
+#: How many claim shapes (queue, free resources) a store keeps built statements for before starting afresh.
+CLAIM_SHAPES_KEPT = 64
 #: How soon a claim tries a limited queue again when another claim held its row.
 LOCKED_RETRY_S = 0.005
 
@@ -183,6 +185,7 @@ class JobStore:
                                                                   self.engine.dialect.loaded_dbapi.Error)
         self._writer = self.dialect.writer(self.engine)
         self._reader = self.dialect.reader(self.engine)
+        self._autocommit = self.engine.execution_options(isolation_level="AUTOCOMMIT")  # one-statement writes
         #: Where the analytics views read (a hot standby), or None: the primary.
         self.read_engine: sa.Engine | None = None
         self._analytics_reader = self._reader
@@ -196,6 +199,7 @@ class JobStore:
         self._lag = threading.local()
         self._claim_waits = threading.local()  # what the last claim said about rate limits (claim_wait_s)
         self._snapshot = threading.local()  # the connection of a consistent_reads() block, per thread
+        self._claim_conditions: dict[tuple, list[sa.ColumnElement[bool]]] = {}  # by queue and free resources
         self._fold_checked_at = -math.inf  # when fold_if_stale last looked (monotonic clock)
         self._data_cap: tuple[int, str] | None = None  # max_data_bytes, asked of the database once
 
@@ -385,6 +389,9 @@ class JobStore:
         ``waits`` are the groups of these rows that wait for parents (see
         :meth:`_join_wait_groups`); an unknown parent or a cycle fails the whole push.
         """
+        if (len(rows) == 1 and not waits and rows[0]["job_key"] is None and rows[0].get("data") is None
+                and self.dialect.inserts_one_in_one_statement):
+            return [self._insert_one(rows[0])]
         keyed = [row for row in rows if row["job_key"] is not None]
         if len({row["job_key"] for row in keyed}) < len(keyed):
             raise InvalidInputError("two jobs in one push share a key; keys must be unique")
@@ -484,19 +491,38 @@ class JobStore:
         data = self.tables.data
         conn.execute(data.delete().where(data.c.job_id.in_(sa.select(self.table.c.id).where(condition))))
 
+    def _insert_one(self, row: dict[str, Any]) -> str:
+        """INSERT one plain job, its fair-share turn and the NOTIFY in the same statement, in autocommit: one
+        round trip (a push was a ping, BEGIN, the turn's look-up, INSERT, NOTIFY and COMMIT)."""
+        def fair_rank() -> sa.ColumnElement:
+            turn = self._head_turn(sa.bindparam("turn_queue", type_=sa.String)).scalar_subquery()
+            return sa.func.coalesce(turn, 0) + sa.bindparam("turn_offset", type_=sa.BigInteger)
+
+        params = {"turn_queue": row["queue"], "turn_offset": row.pop("fair_offset", None) or 0}
+        try:
+            with self._connected(self._autocommit) as conn:
+                self.dialect.insert_one_and_notify(conn, self.table, row, fair_rank, self.channel, params)
+        except sa.exc.IntegrityError as error:
+            raise InvalidInputError(f"a job id is already in table {self.table_name!r}: {error.orig}") from error
+        return row["id"]
+
+    def _head_turn(self, queue: str | sa.BindParameter) -> sa.Select:
+        """SELECT the fair-share turn of a queue's next job (the head of the ``<table>_due`` index)."""
+        c = self.table.c
+        return (sa.select(c.fair_rank).where(c.queue == queue, c.status == PENDING)
+                .order_by(*claim_order(self.table)).limit(1))
+
     def _give_turns(self, conn: sa.Connection, rows: list[dict[str, Any]], heads: dict[str, int] | None = None
                     ) -> None:
         """Each row's fair-share turn: the turn of its queue's next job (one look at the head of the
         ``<table>_due`` index per queue), plus its chunk number (``fair_offset``, set by ``map``); a job
         pushed by hand gets the head's turn, so pushes stay first in, first out (see kronix_data.limits).
         ``heads`` keeps the heads seen across calls of one transaction (a batch stored window by window)."""
-        c = self.table.c
         heads = {} if heads is None else heads
         for row in rows:
             queue = row["queue"]
             if queue not in heads:
-                heads[queue] = conn.execute(sa.select(c.fair_rank).where(c.queue == queue, c.status == PENDING)
-                                            .order_by(*claim_order(self.table)).limit(1)).scalar() or 0
+                heads[queue] = conn.execute(self._head_turn(queue)).scalar() or 0
             row["fair_rank"] = heads[queue] + (row.pop("fair_offset", None) or 0)
 
     def _join_wait_groups(self, conn: sa.Connection, rows: list[dict[str, Any]], waits: Sequence[WaitGroup],
@@ -689,14 +715,21 @@ class JobStore:
         one statement.  When that finds nothing, :meth:`_claim_limited` claims within
         the limits.
         """
-        c, queues = self.table.c, self.tables.queues.c
-        held_back = sa.or_(queues.paused == sa.true(), queues.concurrency.is_not(None), queues.rate.is_not(None))
-        free = ~sa.exists().where(queues.queue == queue, held_back)
-        no_task_limits = ~sa.exists().select_from(self.tables.task_limits)
-        conditions = [c.queue == queue, c.status == PENDING, c.available_at <= self.dialect.now(), free,
-                      no_task_limits, self._requirements_met(resources)]
+        shape = (queue, tuple(sorted(resources.items())) if resources else None)
+        conditions = self._claim_conditions.get(shape)
+        if conditions is None:  # built once per queue and free resources: building it was a tenth of a claim
+            c, queues = self.table.c, self.tables.queues.c
+            held_back = sa.or_(queues.paused == sa.true(), queues.concurrency.is_not(None), queues.rate.is_not(None))
+            free = ~sa.exists().where(queues.queue == queue, held_back)
+            no_task_limits = ~sa.exists().select_from(self.tables.task_limits)
+            conditions = [c.queue == queue, c.status == PENDING, c.available_at <= self.dialect.now(), free,
+                          no_task_limits, self._requirements_met(resources)]
+            if len(self._claim_conditions) >= CLAIM_SHAPES_KEPT:
+                self._claim_conditions.clear()
+            self._claim_conditions[shape] = conditions
         changes = {"status": JobStatus.PROCESSING.value, "reserved_by": worker_id}
-        rows = self.dialect.claim(conn, self.table, conditions, n, changes)
+        rows = self.dialect.claim(conn, self.table, conditions, n, changes,
+                                  shape=(self.table.fullname, shape, n, worker_id))
         if not rows:
             rows = self._claim_limited(conn, changes, n, queue, resources)
         rows.sort(key=claim_sort_key)
@@ -883,7 +916,7 @@ class JobStore:
         for start in range(0, len(without), COMPLETION_SLICE):
             part = without[start:start + COMPLETION_SLICE]
             statement = (self.dialect.update_by_id(self.table)
-                         .where(sa.tuple_(c.id, c.attempts).in_([(job.id, job.attempts) for job, _ in part]),
+                         .where(self.dialect.is_attempt_of(self.table, [(job.id, job.attempts) for job, _ in part]),
                                 c.reserved_by == worker_id, c.status == PROCESSING, self._plain())
                          .values(values))
             fast = conn.execute(statement).rowcount

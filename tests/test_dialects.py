@@ -7,8 +7,10 @@ same contract, and check the differences that are meant to be there.
 
 from __future__ import annotations
 
+import re
 import threading
 from datetime import timedelta
+from typing import Any
 
 import pandas as pd
 import pytest
@@ -132,6 +134,43 @@ def test_claims_and_recovery_skip_rows_another_transaction_holds(store):
         assert store.dialect.skips_locked(conn)
 
 
+def statements_run(store, action) -> list[tuple[str, Any, bool]]:
+    """``(statement, parameters, autocommit)`` of each statement ``action()`` sends through the store's engine."""
+    seen = []
+
+    def record(conn, _cursor, statement, parameters, _context, _many):
+        seen.append((statement, parameters, conn.connection.dbapi_connection.autocommit))
+
+    sa.event.listen(store.engine, "before_cursor_execute", record)
+    try:
+        action()
+    finally:
+        sa.event.remove(store.engine, "before_cursor_execute", record)
+    return seen
+
+
+@pytest.mark.parametrize("backend", ["postgresql"])
+def test_the_postgres_claim_finds_its_locked_candidates_by_primary_key(store):
+    """Joined to a CTE of the candidates, the UPDATE was hashed against a sequential scan of the whole table."""
+    for start in range(0, 3000, 1000):
+        store.insert_jobs([store.row_for_push(Job("n", i)) for i in range(start, start + 1000)])
+    with store.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        conn.exec_driver_sql(f"ANALYZE {store.table.name}")
+    [(claim, parameters, _)] = statements_run(store, lambda: store.claim("w", 100, "default"))
+    with store.engine.connect() as conn:
+        plan = "\n".join(row[0] for row in conn.exec_driver_sql(f"EXPLAIN {claim}", parameters))
+    assert f"Index Scan using {store.table.name}_pkey" in plan, plan
+    assert not re.search(rf"Seq Scan on {store.table.name}(?!_)\b", plan), plan
+
+
+@pytest.mark.parametrize("backend", ["postgresql"])
+def test_a_single_postgres_push_is_one_statement_in_autocommit_that_notifies(store):
+    store.insert_jobs([store.row_for_push(Job("n", i)) for i in range(2)])
+    [(statement, _, autocommit)] = statements_run(store, lambda: store.insert_jobs([store.row_for_push(Job("n", 2))]))
+    assert "pg_notify" in statement and autocommit
+    assert [row["payload"] for row in store.claim("w", 3, "default")] == ["0", "1", "2"]  # first in, first out
+
+
 def test_mysql_pins_held_job_updates_to_the_primary_key(store, backend):
     compiled = str(store.dialect.update_by_id(store.table).values(status="x").compile(store.engine))
     assert ("FORCE INDEX (PRIMARY)" in compiled) == (backend == "mariadb")
@@ -220,3 +259,23 @@ def test_the_postgres_watermark_stays_behind_an_open_transaction_and_falls_back_
         with admin.begin() as conn:
             conn.execute(sa.text("DROP ROLE IF EXISTS kronix_limited"))
         admin.dispose()
+
+
+# -- pinging pooled connections ------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", SERVERS)
+def test_a_pooled_connection_is_pinged_only_after_it_idled_and_a_dead_one_is_replaced(driver, monkeypatch):
+    """No ping on a connection given back a moment ago (a round trip of every push and claim once); one
+    that idled past PING_AFTER_IDLE_S is pinged, and replaced without an error when its session is gone."""
+    import kronix_data.dialects as dialects
+
+    store = driver.store
+    with store.engine.connect() as conn:
+        first = session_id(conn.connection.dbapi_connection)
+    with store.engine.connect() as conn:
+        assert session_id(conn.connection.dbapi_connection) == first  # reused at once, not replaced
+    kill_session(store.url_with_password, first)
+    monkeypatch.setattr(dialects, "PING_AFTER_IDLE_S", 0.0)  # every pooled connection counts as idle now
+    with store.engine.connect() as conn:
+        assert session_id(conn.connection.dbapi_connection) != first
+        assert conn.execute(sa.select(sa.literal(1))).scalar_one() == 1
