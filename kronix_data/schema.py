@@ -115,7 +115,7 @@ class Tables:
     have not completed yet.  ``queues``: one row per queue that has settings
     (paused or not); a queue without a row has the defaults.  ``workers``: one
     row per worker, written by its heartbeat (the worker registry).  ``rollup``,
-    ``rollup_totals`` and ``rollup_state``: the finished jobs' counts, folded
+    ``rollup_totals``, ``rollup_batches`` and ``rollup_state``: the finished jobs' counts, folded
     (see :func:`build_rollup_tables`).
     """
 
@@ -130,10 +130,12 @@ class Tables:
     rollup: sa.Table
     rollup_totals: sa.Table
     rollup_state: sa.Table
+    #: One row per batch: the rollup's rows of the batch summed up (what ``batches()`` reads).
+    rollup_batches: sa.Table
 
     def all(self) -> tuple[sa.Table, ...]:
         return (self.jobs, self.deps, self.waits, self.queues, self.workers, self.task_limits, self.schedules,
-                self.rollup, self.rollup_totals, self.rollup_state)
+                self.rollup, self.rollup_totals, self.rollup_state, self.rollup_batches)
 
 
 def build_tables(name: str, *, partial_indexes: bool, now_default: str) -> Tables:
@@ -278,7 +280,9 @@ def build_tables(name: str, *, partial_indexes: bool, now_default: str) -> Table
     )
     schedules = build_schedules_table(metadata, table_name, options)
     rollup, rollup_totals, rollup_state = build_rollup_tables(metadata, table_name, options)
-    return Tables(table, deps, waits, queues, workers, task_limits, schedules, rollup, rollup_totals, rollup_state)
+    rollup_batches = build_rollup_batches_table(metadata, table_name, options)
+    return Tables(table, deps, waits, queues, workers, task_limits, schedules, rollup, rollup_totals, rollup_state,
+                  rollup_batches)
 
 
 def build_workers_table(metadata: sa.MetaData, table_name: str, options: dict) -> sa.Table:
@@ -372,6 +376,32 @@ def build_rollup_tables(metadata: sa.MetaData, table_name: str, options: dict) -
         **options,
     )
     return rollup, totals, state
+
+
+def build_rollup_batches_table(metadata: sa.MetaData, table_name: str, options: dict) -> sa.Table:
+    """``<name>_rollup_batches``: one row per batch with folded jobs, its ``<name>_rollup`` rows summed
+    up (counts per finished status as columns, the extremes over its queues and statuses).
+
+    ``batches()`` reads it instead of grouping the rollup (three rows or more
+    per batch) on every call, and ``batches(since=...)`` finds the recent
+    batches through ``<name>_rollup_batches_created``.  Whoever changes a
+    batch's rollup rows recounts its summary row in the same transaction.
+    """
+    summary = sa.Table(
+        f"{table_name}_rollup_batches", metadata,
+        sa.Column("batch_id", _key_text(MAX_BATCH_ID_LENGTH), primary_key=True),
+        sa.Column("completed", sa.BigInteger, nullable=False),
+        sa.Column("failed", sa.BigInteger, nullable=False),
+        sa.Column("cancelled", sa.BigInteger, nullable=False),
+        sa.Column("min_name", _key_text(MAX_NAME_LENGTH)),
+        sa.Column("max_name", _key_text(MAX_NAME_LENGTH)),
+        sa.Column("min_created_at", UTCDateTime()),
+        sa.Column("max_created_at", UTCDateTime()),
+        sa.Column("max_finished_at", UTCDateTime()),
+        **options,
+    )
+    sa.Index(f"{table_name}_rollup_batches_created", summary.c.max_created_at)
+    return summary
 
 
 #: Indexes an earlier release made that a newer one replaced: dropped on upgrade.
