@@ -241,12 +241,13 @@ class JobStore:
             return
         with self._connected(self._analytics_reader) as conn:
             self.dialect.read_one_snapshot(conn)
+            self.dialect.prepare_analytics(conn)  # as each view's own read does (PostgreSQL: no JIT)
             self._lag.seconds = self.dialect.replay_lag_s(conn) if self.read_engine is not None else 0.0
-            self._snapshot.conn = conn
+            self._snapshot.conn, self._snapshot.counts = conn, None
             try:
                 yield
             finally:
-                self._snapshot.conn = None
+                self._snapshot.conn = self._snapshot.counts = None
 
     @contextmanager
     def _reading_analytics(self) -> Iterator[sa.Connection]:
@@ -1072,8 +1073,19 @@ class JobStore:
         a status may come in several rows, to be added up."""
         self.fold_if_stale()
         with self._reading_analytics() as conn:
-            counts = self._live_counts(self._read_watermark(conn))
-            return [(queue, status, int(jobs)) for queue, status, jobs in conn.execute(counts)]
+            return self._counts_in(conn)
+
+    def _counts_in(self, conn: sa.Connection) -> list[tuple[str, str, int]]:
+        """:meth:`_live_counts` read on ``conn``; once per :meth:`consistent_reads` block, whose views see one
+        snapshot: a monitor's ``fetch_stats()`` and ``queues()`` count the jobs in flight once, not twice."""
+        snapshot = self._snapshot
+        if getattr(snapshot, "conn", None) is conn and getattr(snapshot, "counts", None) is not None:
+            return list(snapshot.counts)
+        counts = [(queue, status, int(jobs)) for queue, status, jobs in
+                  conn.execute(self._live_counts(self._read_watermark(conn)))]
+        if getattr(snapshot, "conn", None) is conn:
+            snapshot.counts = counts
+        return list(counts)
 
     def count_held_by_queue_and_worker(self) -> list[tuple[str, str | None, int]]:
         """COUNT the held (``processing``) jobs by queue and the worker holding them (``<table>_status``
@@ -1229,8 +1241,7 @@ class JobStore:
         self.fold_if_stale()
         with self._reading_analytics() as conn:
             now = conn.execute(sa.select(dialect.now())).scalar_one()
-            counts = self._live_counts(self._read_watermark(conn))  # the finished jobs from the rollup: no history
-            count_rows = [(queue, status, int(jobs)) for queue, status, jobs in conn.execute(counts)]
+            count_rows = self._counts_in(conn)  # the finished jobs from the rollup: no history
             earliest_rows = [tuple(row) for row in conn.execute(earliest)]
             summary, rows = None, []
             if dialect.percentiles([0.5], wait) is not None:
@@ -1443,18 +1454,35 @@ class JobStore:
         c, dialect = self.table.c, self.dialect
         units = sa.func.coalesce(c.progress_total, c.progress_done)
         run = sa.case((c.status == COMPLETED, dialect.seconds_between(c.finished_at, c.reserved_at)))
-        grouped = (sa.select(c.status, sa.func.count().label("jobs"), sa.func.sum(units).label("units"),
-                             sa.func.count(units).label("with_units"), sa.func.sum(c.progress_done).label("done"),
-                             sa.func.sum(c.progress_total).label("total"),
-                             sa.func.count(c.progress_total).label("with_total"), sa.func.sum(run).label("run_s"),
-                             sa.func.min(c.queue).label("queue"))
-                   .where(c.batch_id == batch_id).group_by(c.status))
+        queued = c.status.in_([PENDING, WAITING])
+        held_or_finished = [status.value for status in JobStatus if status.value not in ("pending", "waiting")]
+
+        def grouped(*conditions):
+            return (sa.select(c.status, sa.func.count().label("jobs"), sa.func.sum(units).label("units"),
+                              sa.func.count(units).label("with_units"), sa.func.sum(c.progress_done).label("done"),
+                              sa.func.sum(c.progress_total).label("total"),
+                              sa.func.count(c.progress_total).label("with_total"), sa.func.sum(run).label("run_s"),
+                              sa.func.min(c.queue).label("queue"))
+                    .where(c.batch_id == batch_id, *conditions).group_by(c.status))
+
+        # The queued jobs counted index-only (<table>_queued), and only those with a report (a job handed
+        # back after reporting) read for their units: a big batch's 100,000 pending rows are not read.
+        queued_counts = (sa.select(c.status, sa.func.count().label("jobs"), sa.func.min(c.queue).label("queue"))
+                         .where(c.batch_id == batch_id, queued).group_by(c.status))
         running = (sa.select(c.id, c.job_key, c.queue, c.reserved_by, c.reserved_at, c.attempts, c.progress_done,
                              c.progress_total, c.progress_info, c.progress_at)
                    .where(c.batch_id == batch_id, c.status == PROCESSING).order_by(c.reserved_at, c.id))
         with self._reading() if on_primary else self._reading_analytics() as conn:
             now = conn.execute(sa.select(dialect.now())).scalar_one()
-            by_status = {row["status"]: dict(row) for row in conn.execute(grouped).mappings()}
+            # One equality per status: an IN list on the index's second column PostgreSQL reads as a filter
+            # over every row of the batch (its 100,000 pending ones too).
+            by_status = {row["status"]: dict(row) for row in conn.execute(
+                sa.union_all(*(grouped(c.status == status) for status in held_or_finished))).mappings()}
+            reported = {row["status"]: dict(row) for row in conn.execute(
+                grouped(queued, c.progress_at.is_not(None))).mappings()}
+            for row in conn.execute(queued_counts).mappings():
+                empty = {"units": None, "with_units": 0, "done": None, "total": None, "with_total": 0, "run_s": None}
+                by_status[row["status"]] = {**empty, **reported.get(row["status"], {}), **dict(row)}
             rows = [dict(row) for row in conn.execute(running).mappings()]
         return BatchProgressRows(now, by_status, rows)
 
@@ -1906,7 +1934,7 @@ class JobStore:
         other two parts (the others have no such job)."""
         c, b = self.table.c, self.tables.rollup_batches.c
         statuses = [status.value for status in JobStatus]
-        active, finished = self._rollup_statuses()
+        finished = self._rollup_statuses()[1]
 
         def live(condition):
             return (sa.select(c.batch_id, *(sa.func.sum(sa.case((c.status == status, 1), else_=0)).label(status)
@@ -1917,8 +1945,24 @@ class JobStore:
                               sa.func.max(c.finished_at).label("finished_at"))
                     .where(c.batch_id.is_not(None), condition).group_by(c.batch_id))
 
-        recent = sa.union_all(live(sa.and_(self._in_tail(floor), c.status.in_(finished))),
-                              live(c.status.in_(active))).cte("recent")
+        # The queued jobs (unfinished: no finished_at) index-only through <table>_queued, grouped in its order
+        # first (a comparison of equal names per row, not a collation's ordering), then per batch; the
+        # held ones are few.
+        grouped = (sa.select(c.status, c.batch_id, c.name, sa.func.count().label("jobs"),
+                             sa.func.min(c.created_at).label("created_at"),
+                             sa.func.max(c.created_at).label("last_created_at"))
+                   .where(c.status.in_([PENDING, WAITING]), c.batch_id.is_not(None))
+                   .group_by(c.status, c.batch_id, c.queue, c.name).subquery("queued"))
+        q = grouped.c
+        queued = (sa.select(q.batch_id, *(sa.func.sum(sa.case((q.status == status, q.jobs), else_=0)).label(status)
+                                          for status in statuses),
+                            sa.func.min(q.name).label("name"), sa.func.max(q.name).label("other_name"),
+                            sa.func.min(q.created_at).label("created_at"),
+                            sa.func.max(q.last_created_at).label("last_created_at"),
+                            sa.cast(sa.null(), c.finished_at.type).label("finished_at"))
+                  .group_by(q.batch_id))
+        recent = sa.union_all(live(sa.and_(self._in_tail(floor), c.status.in_(finished))), queued,
+                              live(c.status == PROCESSING)).cte("recent")
         summaries = sa.select(b.batch_id, *(b[status] if status in finished else sa.literal(0).label(status)
                                             for status in statuses),
                               b.min_name.label("name"), b.max_name.label("other_name"),
