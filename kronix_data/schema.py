@@ -219,10 +219,11 @@ def build_tables(name: str, *, partial_indexes: bool, now_default: str) -> Table
                  sqlite_where=sa.text("wait_id IS NOT NULL"))
         # A batch's queued chunks (pending, waiting: bounded by the work queued), index-only: batches()
         # and the monitor count them per batch and status with their names and creation times, and a
-        # batch's progress finds those with a report, without reading 100,000 rows of a big batch.  A
-        # claim or completion adds no entry (the new row is processing or finished); MySQL has no
-        # partial index: there they go through <table>_batch.
-        sa.Index(f"{table_name}_queued", c.status, c.batch_id, c.queue, c.name, c.created_at, c.progress_at,
+        # batch's progress sums their units, without reading 100,000 rows of a big batch.  A claim or
+        # completion adds no entry (the new row is processing or finished); MySQL has no partial
+        # index: there they go through <table>_batch.
+        sa.Index(f"{table_name}_queued", c.status, c.batch_id, c.queue, c.name, c.created_at, c.progress_total,
+                 c.progress_done,
                  postgresql_where=sa.text("status IN ('pending', 'waiting') AND batch_id IS NOT NULL"),
                  sqlite_where=sa.text("status IN ('pending', 'waiting') AND batch_id IS NOT NULL"))
         # The stats' unrunnable count reads only the jobs that need resources (few, usually), not every

@@ -1457,32 +1457,25 @@ class JobStore:
         queued = c.status.in_([PENDING, WAITING])
         held_or_finished = [status.value for status in JobStatus if status.value not in ("pending", "waiting")]
 
-        def grouped(*conditions):
+        def grouped(condition, run_s=sa.func.sum(run)):
             return (sa.select(c.status, sa.func.count().label("jobs"), sa.func.sum(units).label("units"),
                               sa.func.count(units).label("with_units"), sa.func.sum(c.progress_done).label("done"),
                               sa.func.sum(c.progress_total).label("total"),
-                              sa.func.count(c.progress_total).label("with_total"), sa.func.sum(run).label("run_s"),
+                              sa.func.count(c.progress_total).label("with_total"), run_s.label("run_s"),
                               sa.func.min(c.queue).label("queue"))
-                    .where(c.batch_id == batch_id, *conditions).group_by(c.status))
+                    .where(c.batch_id == batch_id, condition).group_by(c.status))
 
-        # The queued jobs counted index-only (<table>_queued), and only those with a report (a job handed
-        # back after reporting) read for their units: a big batch's 100,000 pending rows are not read.
-        queued_counts = (sa.select(c.status, sa.func.count().label("jobs"), sa.func.min(c.queue).label("queue"))
-                         .where(c.batch_id == batch_id, queued).group_by(c.status))
+        # The queued jobs (never completed: no run time) index-only through <table>_queued, whose columns are
+        # all this reads: a big batch's 100,000 pending rows are not read.  One equality per other status:
+        # an IN list on <table>_batch's second column PostgreSQL reads as a filter over every row of the batch.
+        statement = sa.union_all(grouped(queued, sa.cast(sa.null(), sa.Double())),
+                                 *(grouped(c.status == status) for status in held_or_finished))
         running = (sa.select(c.id, c.job_key, c.queue, c.reserved_by, c.reserved_at, c.attempts, c.progress_done,
                              c.progress_total, c.progress_info, c.progress_at)
                    .where(c.batch_id == batch_id, c.status == PROCESSING).order_by(c.reserved_at, c.id))
         with self._reading() if on_primary else self._reading_analytics() as conn:
             now = conn.execute(sa.select(dialect.now())).scalar_one()
-            # One equality per status: an IN list on the index's second column PostgreSQL reads as a filter
-            # over every row of the batch (its 100,000 pending ones too).
-            by_status = {row["status"]: dict(row) for row in conn.execute(
-                sa.union_all(*(grouped(c.status == status) for status in held_or_finished))).mappings()}
-            reported = {row["status"]: dict(row) for row in conn.execute(
-                grouped(queued, c.progress_at.is_not(None))).mappings()}
-            for row in conn.execute(queued_counts).mappings():
-                empty = {"units": None, "with_units": 0, "done": None, "total": None, "with_total": 0, "run_s": None}
-                by_status[row["status"]] = {**empty, **reported.get(row["status"], {}), **dict(row)}
+            by_status = {row["status"]: dict(row) for row in conn.execute(statement).mappings()}
             rows = [dict(row) for row in conn.execute(running).mappings()]
         return BatchProgressRows(now, by_status, rows)
 
