@@ -70,9 +70,14 @@ _STATUSES = tuple(status.value for status in JobStatus)
 _TIMINGS = ("wait_s_mean", "wait_s_p50", "wait_s_p95", "run_s_mean", "run_s_p50", "run_s_p95")
 
 
-def typed_frame(records: Sequence[Mapping[str, Any]], columns: Mapping[str, str]) -> pd.DataFrame:
-    """A DataFrame with exactly ``columns``, cast to their dtypes (empty or not)."""
-    frame = pd.DataFrame.from_records(list(records), columns=list(columns))
+def typed_frame(records: Sequence[Mapping[str, Any]] | Sequence[Sequence[Any]], columns: Mapping[str, str],
+                names: Sequence[str] | None = None) -> pd.DataFrame:
+    """A DataFrame with exactly ``columns``, cast to their dtypes (empty or not); ``names``: the records are
+    tuples of these columns (what a statement returned: no dict per row, for the views of 10,000 rows)."""
+    if names is None:
+        frame = pd.DataFrame.from_records(list(records), columns=list(columns))
+    else:
+        frame = pd.DataFrame.from_records(list(records), columns=list(names))[list(columns)]
     for name, dtype in columns.items():
         if dtype.startswith("datetime64"):
             frame[name] = pd.to_datetime(frame[name], utc=True).astype(dtype)

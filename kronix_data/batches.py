@@ -380,7 +380,7 @@ def batches_frame(store: JobStore, since: datetime | timedelta | None = None) ->
     columns, rows = store.summarise_batches(None if since is None else time_bound(since, "since"))
     at = columns.index("created_at"), columns.index("batch_id")
     rows = sorted(rows, key=lambda row: (row[at[0]], row[at[1]]), reverse=True)  # newest first
-    return with_lag(typed_frame([dict(zip(columns, row)) for row in rows], BATCH_COLUMNS), store)
+    return with_lag(typed_frame(rows, BATCH_COLUMNS, columns), store)
 
 
 # -- enqueueing ------------------------------------------------------------------

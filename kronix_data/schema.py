@@ -115,7 +115,7 @@ class Tables:
     have not completed yet.  ``queues``: one row per queue that has settings
     (paused or not); a queue without a row has the defaults.  ``workers``: one
     row per worker, written by its heartbeat (the worker registry).  ``rollup``,
-    ``rollup_totals`` and ``rollup_state``: the finished jobs' counts, folded
+    ``rollup_totals``, ``rollup_batches`` and ``rollup_state``: the finished jobs' counts, folded
     (see :func:`build_rollup_tables`).
     """
 
@@ -132,10 +132,12 @@ class Tables:
     rollup_state: sa.Table
     #: Binary data beside a job (``<table>_data``): a DataFrame chunk's or result's Parquet bytes.
     data: sa.Table
+    #: One row per batch: the rollup's rows of the batch summed up (what ``batches()`` reads).
+    rollup_batches: sa.Table
 
     def all(self) -> tuple[sa.Table, ...]:
         return (self.jobs, self.deps, self.waits, self.queues, self.workers, self.task_limits, self.schedules,
-                self.rollup, self.rollup_totals, self.rollup_state, self.data)
+                self.rollup, self.rollup_totals, self.rollup_state, self.data, self.rollup_batches)
 
 
 def build_tables(name: str, *, partial_indexes: bool, now_default: str) -> Tables:
@@ -217,6 +219,15 @@ def build_tables(name: str, *, partial_indexes: bool, now_default: str) -> Table
         sa.Index(f"{table_name}_wait", c.wait_id,
                  postgresql_where=sa.text("wait_id IS NOT NULL"),
                  sqlite_where=sa.text("wait_id IS NOT NULL"))
+        # A batch's queued chunks (pending, waiting: bounded by the work queued), index-only: batches()
+        # and the monitor count them per batch and status with their names and creation times, and a
+        # batch's progress sums their units, without reading 100,000 rows of a big batch.  A claim or
+        # completion adds no entry (the new row is processing or finished); MySQL has no partial
+        # index: there they go through <table>_batch.
+        sa.Index(f"{table_name}_queued", c.status, c.batch_id, c.queue, c.name, c.created_at, c.progress_total,
+                 c.progress_done,
+                 postgresql_where=sa.text("status IN ('pending', 'waiting') AND batch_id IS NOT NULL"),
+                 sqlite_where=sa.text("status IN ('pending', 'waiting') AND batch_id IS NOT NULL"))
         # The stats' unrunnable count reads only the jobs that need resources (few, usually), not every
         # pending row.  MySQL has no partial index: there it goes through <table>_status.
         sa.Index(f"{table_name}_requires", c.status, c.queue,
@@ -281,8 +292,9 @@ def build_tables(name: str, *, partial_indexes: bool, now_default: str) -> Table
     schedules = build_schedules_table(metadata, table_name, options)
     rollup, rollup_totals, rollup_state = build_rollup_tables(metadata, table_name, options)
     data = build_data_table(metadata, table_name, options)
+    rollup_batches = build_rollup_batches_table(metadata, table_name, options)
     return Tables(table, deps, waits, queues, workers, task_limits, schedules, rollup, rollup_totals, rollup_state,
-                  data)
+                  data, rollup_batches)
 
 
 #: The ``kind`` of a ``<table>_data`` row: the chunk a job works on, or the frame it returned.
@@ -398,6 +410,32 @@ def build_rollup_tables(metadata: sa.MetaData, table_name: str, options: dict) -
         **options,
     )
     return rollup, totals, state
+
+
+def build_rollup_batches_table(metadata: sa.MetaData, table_name: str, options: dict) -> sa.Table:
+    """``<name>_rollup_batches``: one row per batch with folded jobs, its ``<name>_rollup`` rows summed
+    up (counts per finished status as columns, the extremes over its queues and statuses).
+
+    ``batches()`` reads it instead of grouping the rollup (three rows or more
+    per batch) on every call, and ``batches(since=...)`` finds the recent
+    batches through ``<name>_rollup_batches_created``.  Whoever changes a
+    batch's rollup rows recounts its summary row in the same transaction.
+    """
+    summary = sa.Table(
+        f"{table_name}_rollup_batches", metadata,
+        sa.Column("batch_id", _key_text(MAX_BATCH_ID_LENGTH), primary_key=True),
+        sa.Column("completed", sa.BigInteger, nullable=False),
+        sa.Column("failed", sa.BigInteger, nullable=False),
+        sa.Column("cancelled", sa.BigInteger, nullable=False),
+        sa.Column("min_name", _key_text(MAX_NAME_LENGTH)),
+        sa.Column("max_name", _key_text(MAX_NAME_LENGTH)),
+        sa.Column("min_created_at", UTCDateTime()),
+        sa.Column("max_created_at", UTCDateTime()),
+        sa.Column("max_finished_at", UTCDateTime()),
+        **options,
+    )
+    sa.Index(f"{table_name}_rollup_batches_created", summary.c.max_created_at)
+    return summary
 
 
 #: Indexes an earlier release made that a newer one replaced: dropped on upgrade.

@@ -247,12 +247,13 @@ class JobStore:
             return
         with self._connected(self._analytics_reader) as conn:
             self.dialect.read_one_snapshot(conn)
+            self.dialect.prepare_analytics(conn)  # as each view's own read does (PostgreSQL: no JIT)
             self._lag.seconds = self.dialect.replay_lag_s(conn) if self.read_engine is not None else 0.0
-            self._snapshot.conn = conn
+            self._snapshot.conn, self._snapshot.counts = conn, None
             try:
                 yield
             finally:
-                self._snapshot.conn = None
+                self._snapshot.conn = self._snapshot.counts = None
 
     @contextmanager
     def _reading_analytics(self) -> Iterator[sa.Connection]:
@@ -1242,8 +1243,19 @@ class JobStore:
         a status may come in several rows, to be added up."""
         self.fold_if_stale()
         with self._reading_analytics() as conn:
-            counts = self._live_counts(self._read_watermark(conn))
-            return [(queue, status, int(jobs)) for queue, status, jobs in conn.execute(counts)]
+            return self._counts_in(conn)
+
+    def _counts_in(self, conn: sa.Connection) -> list[tuple[str, str, int]]:
+        """:meth:`_live_counts` read on ``conn``; once per :meth:`consistent_reads` block, whose views see one
+        snapshot: a monitor's ``fetch_stats()`` and ``queues()`` count the jobs in flight once, not twice."""
+        snapshot = self._snapshot
+        if getattr(snapshot, "conn", None) is conn and getattr(snapshot, "counts", None) is not None:
+            return list(snapshot.counts)
+        counts = [(queue, status, int(jobs)) for queue, status, jobs in
+                  conn.execute(self._live_counts(self._read_watermark(conn)))]
+        if getattr(snapshot, "conn", None) is conn:
+            snapshot.counts = counts
+        return list(counts)
 
     def count_held_by_queue_and_worker(self) -> list[tuple[str, str | None, int]]:
         """COUNT the held (``processing``) jobs by queue and the worker holding them (``<table>_status``
@@ -1402,8 +1414,7 @@ class JobStore:
         self.fold_if_stale()
         with self._reading_analytics() as conn:
             now = conn.execute(sa.select(dialect.now())).scalar_one()
-            counts = self._live_counts(self._read_watermark(conn))  # the finished jobs from the rollup: no history
-            count_rows = [(queue, status, int(jobs)) for queue, status, jobs in conn.execute(counts)]
+            count_rows = self._counts_in(conn)  # the finished jobs from the rollup: no history
             earliest_rows = [tuple(row) for row in conn.execute(earliest)]
             summary, rows = None, []
             if dialect.percentiles([0.5], wait) is not None:
@@ -1518,34 +1529,35 @@ class JobStore:
         several), the first ``created_at`` and the last ``finished_at``; of every batch, or of those with a
         job created since ``since`` (whole).  Returns the column names and the rows.
 
-        One statement, pivoted and grouped by the database, over the rollup,
-        the jobs finished since its watermark and those in flight
-        (:meth:`_live_batches`): no scan of history, and one row per batch to
-        hand to pandas.
+        One statement, pivoted and grouped by the database, over the batch
+        summaries (``<table>_rollup_batches``: one row per batch, the recent
+        ones through its ``created`` index), the jobs finished since the
+        watermark and those in flight (:meth:`_live_batches`): no scan of
+        history, and one row per batch to hand to pandas.
         """
         self.fold_if_stale()
         statuses = [status.value for status in JobStatus]
+        bound = None
+        if since is not None:
+            bound = since if isinstance(since, datetime) else self.dialect.now_plus(-float(since))
+            if isinstance(bound, datetime):
+                bound = sa.bindparam("kronix_since", bound, type_=self.table.c.created_at.type)
         with self._reading_analytics() as conn:
-            parts = self._live_batches(self._read_watermark(conn)).subquery("parts")
-
-            def total(condition=None):
-                jobs = parts.c.jobs if condition is None else sa.case((condition, parts.c.jobs), else_=0)
-                return sa.cast(sa.func.coalesce(sa.func.sum(jobs), 0), sa.BigInteger)
-
+            parts = self._live_batches(self._read_watermark(conn), bound).subquery("parts")
             name = sa.func.min(parts.c.name)
-            statement = (sa.select(parts.c.batch_id, total().label("total"),
-                                   *(total(parts.c.status == status).label(status) for status in statuses),
+            statement = (sa.select(parts.c.batch_id,
+                                   sa.cast(sum((sa.func.sum(parts.c[status]) for status in statuses[1:]),
+                                               sa.func.sum(parts.c[statuses[0]])), sa.BigInteger).label("total"),
+                                   *(sa.cast(sa.func.sum(parts.c[status]), sa.BigInteger).label(status)
+                                     for status in statuses),
                                    sa.case((name == sa.func.max(parts.c.other_name), name)).label("name"),
                                    sa.func.min(parts.c.created_at).label("created_at"),
                                    sa.func.max(parts.c.finished_at).label("finished_at"))
                          .group_by(parts.c.batch_id))
-            if since is not None:
-                bound = since if isinstance(since, datetime) else self.dialect.now_plus(-float(since))
-                if isinstance(bound, datetime):
-                    bound = sa.bindparam("kronix_since", bound, type_=self.table.c.created_at.type)
+            if bound is not None:
                 statement = statement.having(sa.func.max(parts.c.last_created_at) >= bound)
             result = conn.execute(statement)
-            return list(result.keys()), [tuple(row) for row in result]
+            return list(result.keys()), [tuple(row) for row in result.all()]
 
     def job_name_other_than(self, name: str) -> str | None:
         """SELECT the name of one job not named ``name`` (the demo refuses a table holding others'), or None."""
@@ -1615,18 +1627,28 @@ class JobStore:
         c, dialect = self.table.c, self.dialect
         units = sa.func.coalesce(c.progress_total, c.progress_done)
         run = sa.case((c.status == COMPLETED, dialect.seconds_between(c.finished_at, c.reserved_at)))
-        grouped = (sa.select(c.status, sa.func.count().label("jobs"), sa.func.sum(units).label("units"),
-                             sa.func.count(units).label("with_units"), sa.func.sum(c.progress_done).label("done"),
-                             sa.func.sum(c.progress_total).label("total"),
-                             sa.func.count(c.progress_total).label("with_total"), sa.func.sum(run).label("run_s"),
-                             sa.func.min(c.queue).label("queue"))
-                   .where(c.batch_id == batch_id).group_by(c.status))
+        queued = c.status.in_([PENDING, WAITING])
+        held_or_finished = [status.value for status in JobStatus if status.value not in ("pending", "waiting")]
+
+        def grouped(condition, run_s=sa.func.sum(run)):
+            return (sa.select(c.status, sa.func.count().label("jobs"), sa.func.sum(units).label("units"),
+                              sa.func.count(units).label("with_units"), sa.func.sum(c.progress_done).label("done"),
+                              sa.func.sum(c.progress_total).label("total"),
+                              sa.func.count(c.progress_total).label("with_total"), run_s.label("run_s"),
+                              sa.func.min(c.queue).label("queue"))
+                    .where(c.batch_id == batch_id, condition).group_by(c.status))
+
+        # The queued jobs (never completed: no run time) index-only through <table>_queued, whose columns are
+        # all this reads: a big batch's 100,000 pending rows are not read.  One equality per other status:
+        # an IN list on <table>_batch's second column PostgreSQL reads as a filter over every row of the batch.
+        statement = sa.union_all(grouped(queued, sa.cast(sa.null(), sa.Double())),
+                                 *(grouped(c.status == status) for status in held_or_finished))
         running = (sa.select(c.id, c.job_key, c.queue, c.reserved_by, c.reserved_at, c.attempts, c.progress_done,
                              c.progress_total, c.progress_info, c.progress_at)
                    .where(c.batch_id == batch_id, c.status == PROCESSING).order_by(c.reserved_at, c.id))
         with self._reading() if on_primary else self._reading_analytics() as conn:
             now = conn.execute(sa.select(dialect.now())).scalar_one()
-            by_status = {row["status"]: dict(row) for row in conn.execute(grouped).mappings()}
+            by_status = {row["status"]: dict(row) for row in conn.execute(statement).mappings()}
             rows = [dict(row) for row in conn.execute(running).mappings()]
         return BatchProgressRows(now, by_status, rows)
 
@@ -1845,6 +1867,14 @@ class JobStore:
                                .with_for_update()).one()
             if row.folded_at is None:
                 self._fold(conn, None)
+            elif self._summaries_missing(conn):  # folded by the release before the batch summaries
+                self._recount_batch_summaries(conn, None)
+
+    def _summaries_missing(self, conn: sa.Connection) -> bool:
+        """Whether the rollup holds a batch but ``<table>_rollup_batches`` none (a table upgraded to it)."""
+        r, b = self.tables.rollup.c, self.tables.rollup_batches.c
+        return bool(conn.execute(sa.select(sa.and_(sa.exists().where(r.batch_id.is_not(None)),
+                                                   ~sa.exists().where(b.batch_id.is_not(None))))).scalar())
 
     def rebuild_rollup(self) -> int:
         """Count the rollup afresh from the table (one pass over it), for a table whose finished rows were
@@ -1906,6 +1936,7 @@ class JobStore:
                 c.status.in_(self._rollup_statuses()[1]), c.finished_at >= old, c.finished_at < new)
             groups = [dict(row) for row in conn.execute(self._rollup_groups(window)).mappings()]
             self._add_to_rollup(conn, groups)
+            self._recount_batch_summaries(conn, None if old is None else {group["batch_id"] for group in groups})
             folded = sum(group["jobs"] for group in groups)
         else:
             new = old  # the clock or an open transaction held it back: W never moves back
@@ -2034,6 +2065,7 @@ class JobStore:
         for start in range(0, len(gone), IN_LIST_LIMIT):
             conn.execute(rollup.delete().where(r.id.in_(gone[start:start + IN_LIST_LIMIT])))
         self._add_to_totals(conn, counts, -1)
+        self._recount_batch_summaries(conn, batches)
 
     def _read_watermark(self, conn: sa.Connection) -> datetime | None:
         """The watermark as it is now (it only ever grows), for :meth:`_in_tail`."""
@@ -2059,28 +2091,77 @@ class JobStore:
             .group_by(c.queue, c.status),
             sa.select(c.queue, c.status, sa.func.count()).where(c.status.in_(active)).group_by(c.status, c.queue))
 
-    def _live_batches(self, floor: datetime | None = None) -> sa.CompoundSelect:
-        """Per batch and status, in one statement: ``jobs``, ``name``/``other_name`` (smallest, largest),
-        ``created_at`` (first), ``last_created_at`` and ``finished_at`` (last), from the rollup, the
-        jobs finished since the watermark and those in flight; several rows may share a (batch, status)."""
-        c, r = self.table.c, self.tables.rollup.c
-        active, finished = self._rollup_statuses()
+    def _live_batches(self, floor: datetime | None = None, since: sa.ColumnElement | None = None
+                      ) -> sa.CompoundSelect:
+        """Per batch, in one statement: a count per status, ``name``/``other_name`` (smallest, largest),
+        ``created_at`` (first), ``last_created_at`` and ``finished_at`` (last), from the batch summaries,
+        the jobs finished since the watermark and those in flight; several rows may share a batch.
+        ``since``: of the summaries, only those of batches with a job created since then or in the
+        other two parts (the others have no such job)."""
+        c, b = self.table.c, self.tables.rollup_batches.c
+        statuses = [status.value for status in JobStatus]
+        finished = self._rollup_statuses()[1]
 
         def live(condition):
-            return (sa.select(c.batch_id, c.status, sa.func.count().label("jobs"), sa.func.min(c.name).label("name"),
-                              sa.func.max(c.name).label("other_name"), sa.func.min(c.created_at).label("created_at"),
+            return (sa.select(c.batch_id, *(sa.func.sum(sa.case((c.status == status, 1), else_=0)).label(status)
+                                            for status in statuses),
+                              sa.func.min(c.name).label("name"), sa.func.max(c.name).label("other_name"),
+                              sa.func.min(c.created_at).label("created_at"),
                               sa.func.max(c.created_at).label("last_created_at"),
                               sa.func.max(c.finished_at).label("finished_at"))
-                    .where(c.batch_id.is_not(None), condition).group_by(c.batch_id, c.status))
+                    .where(c.batch_id.is_not(None), condition).group_by(c.batch_id))
 
-        return sa.union_all(
-            sa.select(r.batch_id, r.status, sa.func.sum(r.jobs).label("jobs"), sa.func.min(r.min_name).label("name"),
-                      sa.func.max(r.max_name).label("other_name"), sa.func.min(r.min_created_at).label("created_at"),
-                      sa.func.max(r.max_created_at).label("last_created_at"),
-                      sa.func.max(r.max_finished_at).label("finished_at"))
-            .where(r.batch_id.is_not(None)).group_by(r.batch_id, r.status),
-            live(sa.and_(self._in_tail(floor), c.status.in_(finished))),
-            live(c.status.in_(active)))
+        # The queued jobs (unfinished: no finished_at) index-only through <table>_queued, grouped in its order
+        # first (a comparison of equal names per row, not a collation's ordering), then per batch; the
+        # held ones are few.
+        grouped = (sa.select(c.status, c.batch_id, c.name, sa.func.count().label("jobs"),
+                             sa.func.min(c.created_at).label("created_at"),
+                             sa.func.max(c.created_at).label("last_created_at"))
+                   .where(c.status.in_([PENDING, WAITING]), c.batch_id.is_not(None))
+                   .group_by(c.status, c.batch_id, c.queue, c.name).subquery("queued"))
+        q = grouped.c
+        queued = (sa.select(q.batch_id, *(sa.func.sum(sa.case((q.status == status, q.jobs), else_=0)).label(status)
+                                          for status in statuses),
+                            sa.func.min(q.name).label("name"), sa.func.max(q.name).label("other_name"),
+                            sa.func.min(q.created_at).label("created_at"),
+                            sa.func.max(q.last_created_at).label("last_created_at"),
+                            sa.cast(sa.null(), c.finished_at.type).label("finished_at"))
+                  .group_by(q.batch_id))
+        recent = sa.union_all(live(sa.and_(self._in_tail(floor), c.status.in_(finished))), queued,
+                              live(c.status == PROCESSING)).cte("recent")
+        summaries = sa.select(b.batch_id, *(b[status] if status in finished else sa.literal(0).label(status)
+                                            for status in statuses),
+                              b.min_name.label("name"), b.max_name.label("other_name"),
+                              b.min_created_at.label("created_at"), b.max_created_at.label("last_created_at"),
+                              b.max_finished_at.label("finished_at"))
+        if since is not None:
+            summaries = summaries.where(sa.or_(b.max_created_at >= since,
+                                               b.batch_id.in_(sa.select(recent.c.batch_id))))
+        return sa.union_all(summaries, sa.select(recent))
+
+    def _recount_batch_summaries(self, conn: sa.Connection, batch_ids: set[str | None] | None) -> None:
+        """Count the summary rows (``<table>_rollup_batches``) of these batches (None: of every batch) afresh
+        from their rollup rows (through ``<table>_rollup_key``); a batch left with none has no row."""
+        summary, r = self.tables.rollup_batches, self.tables.rollup.c
+
+        def jobs(status):
+            return sa.func.coalesce(sa.func.sum(sa.case((r.status == status, r.jobs), else_=0)), 0)
+
+        counted = (sa.select(r.batch_id, jobs(COMPLETED), jobs(FAILED), jobs(CANCELLED), sa.func.min(r.min_name),
+                             sa.func.max(r.max_name), sa.func.min(r.min_created_at), sa.func.max(r.max_created_at),
+                             sa.func.max(r.max_finished_at))
+                   .where(r.batch_id.is_not(None)).group_by(r.batch_id))
+        columns = ["batch_id", COMPLETED, FAILED, CANCELLED, "min_name", "max_name", "min_created_at",
+                   "max_created_at", "max_finished_at"]
+        if batch_ids is None:
+            conn.execute(summary.delete())
+            conn.execute(summary.insert().from_select(columns, counted))
+            return
+        named = sorted(batch for batch in batch_ids if batch is not None)
+        for start in range(0, len(named), IN_LIST_LIMIT):
+            some = named[start:start + IN_LIST_LIMIT]
+            conn.execute(summary.delete().where(summary.c.batch_id.in_(some)))
+            conn.execute(summary.insert().from_select(columns, counted.where(r.batch_id.in_(some))))
 
 
 #: The rollup's extremes and how two of them combine.

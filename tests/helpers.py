@@ -101,8 +101,7 @@ def drop_table(url: str, table: str) -> None:
     with engine.begin() as conn:
         for name in (f"{table}_deps", f"{table}_waits", f"{table}_queues", f"{table}_workers", f"{table}_task_limits",
                      f"{table}_schedules", f"{table}_rollup", f"{table}_rollup_totals", f"{table}_rollup_state",
-                     f"{table}_data",
-                     table):  # our own unique_table()
+                     f"{table}_data", f"{table}_rollup_batches", table):  # our own unique_table()
             conn.execute(sa.text(f"DROP TABLE IF EXISTS {name}"))
     engine.dispose()
 

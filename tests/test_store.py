@@ -374,10 +374,12 @@ def test_the_views_read_the_rollup_not_the_history(driver):
     for job in jobs:  # finished a day ago: well behind any watermark, so the rebuild folds them
         set_times(driver, job.id, finished_at=db_now(driver) - timedelta(days=1))
     assert rollup_jobs(driver) == 4
-    rollup, totals = driver.store.tables.rollup, driver.store.tables.rollup_totals
+    tables = driver.store.tables
+    rollup, totals, summaries = tables.rollup, tables.rollup_totals, tables.rollup_batches
     with driver.engine.begin() as conn:  # tamper with the rollup only
         conn.execute(rollup.update().values(jobs=rollup.c.jobs + 1000))
         conn.execute(totals.update().values(jobs=totals.c.jobs + 1000))
+        conn.execute(summaries.update().values(completed=summaries.c.completed + 1000))  # what batches() reads
     assert int(driver.fetch_stats()["completed"].sum()) == 1004
     assert driver.batches()["completed"].tolist() == [1004]
     assert driver.store.rebuild_rollup() == 4
@@ -398,3 +400,20 @@ def test_reads_inside_consistent_reads_see_one_snapshot_and_writes_meanwhile_aft
         assert store.count_batch_by_status("b", on_primary=True) == {"pending": 4}  # a decision's read: fresh
     assert store.count_batch_by_status("b") == {"pending": 4}
     assert sorted(store.count_jobs_by_queue_and_status()) == [("default", "pending", 4), ("other", "pending", 1)]
+
+
+def test_a_table_folded_before_the_batch_summaries_gains_them_on_create_table(driver):
+    """A table whose rollup a release before <table>_rollup_batches folded: create_table() sums its rollup
+    rows into one summary row per batch once, and batches() reads them."""
+    driver.push_many([Job("n", i, batch_id=f"b{i % 2}") for i in range(6)])
+    driver.complete_many(driver.pop_many(6))
+    for job_id in driver.jobs()["id"]:
+        set_times(driver, job_id, finished_at=db_now(driver) - timedelta(days=1))
+    summaries = driver.store.tables.rollup_batches
+    with driver.engine.begin() as conn:  # as the release before left it: rollup rows, no summary table
+        summaries.drop(conn)
+    driver.create_table()
+    with driver.engine.connect() as conn:
+        assert sorted(conn.execute(sa.select(summaries.c.batch_id, summaries.c.completed)).all()) == [
+            ("b0", 3), ("b1", 3)]
+    assert_counts_exact(driver)
