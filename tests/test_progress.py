@@ -25,7 +25,7 @@ import progress_jobs
 from helpers import kronix, run_burst, wait_until
 from kronix_data import (DatabaseQueueDriver, InvalidInputError, Job, JobContext, NotHeldError, Worker, current_job,
                          frame_slices, start_local_workers, task)
-from kronix_data.chunking import chunks
+from kronix_data.chunking import as_frame, chunks
 from kronix_data.monitor import QueueMonitor
 from kronix_data.store import JobStore
 from kronix_data.workers import forget_gone_workers
@@ -98,7 +98,7 @@ def test_a_million_progress_calls_make_a_bounded_number_of_writes_and_show_withi
 def test_progress_shows_in_jobs_batch_progress_and_the_bar_of_wait_in_rows(driver, capsys):
     @task(name="test.progress.rows")
     def rows(payload):
-        current_job().progress(len(payload["frame"]["data"]) // 2, stage="half")  # the total stays the chunk's rows
+        current_job().progress(len(as_frame(payload)) // 2, stage="half")  # the total stays the chunk's rows
         return None
 
     data = pd.DataFrame({"x": range(250)})
