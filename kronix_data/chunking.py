@@ -154,11 +154,6 @@ def _parquet_parts(frame: pd.DataFrame, chunk_size: int, first: int) -> Iterator
                "parquet": frame_to_parquet(part, f"chunk {n} (rows {start}..{start + len(part)})")}
 
 
-def is_frame_chunk(payload: Any) -> bool:
-    """Whether a payload is a DataFrame chunk's, in either format."""
-    return isinstance(payload, Mapping) and ("frame" in payload or payload.get("format") == "parquet")
-
-
 def _frame_chunks(frame: pd.DataFrame, chunk_size: int, first: int = 0) -> Iterator[dict[str, Any]]:
     if isinstance(frame.columns, pd.MultiIndex) or isinstance(frame.index, pd.MultiIndex):
         raise InvalidInputError("DataFrames with a MultiIndex cannot be chunked; reset_index() or flatten the columns first")

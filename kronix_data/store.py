@@ -442,17 +442,16 @@ class JobStore:
             row.pop("data", None)
         return blobs
 
-    def _insert_chunk_data(self, conn: sa.Connection, rows: list[dict[str, Any]],
-                           blobs: dict[int, bytes] | None = None) -> None:
+    def _insert_chunk_data(self, conn: sa.Connection, rows: list[dict[str, Any]], blobs: dict[int, bytes], *,
+                           ids_new: bool = False) -> None:
         """INSERT the chunk bytes of newly stored rows (ids final) into ``<table>_data``, in the push's
         transaction; a keyed row that was already stored (a re-run) keeps the bytes it has.  ``blobs``:
-        what :meth:`split_data` took off the rows (None: the rows still carry their ``data``, checked here)."""
-        if blobs is None:
-            blobs = self.split_data(rows)
+        what :meth:`split_data` took off the rows.  ``ids_new``: every row was inserted with the id it
+        was given (a fast insert), so no row of theirs can hold bytes yet and none is looked up."""
         data = self.tables.data
         ids = [rows[index]["id"] for index in blobs]
         stored: set[str] = set()
-        for start in range(0, len(ids), IN_LIST_LIMIT):
+        for start in range(0, 0 if ids_new else len(ids), IN_LIST_LIMIT):
             stored.update(conn.execute(sa.select(data.c.job_id).where(
                 data.c.job_id.in_(ids[start:start + IN_LIST_LIMIT]), data.c.kind == CHUNK_DATA)).scalars())
         fresh = [{"job_id": rows[index]["id"], "kind": CHUNK_DATA, "data": blob}
@@ -2227,7 +2226,8 @@ class ChunkInsert:
         else:
             store.dialect.insert(conn, store.table, rows)
         if blobs:
-            store._insert_chunk_data(conn, rows, blobs)  # DataFrame chunks' Parquet bytes, same transaction
+            # DataFrame chunks' Parquet bytes, same transaction (a fast insert kept every row's new id)
+            store._insert_chunk_data(conn, rows, blobs, ids_new=not self.careful)
         self.inserted += len(rows)
 
 
