@@ -54,7 +54,9 @@ class Tmux:
         if shutil.which("tmux") is None:
             skip_or_fail("tmux is not installed (apt-get install tmux; .ci/run installs it)")
         self.socket = f"kronix-test-{uuid.uuid4().hex[:8]}"
-        self.environment = {**cli_environment(), "TERM": "xterm-256color"}
+        # Without COLUMNS/LINES (pytest-xdist exports 80x24, some shells do too): the pane's size must decide.
+        self.environment = {key: value for key, value in cli_environment(TERM="xterm-256color").items()
+                            if key not in ("COLUMNS", "LINES")}
         self.cwd = tmp_path
 
     def run(self, *arguments: str) -> str:
