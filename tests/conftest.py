@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 
-from helpers import (BACKENDS, close_private_server, database_url, drop_table, start_private_server,
+from helpers import (BACKENDS, TablePool, close_private_server, database_url, drop_table, start_private_server,
                      tagged_sessions, unique_table)
 from kronix_data import DatabaseQueueDriver
 from worker_jobs import create_runs_table
@@ -26,18 +26,42 @@ def db_url(backend, tmp_path) -> str:
     return database_url(backend, tmp_path)
 
 
-@pytest.fixture
-def table_name(db_url):
-    name = unique_table()
-    yield name
-    drop_table(db_url, name)
+@pytest.fixture(scope="session")
+def table_pools():
+    """One :class:`helpers.TablePool` per server URL, for the whole session."""
+    pools: dict[str, TablePool] = {}
+    yield pools
+    for pool in pools.values():
+        pool.close()
 
 
 @pytest.fixture
-def driver(db_url, table_name):
-    """A driver on a new, empty table of its own."""
-    queue = DatabaseQueueDriver(db_url, table=table_name)
-    queue.create_table()
+def table_slot(request, db_url, table_pools):
+    """``(name, exists)``: the test's table.  A test with the ``driver`` fixture on a server gets an emptied
+    table from the pool (or a new name); every other test a new name, its table dropped afterwards."""
+    if db_url.startswith("sqlite") or "driver" not in request.fixturenames:
+        name = unique_table()
+        yield name, False
+        drop_table(db_url, name)
+        return
+    pool = table_pools.get(db_url) or table_pools.setdefault(db_url, TablePool(db_url))
+    slot = pool.take()
+    yield slot
+    pool.give_back(slot[0])
+
+
+@pytest.fixture
+def table_name(table_slot):
+    return table_slot[0]
+
+
+@pytest.fixture
+def driver(db_url, table_slot):
+    """A driver on an empty table of its own (new, or emptied after an earlier test: the same state)."""
+    name, exists = table_slot
+    queue = DatabaseQueueDriver(db_url, table=name)
+    if not exists:
+        queue.create_table()
     yield queue
     queue.close()
 
