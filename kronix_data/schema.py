@@ -204,6 +204,12 @@ def build_tables(name: str, *, partial_indexes: bool, now_default: str) -> Table
         sa.Index(f"{table_name}_due", c.queue, c.priority.desc(), c.fair_rank, c.available_at, c.id,
                  postgresql_where=sa.text("status = 'pending'"),
                  sqlite_where=sa.text("status = 'pending'"))
+        # The stats' oldest pending job per queue: one MIN read off the front of a queue's range, where
+        # through _due (priority first) it read every pending row (~90 ms at 200,000).  A claim adds no
+        # entry (the new row is processing), an enqueue one.
+        sa.Index(f"{table_name}_pending_due", c.queue, c.available_at,
+                 postgresql_where=sa.text("status = 'pending'"),
+                 sqlite_where=sa.text("status = 'pending'"))
         # Stale recovery: held jobs by the age of their lease.
         sa.Index(f"{table_name}_lease", c.heartbeat_at,
                  postgresql_where=sa.text("status = 'processing'"),

@@ -1405,8 +1405,6 @@ class JobStore:
         counts, no scan of history), the earliest due pending job (the claim index), and wait/run timings of the jobs finished in the last
         ``window_s`` (found through ``<table>_finished``), aggregated by the database where it can."""
         c, dialect = self.table.c, self.dialect
-        # The literal lets PostgreSQL match the partial claim index even in a generic plan.
-        earliest = sa.select(c.queue, sa.func.min(c.available_at)).where(c.status == PENDING).group_by(c.queue)
         wait = dialect.seconds_between(c.reserved_at, c.available_at)
         run = sa.case((c.status == COMPLETED, dialect.seconds_between(c.finished_at, c.reserved_at)))
         in_window = c.finished_at >= dialect.now_plus(-window_s)
@@ -1414,7 +1412,8 @@ class JobStore:
         with self._reading_analytics() as conn:
             now = conn.execute(sa.select(dialect.now())).scalar_one()
             count_rows = self._counts_in(conn)  # the finished jobs from the rollup: no history
-            earliest_rows = [tuple(row) for row in conn.execute(earliest)]
+            pending = sorted({queue for queue, status, jobs in count_rows if status == JobStatus.PENDING.value and jobs})
+            earliest_rows = [tuple(row) for row in conn.execute(self._earliest_due(pending))] if pending else []
             summary, rows = None, []
             if dialect.percentiles([0.5], wait) is not None:
                 summary = self._aggregate_timings(conn, wait, run, in_window)
@@ -1422,6 +1421,17 @@ class JobStore:
                 rows = [tuple(row) for row in conn.execute(
                     sa.select(c.queue, wait.label("wait"), run.label("run")).where(in_window))]
         return QueueStatsRows(now, count_rows, earliest_rows, summary, rows)
+
+    def _earliest_due(self, queues: Sequence[str]) -> sa.CompoundSelect:
+        """SELECT each of these queues' earliest ``available_at`` of a pending job: a MIN per queue, which
+        PostgreSQL and SQLite read off the front of the queue's range of ``<table>_pending_due``."""
+        c = self.table.c
+        # The literal lets PostgreSQL match the partial index even in a generic plan.
+        return sa.union_all(*(
+            sa.select(sa.literal(queue, c.queue.type).label("queue"),
+                      sa.select(sa.func.min(c.available_at)).where(c.status == PENDING, c.queue == queue)
+                      .scalar_subquery().label("due"))
+            for queue in queues))
 
     def _aggregate_timings(self, conn: sa.Connection, wait, run, in_window) -> dict[str, dict[str, Any]]:
         """Means and 50th/95th percentiles of wait and run per queue, aggregated by the database."""
