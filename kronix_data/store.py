@@ -1538,6 +1538,8 @@ class JobStore:
         several), the first ``created_at`` and the last ``finished_at``; of every batch, or of those with a
         job created since ``since`` (whole).  Returns the column names and the rows.
 
+        The timestamps come as the database driver returns them (see
+        ``raw_timestamp``): ``typed_frame`` converts them a column at a time.
         One statement, pivoted and grouped by the database, over the batch
         summaries (``<table>_rollup_batches``: one row per batch, the recent
         ones through its ``created`` index), the jobs finished since the
@@ -1560,8 +1562,8 @@ class JobStore:
                                    *(sa.cast(sa.func.sum(parts.c[status]), sa.BigInteger).label(status)
                                      for status in statuses),
                                    sa.case((name == sa.func.max(parts.c.other_name), name)).label("name"),
-                                   sa.func.min(parts.c.created_at).label("created_at"),
-                                   sa.func.max(parts.c.finished_at).label("finished_at"))
+                                   self.dialect.raw_timestamp(sa.func.min(parts.c.created_at)).label("created_at"),
+                                   self.dialect.raw_timestamp(sa.func.max(parts.c.finished_at)).label("finished_at"))
                          .group_by(parts.c.batch_id))
             if bound is not None:
                 statement = statement.having(sa.func.max(parts.c.last_created_at) >= bound)
