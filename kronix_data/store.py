@@ -38,8 +38,8 @@ from .errors import DatabaseUnavailableError, InvalidInputError, NotFoundError
 from .job import Job, JobStatus, decode_json, encode_payload, new_job_id, validate_job
 from .limits import Limits, RateWindow
 from .resources import checked_resources, encode_requirements
-from .schema import (CHUNK_DATA, PENDING, PROCESSING, RESULT_DATA, WAITING, UTCDateTime, build_tables, claim_order,
-                     claim_sort_key)
+from .schema import (CHUNK_DATA, PENDING, PROCESSING, RESULT_DATA, STATUS_LITERALS, WAITING, UTCDateTime,
+                     build_tables, claim_order, claim_sort_key)
 
 log = logging.getLogger(__name__)
 
@@ -1483,8 +1483,8 @@ class JobStore:
         c = self.table.c
         conditions = [column == value for column, value in ((c.queue, queue), (c.name, name), (c.batch_id, batch))
                       if value is not None]
-        if statuses is not None:
-            conditions.append(c.status.in_(list(statuses)))
+        if statuses is not None:  # inlined: jobs(status="failed") then matches <table>_failed_created
+            conditions.append(c.status.in_([STATUS_LITERALS[status] for status in statuses]))
         if since is not None:
             conditions.append(c.created_at >= self._time_bound(since, "since"))
         if until is not None:
