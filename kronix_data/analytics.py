@@ -90,10 +90,13 @@ def typed_frame(records: Sequence[Mapping[str, Any]] | Sequence[Sequence[Any]], 
 
 
 def _cast(values: pd.Series, dtype: str) -> pd.Series:
-    """One column as ``dtype``; timestamps (aware datetimes, or naive UTC) as UTC."""
-    if dtype.startswith("datetime64"):
-        return pd.to_datetime(values, utc=True).astype(dtype)
-    return values.astype(dtype)
+    """One column as ``dtype``; timestamps (aware datetimes, naive UTC, or epoch microseconds as
+    ``dialect.raw_timestamp`` reads them on PostgreSQL) as UTC."""
+    if not dtype.startswith("datetime64"):
+        return values.astype(dtype)
+    if values.dtype == object and pd.api.types.infer_dtype(values, skipna=True) == "integer":
+        return pd.to_datetime(values.astype("Int64"), unit="us", utc=True).astype(dtype)
+    return pd.to_datetime(values, utc=True).astype(dtype)
 
 
 def with_lag(frame: pd.DataFrame, store: JobStore) -> pd.DataFrame:

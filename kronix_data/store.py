@@ -1538,8 +1538,8 @@ class JobStore:
         several), the first ``created_at`` and the last ``finished_at``; of every batch, or of those with a
         job created since ``since`` (whole).  Returns the column names and the rows.
 
-        The timestamps come as the database driver returns them (see
-        ``raw_timestamp``): ``typed_frame`` converts them a column at a time.
+        The timestamps come as ``dialect.raw_timestamp`` reads them (epoch
+        microseconds on PostgreSQL): ``typed_frame`` converts them a column at a time.
         One statement, pivoted and grouped by the database, over the batch
         summaries (``<table>_rollup_batches``: one row per batch, the recent
         ones through its ``created`` index), the jobs finished since the
