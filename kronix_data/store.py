@@ -1402,8 +1402,9 @@ class JobStore:
 
     def read_queue_stats(self, window_s: float) -> QueueStatsRows:
         """Per queue, in one connection: the jobs' counts by status (:meth:`_live_counts`: the rollup and live
-        counts, no scan of history), the earliest due pending job (the claim index), and wait/run timings of the jobs finished in the last
-        ``window_s`` (found through ``<table>_finished``), aggregated by the database where it can."""
+        counts, no scan of history), the earliest due pending job of each queue with some
+        (:meth:`_earliest_due`), and wait/run timings of the jobs finished in the last ``window_s`` (found
+        through ``<table>_finished``), aggregated by the database where it can."""
         c, dialect = self.table.c, self.dialect
         wait = dialect.seconds_between(c.reserved_at, c.available_at)
         run = sa.case((c.status == COMPLETED, dialect.seconds_between(c.finished_at, c.reserved_at)))
@@ -1412,7 +1413,8 @@ class JobStore:
         with self._reading_analytics() as conn:
             now = conn.execute(sa.select(dialect.now())).scalar_one()
             count_rows = self._counts_in(conn)  # the finished jobs from the rollup: no history
-            pending = sorted({queue for queue, status, jobs in count_rows if status == JobStatus.PENDING.value and jobs})
+            pending = sorted({queue for queue, status, jobs in count_rows
+                              if status == JobStatus.PENDING.value and jobs})
             earliest_rows = [tuple(row) for row in conn.execute(self._earliest_due(pending))] if pending else []
             summary, rows = None, []
             if dialect.percentiles([0.5], wait) is not None:

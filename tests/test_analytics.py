@@ -150,8 +150,8 @@ def test_typed_frame_reads_every_form_a_driver_gives_a_timestamp_as_the_same_utc
     at = datetime(2026, 12, 1, 19, 10, 10, 892324, tzinfo=timezone.utc)
     forms = [at, at.replace(tzinfo=None), "2026-12-01 19:10:10.892324", int(at.timestamp()) * 1_000_000 + 892324]
     for form in forms:  # aware (psycopg), naive UTC (MariaDB), text (SQLite), epoch microseconds (raw_timestamp)
-        frame = typed_frame([("a", 1, form), ("b", 2, None)], {"id": "object", "n": "int64", "at": "datetime64[ns, UTC]"},
-                            ["id", "n", "at"])
+        frame = typed_frame([("a", 1, form), ("b", 2, None)],
+                            {"id": "object", "n": "int64", "at": "datetime64[ns, UTC]"}, ["id", "n", "at"])
         assert frame["at"].tolist()[0] == at and frame["at"].isna().tolist() == [False, True], form
         assert dict(frame.dtypes.astype(str)) == {"id": "object", "n": "int64", "at": "datetime64[ns, UTC]"}
     empty = typed_frame([], {"id": "object", "at": "datetime64[ns, UTC]"}, ["at", "id"])
