@@ -7,6 +7,7 @@ from __future__ import annotations
 from datetime import datetime, timedelta, timezone
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from kronix_data import Job
@@ -154,5 +155,7 @@ def test_typed_frame_reads_every_form_a_driver_gives_a_timestamp_as_the_same_utc
                             {"id": "object", "n": "int64", "at": "datetime64[ns, UTC]"}, ["id", "n", "at"])
         assert frame["at"].tolist()[0] == at and frame["at"].isna().tolist() == [False, True], form
         assert dict(frame.dtypes.astype(str)) == {"id": "object", "n": "int64", "at": "datetime64[ns, UTC]"}
+    names = typed_frame([("a", "etl"), ("b", None)], {"id": "object", "name": "object"}, ["id", "name"])
+    assert names["name"].iloc[0] == "etl" and pd.isna(names["name"].iloc[1])  # as from_records reads text
     empty = typed_frame([], {"id": "object", "at": "datetime64[ns, UTC]"}, ["at", "id"])
     assert empty.empty and list(empty.columns) == ["id", "at"]
