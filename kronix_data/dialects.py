@@ -393,6 +393,11 @@ class QueueDialect:
     def prepare_analytics(self, conn: sa.Connection) -> None:
         """Hook run at the start of a view's read (its transaction): settings for short aggregate reads."""
 
+    def raw_timestamp(self, column: sa.ColumnElement) -> sa.ColumnElement:
+        """A timestamp column of a view of many rows, for pandas to convert the whole column at once
+        (``analytics.typed_frame``): here as it is (a datetime, or ISO text); PostgreSQL: epoch microseconds."""
+        return column
+
     #: How far behind the clock a fold's watermark stays at least (seconds): covers the instant between a
     #: transaction taking its clock and the server listing it as running.
     fold_margin_s = 2.0
@@ -541,6 +546,12 @@ class PostgresDialect(OnConflictDialect):
                      "workers poll for jobs every poll_interval", self.pgbouncer, PGBOUNCER_OPTION)
             return None
         return PostgresListener(engine, channel)
+
+    def raw_timestamp(self, column):
+        # Epoch microseconds, exact (EXTRACT is numeric): psycopg's datetimes carry a ZoneInfo, which sends
+        # pandas down a per-value path (~40 ms for 10,000, on top of UTCDateTime's astimezone per value),
+        # where integers convert in one step.
+        return sa.cast(sa.extract("epoch", column) * 1_000_000, sa.BigInteger)
 
     def prepare_analytics(self, conn):
         # A view over many jobs in flight is estimated costly enough for JIT, whose compiling took

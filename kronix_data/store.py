@@ -38,8 +38,8 @@ from .errors import DatabaseUnavailableError, InvalidInputError, NotFoundError
 from .job import Job, JobStatus, decode_json, encode_payload, new_job_id, validate_job
 from .limits import Limits, RateWindow
 from .resources import checked_resources, encode_requirements
-from .schema import (CHUNK_DATA, PENDING, PROCESSING, RESULT_DATA, WAITING, UTCDateTime, build_tables, claim_order,
-                     claim_sort_key)
+from .schema import (CHUNK_DATA, PENDING, PROCESSING, RESULT_DATA, STATUS_LITERALS, WAITING, UTCDateTime,
+                     build_tables, claim_order, claim_sort_key)
 
 log = logging.getLogger(__name__)
 
@@ -1402,11 +1402,10 @@ class JobStore:
 
     def read_queue_stats(self, window_s: float) -> QueueStatsRows:
         """Per queue, in one connection: the jobs' counts by status (:meth:`_live_counts`: the rollup and live
-        counts, no scan of history), the earliest due pending job (the claim index), and wait/run timings of the jobs finished in the last
-        ``window_s`` (found through ``<table>_finished``), aggregated by the database where it can."""
+        counts, no scan of history), the earliest due pending job of each queue with some
+        (:meth:`_earliest_due`), and wait/run timings of the jobs finished in the last ``window_s`` (found
+        through ``<table>_finished``), aggregated by the database where it can."""
         c, dialect = self.table.c, self.dialect
-        # The literal lets PostgreSQL match the partial claim index even in a generic plan.
-        earliest = sa.select(c.queue, sa.func.min(c.available_at)).where(c.status == PENDING).group_by(c.queue)
         wait = dialect.seconds_between(c.reserved_at, c.available_at)
         run = sa.case((c.status == COMPLETED, dialect.seconds_between(c.finished_at, c.reserved_at)))
         in_window = c.finished_at >= dialect.now_plus(-window_s)
@@ -1414,7 +1413,9 @@ class JobStore:
         with self._reading_analytics() as conn:
             now = conn.execute(sa.select(dialect.now())).scalar_one()
             count_rows = self._counts_in(conn)  # the finished jobs from the rollup: no history
-            earliest_rows = [tuple(row) for row in conn.execute(earliest)]
+            pending = sorted({queue for queue, status, jobs in count_rows
+                              if status == JobStatus.PENDING.value and jobs})
+            earliest_rows = [tuple(row) for row in conn.execute(self._earliest_due(pending))] if pending else []
             summary, rows = None, []
             if dialect.percentiles([0.5], wait) is not None:
                 summary = self._aggregate_timings(conn, wait, run, in_window)
@@ -1422,6 +1423,17 @@ class JobStore:
                 rows = [tuple(row) for row in conn.execute(
                     sa.select(c.queue, wait.label("wait"), run.label("run")).where(in_window))]
         return QueueStatsRows(now, count_rows, earliest_rows, summary, rows)
+
+    def _earliest_due(self, queues: Sequence[str]) -> sa.CompoundSelect:
+        """SELECT each of these queues' earliest ``available_at`` of a pending job: a MIN per queue, which
+        PostgreSQL and SQLite read off the front of the queue's range of ``<table>_pending_due``."""
+        c = self.table.c
+        # The literal lets PostgreSQL match the partial index even in a generic plan.
+        return sa.union_all(*(
+            sa.select(sa.literal(queue, c.queue.type).label("queue"),
+                      sa.select(sa.func.min(c.available_at)).where(c.status == PENDING, c.queue == queue)
+                      .scalar_subquery().label("due"))
+            for queue in queues))
 
     def _aggregate_timings(self, conn: sa.Connection, wait, run, in_window) -> dict[str, dict[str, Any]]:
         """Means and 50th/95th percentiles of wait and run per queue, aggregated by the database."""
@@ -1473,8 +1485,8 @@ class JobStore:
         c = self.table.c
         conditions = [column == value for column, value in ((c.queue, queue), (c.name, name), (c.batch_id, batch))
                       if value is not None]
-        if statuses is not None:
-            conditions.append(c.status.in_(list(statuses)))
+        if statuses is not None:  # inlined: jobs(status="failed") then matches <table>_failed_created
+            conditions.append(c.status.in_([STATUS_LITERALS[status] for status in statuses]))
         if since is not None:
             conditions.append(c.created_at >= self._time_bound(since, "since"))
         if until is not None:
@@ -1528,6 +1540,8 @@ class JobStore:
         several), the first ``created_at`` and the last ``finished_at``; of every batch, or of those with a
         job created since ``since`` (whole).  Returns the column names and the rows.
 
+        The timestamps come as ``dialect.raw_timestamp`` reads them (epoch
+        microseconds on PostgreSQL): ``typed_frame`` converts them a column at a time.
         One statement, pivoted and grouped by the database, over the batch
         summaries (``<table>_rollup_batches``: one row per batch, the recent
         ones through its ``created`` index), the jobs finished since the
@@ -1550,8 +1564,8 @@ class JobStore:
                                    *(sa.cast(sa.func.sum(parts.c[status]), sa.BigInteger).label(status)
                                      for status in statuses),
                                    sa.case((name == sa.func.max(parts.c.other_name), name)).label("name"),
-                                   sa.func.min(parts.c.created_at).label("created_at"),
-                                   sa.func.max(parts.c.finished_at).label("finished_at"))
+                                   self.dialect.raw_timestamp(sa.func.min(parts.c.created_at)).label("created_at"),
+                                   self.dialect.raw_timestamp(sa.func.max(parts.c.finished_at)).label("finished_at"))
                          .group_by(parts.c.batch_id))
             if bound is not None:
                 statement = statement.having(sa.func.max(parts.c.last_created_at) >= bound)

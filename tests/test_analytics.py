@@ -4,13 +4,14 @@ The history (``driver.jobs()``) and pruning are in test_history.py."""
 
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import datetime, timedelta, timezone
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from kronix_data import Job
-from kronix_data.analytics import DEAD_LETTER_COLUMNS, STATS_COLUMNS, split_error
+from kronix_data.analytics import DEAD_LETTER_COLUMNS, STATS_COLUMNS, split_error, typed_frame
 
 from helpers import db_now, finished_job, set_times
 
@@ -144,3 +145,17 @@ def test_dead_letters_of_one_batch(driver):
                                                  "{'chunk': 2, 'items': ['c']}"]
     assert set(failures["batch_id"]) == {batch.id}
     assert driver.dead_letter_jobs(batch="nope").empty
+
+
+def test_typed_frame_reads_every_form_a_driver_gives_a_timestamp_as_the_same_utc_instant():
+    at = datetime(2026, 12, 1, 19, 10, 10, 892324, tzinfo=timezone.utc)
+    forms = [at, at.replace(tzinfo=None), "2026-12-01 19:10:10.892324", int(at.timestamp()) * 1_000_000 + 892324]
+    for form in forms:  # aware (psycopg), naive UTC (MariaDB), text (SQLite), epoch microseconds (raw_timestamp)
+        frame = typed_frame([("a", 1, form), ("b", 2, None)],
+                            {"id": "object", "n": "int64", "at": "datetime64[ns, UTC]"}, ["id", "n", "at"])
+        assert frame["at"].tolist()[0] == at and frame["at"].isna().tolist() == [False, True], form
+        assert dict(frame.dtypes.astype(str)) == {"id": "object", "n": "int64", "at": "datetime64[ns, UTC]"}
+    names = typed_frame([("a", "etl"), ("b", None)], {"id": "object", "name": "object"}, ["id", "name"])
+    assert names["name"].iloc[0] == "etl" and pd.isna(names["name"].iloc[1])  # as from_records reads text
+    empty = typed_frame([], {"id": "object", "at": "datetime64[ns, UTC]"}, ["at", "id"])
+    assert empty.empty and list(empty.columns) == ["id", "at"]

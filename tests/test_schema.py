@@ -71,6 +71,8 @@ def test_a_seed_table_is_upgraded_in_place_without_losing_rows(backend, db_url, 
     assert {"reserved_at", "heartbeat_at", "result"} <= columns
     indexes = {index["name"] for index in inspector.get_indexes(table_name)}
     assert {f"{table_name}_due", f"{table_name}_lease", f"idx_{table_name}_pop"} <= indexes
+    if backend != "mariadb":  # the partial ones the stats and the monitor's failures read
+        assert {f"{table_name}_pending_due", f"{table_name}_failed_created"} <= indexes
     stats = driver.fetch_stats().set_index("queue").loc["default"]
     assert (stats["pending"], stats["processing"], stats["completed"], stats["failed"]) == (1, 1, 1, 1)
     # The seed's pending row had no available_at: it is due now and claimable.
