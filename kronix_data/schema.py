@@ -15,18 +15,15 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import mysql
 
 from .errors import InvalidInputError
-from .job import MAX_BATCH_ID_LENGTH, MAX_ID_LENGTH, MAX_KEY_LENGTH, MAX_NAME_LENGTH, MAX_QUEUE_LENGTH
+from .job import MAX_BATCH_ID_LENGTH, MAX_ID_LENGTH, MAX_KEY_LENGTH, MAX_NAME_LENGTH, MAX_QUEUE_LENGTH, JobStatus
 
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,47}")
 
 #: Status literals are inlined (not bound) so the planner can match them to
 #: the partial indexes, which a bound parameter in a generic plan cannot.
-PENDING = sa.literal_column("'pending'")
-PROCESSING = sa.literal_column("'processing'")
-WAITING = sa.literal_column("'waiting'")
 #: Every status so, by its value (a key of this dict, never a caller's string, is what is inlined).
-STATUS_LITERALS = {status: sa.literal_column(f"'{status}'")
-                   for status in ("pending", "processing", "completed", "failed", "waiting", "cancelled")}
+STATUS_LITERALS = {status.value: sa.literal_column(f"'{status.value}'") for status in JobStatus}
+PENDING, PROCESSING, WAITING = (STATUS_LITERALS[status] for status in ("pending", "processing", "waiting"))
 
 
 #: What a claim reads back: what a worker needs to run the job and nothing
