@@ -310,11 +310,13 @@ def test_the_rollup_counts_exactly_through_completions_dead_letters_cancels_retr
                 driver.push_many([Job("rollup.work", {"n": n, "sleep": 0.03}, batch_id=f"r{round_}b{b}",
                                       queue="other" if b == 2 else "default") for n in range(120)])
             driver.push_many([Job("rollup.work", {"n": n}) for n in range(40)])  # no batch
+            # Due tomorrow: still pending whenever the workers get to it, so the cancel below never races them.
+            later = driver.push(Job("rollup.work", {"n": 0}, available_at=db_now(driver) + timedelta(days=1)))
             workers = start_workers(quiet_db_url, table, tmp_path)
             # While the workers complete jobs and fold: cancels, a batch cancelled, retries of dead letters
             # (they fail again) and folds from this process too.
             wait_until(lambda: driver.fetch_stats()["failed"].sum() >= 3, 120, "the first dead letters")
-            assert driver.cancel(driver.jobs(status="pending", limit=1)["id"][0])
+            assert driver.cancel(later)
             assert driver.retry_dead_letters() >= 3
             driver.store.fold_finished()
             driver.store.cancel_batch(f"r{round_}b1")
